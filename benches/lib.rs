@@ -1,0 +1,2 @@
+//! criterion benches of flux-kernels live beside this file, one per subject
+//! (`cargo bench -p flux-benches --bench NAME`).

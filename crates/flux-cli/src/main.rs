@@ -1,0 +1,34 @@
+//! `flux`: sampling, parity checks and benchmarks from the command line.
+
+mod parity;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Flux.1 sampling kernels: schedulers, samplers, parity checks and benchmarks.
+#[derive(Parser, Debug)]
+#[command(name = "flux", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check every case of a reference directory against the reference outputs.
+    Parity(parity::ParityArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Parity(args) => parity::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The `Backend` trait: the only code that touches tensor memory.
+
+use crate::{DType, KernelError, Result, Tensor};
+
+/// Most inputs a single fused linear combination accepts.
+pub const MAX_LINCOMB_TERMS: usize = 6;
+
+/// Host-side data handed to or read from a backend.
+#[derive(Clone, Copy, Debug)]
+pub enum HostData<'a> {
+    /// Double precision values.
+    F64(&'a [f64]),
+    /// Single precision values.
+    F32(&'a [f32]),
+}
+
+impl HostData<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            HostData::F64(v) => v.len(),
+            HostData::F32(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The natural dtype of the host values.
+    pub fn dtype(&self) -> DType {
+        match self {
+            HostData::F64(_) => DType::F64,
+            HostData::F32(_) => DType::F32,
+        }
+    }
+}
+
+/// The ops samplers need: memory, transfers, one fused linear combination, reductions.
+///
+/// Every sampler update is written as one `lincomb` with coefficients computed on the host in
+/// f64, so a backend only has to make that one kernel fast.
+pub trait SamplerOps {
+    /// Device memory holding a tensor's elements.
+    type Storage: Send + Sync;
+
+    /// A short human-readable name (`cpu`, `wgpu (llvmpipe)`, `cuda:0 (H100)`).
+    fn name(&self) -> String;
+
+    /// Whether tensors of `dtype` can be created and computed on this backend.
+    fn supports_dtype(&self, dtype: DType) -> bool;
+
+    /// A new tensor filled with zeros.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>
+    where
+        Self: Backend;
+
+    /// A new tensor of `dtype` holding `data` (converted to `dtype`; f64 -> f32 rounds to nearest).
+    fn upload(&self, data: HostData<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>
+    where
+        Self: Backend;
+
+    /// Overwrites an existing tensor with host values (e.g. a fresh noise draw).
+    fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()>
+    where
+        Self: Backend;
+
+    /// Reads a tensor back as f64 values (exact for f32 and f64 tensors).
+    fn download_f64(&self, t: &Tensor<Self>) -> Result<Vec<f64>>
+    where
+        Self: Backend;
+
+    /// Reads a tensor back as f32 values (rounds f64 tensors).
+    fn download_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>>
+    where
+        Self: Backend;
+
+    /// A copy of `t` in new memory.
+    fn copy(&self, t: &Tensor<Self>) -> Result<Tensor<Self>>
+    where
+        Self: Backend;
+
+    /// `out = sum_i c_i * t_i` in one pass over memory, with at most [`MAX_LINCOMB_TERMS`] terms,
+    /// all of `out`'s shape and dtype. f32 tensors are accumulated in f32 with each coefficient
+    /// rounded to f32 once; f64 tensors in f64.
+    fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()>
+    where
+        Self: Backend;
+
+    /// `x = a * x + sum_i c_i * t_i` in place (same rules as [`SamplerOps::lincomb_into`], at most
+    /// `MAX_LINCOMB_TERMS - 1` extra terms).
+    fn lincomb_inplace(
+        &self,
+        x: &mut Tensor<Self>,
+        a: f64,
+        terms: &[(f64, &Tensor<Self>)],
+    ) -> Result<()>
+    where
+        Self: Backend;
+
+    /// Sum of squares of all elements, accumulated in f64.
+    fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64>
+    where
+        Self: Backend;
+
+    /// Largest absolute value of all elements.
+    fn max_abs(&self, t: &Tensor<Self>) -> Result<f64>
+    where
+        Self: Backend;
+
+    /// Root-mean-square of the elementwise ratio `e / max(atol, rtol * max(|a|, |b|))`: the error
+    /// norm of adaptive step-size control.
+    fn scaled_error_rms(
+        &self,
+        e: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        atol: f64,
+        rtol: f64,
+    ) -> Result<f64>
+    where
+        Self: Backend;
+}
+
+/// A compute device. Model op families join as further supertraits.
+pub trait Backend: SamplerOps + Clone + Send + Sync + std::fmt::Debug + 'static {
+    /// `out = sum_i c_i * t_i` into a new tensor of the first term's shape and dtype.
+    fn lincomb(&self, terms: &[(f64, &Tensor<Self>)]) -> Result<Tensor<Self>> {
+        let first = terms.first().ok_or(KernelError::InvalidArgument {
+            op: "lincomb",
+            message: "needs at least one term".into(),
+        })?;
+        let mut out = self.zeros(first.1.shape(), first.1.dtype())?;
+        self.lincomb_into(&mut out, terms)?;
+        Ok(out)
+    }
+
+    /// Root-mean-square of all elements.
+    fn rms(&self, t: &Tensor<Self>) -> Result<f64> {
+        let n = t.numel().max(1) as f64;
+        Ok((self.sum_squares(t)? / n).sqrt())
+    }
+}
+
+/// Checks that every term matches `shape` and `dtype`; shared by backend implementations.
+pub fn check_terms<B: Backend>(
+    op: &'static str,
+    shape: &[usize],
+    dtype: DType,
+    terms: &[(f64, &Tensor<B>)],
+    max_terms: usize,
+) -> Result<()> {
+    if terms.len() > max_terms {
+        return Err(KernelError::InvalidArgument {
+            op,
+            message: format!("{} terms given, at most {max_terms} allowed", terms.len()),
+        });
+    }
+    for (_, t) in terms {
+        if t.shape() != shape {
+            return Err(KernelError::ShapeMismatch {
+                op,
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
+        }
+        if t.dtype() != dtype {
+            return Err(KernelError::DTypeMismatch {
+                op,
+                expected: dtype,
+                found: t.dtype(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,297 @@
+//! The CPU backend: the reference implementation of every op, in f32 and f64.
+//!
+//! Large tensors are split into chunks processed on the rayon pool (both cores of a small
+//! machine); the inner loops are written over fixed term counts so the compiler vectorises them.
+
+mod elementwise;
+
+use crate::backend::check_terms;
+use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
+
+pub use elementwise::Elem;
+
+/// Tensors at least this large are processed in parallel chunks.
+pub(crate) const PAR_THRESHOLD: usize = 1 << 16;
+/// Chunk length for parallel elementwise work (a multiple of every SIMD width).
+pub(crate) const PAR_CHUNK: usize = 1 << 14;
+
+/// Memory of a CPU tensor.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    /// f64 elements.
+    F64(Vec<f64>),
+    /// f32 elements.
+    F32(Vec<f32>),
+}
+
+impl CpuStorage {
+    fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F64(_) => DType::F64,
+            CpuStorage::F32(_) => DType::F32,
+        }
+    }
+}
+
+/// The CPU backend. Cheap to clone; uses the global rayon pool for large tensors.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Cpu {
+    /// A CPU backend.
+    pub fn new() -> Self {
+        Cpu
+    }
+
+    /// Borrow an f64 tensor's elements.
+    pub fn as_f64<'a>(&self, t: &'a Tensor<Self>) -> Result<&'a [f64]> {
+        match t.storage() {
+            CpuStorage::F64(v) => Ok(v),
+            s => Err(KernelError::DTypeMismatch {
+                op: "as_f64",
+                expected: DType::F64,
+                found: s.dtype(),
+            }),
+        }
+    }
+
+    /// Borrow an f32 tensor's elements.
+    pub fn as_f32<'a>(&self, t: &'a Tensor<Self>) -> Result<&'a [f32]> {
+        match t.storage() {
+            CpuStorage::F32(v) => Ok(v),
+            s => Err(KernelError::DTypeMismatch {
+                op: "as_f32",
+                expected: DType::F32,
+                found: s.dtype(),
+            }),
+        }
+    }
+
+    /// Wraps host f64 values as a tensor without copying.
+    pub fn from_vec_f64(&self, data: Vec<f64>, shape: &[usize]) -> Result<Tensor<Self>> {
+        check_len("from_vec_f64", shape, data.len())?;
+        Ok(Tensor::from_parts(
+            CpuStorage::F64(data),
+            shape.to_vec(),
+            DType::F64,
+        ))
+    }
+
+    /// Wraps host f32 values as a tensor without copying.
+    pub fn from_vec_f32(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>> {
+        check_len("from_vec_f32", shape, data.len())?;
+        Ok(Tensor::from_parts(
+            CpuStorage::F32(data),
+            shape.to_vec(),
+            DType::F32,
+        ))
+    }
+
+    /// Copies a tensor into an ndarray (f64) of the same shape.
+    pub fn to_ndarray(&self, t: &Tensor<Self>) -> Result<ndarray::ArrayD<f64>> {
+        let v = self.download_f64(t)?;
+        ndarray::ArrayD::from_shape_vec(t.shape().to_vec(), v).map_err(|e| {
+            KernelError::InvalidArgument {
+                op: "to_ndarray",
+                message: e.to_string(),
+            }
+        })
+    }
+
+    /// Creates a tensor of `dtype` from an ndarray of f64 values (any memory layout).
+    pub fn from_ndarray(&self, a: &ndarray::ArrayD<f64>, dtype: DType) -> Result<Tensor<Self>> {
+        let v: Vec<f64> = a.iter().copied().collect();
+        self.upload(HostData::F64(&v), a.shape(), dtype)
+    }
+}
+
+fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n == len {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            op,
+            expected: n,
+            found: len,
+        })
+    }
+}
+
+fn unsupported(op: &'static str, dtype: DType) -> KernelError {
+    KernelError::Unsupported {
+        backend: "cpu".into(),
+        op,
+        dtype,
+    }
+}
+
+fn convert_host<T: Elem>(data: HostData<'_>) -> Vec<T> {
+    match data {
+        HostData::F64(v) => v.iter().map(|&x| T::from_f64(x)).collect(),
+        HostData::F32(v) => v.iter().map(|&x| T::from_f64(f64::from(x))).collect(),
+    }
+}
+
+fn write_host<T: Elem>(dst: &mut [T], data: HostData<'_>) {
+    match data {
+        HostData::F64(v) => dst
+            .iter_mut()
+            .zip(v)
+            .for_each(|(d, &s)| *d = T::from_f64(s)),
+        HostData::F32(v) => dst
+            .iter_mut()
+            .zip(v)
+            .for_each(|(d, &s)| *d = T::from_f64(f64::from(s))),
+    }
+}
+
+/// Collects the slices of `terms` as `T`, failing on a dtype the caller did not check.
+fn slices<'a, T: Elem>(terms: &[(f64, &'a Tensor<Cpu>)]) -> Result<Vec<(T, &'a [T])>> {
+    terms
+        .iter()
+        .map(|(c, t)| {
+            T::slice(t.storage())
+                .map(|s| (T::from_f64(*c), s))
+                .ok_or_else(|| unsupported("lincomb", t.dtype()))
+        })
+        .collect()
+}
+
+impl SamplerOps for Cpu {
+    type Storage = CpuStorage;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn supports_dtype(&self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::F64)
+    }
+
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        let n: usize = shape.iter().product();
+        let storage = match dtype {
+            DType::F64 => CpuStorage::F64(vec![0.0; n]),
+            DType::F32 => CpuStorage::F32(vec![0.0; n]),
+            d => return Err(unsupported("zeros", d)),
+        };
+        Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
+    }
+
+    fn upload(&self, data: HostData<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        check_len("upload", shape, data.len())?;
+        let storage = match dtype {
+            DType::F64 => CpuStorage::F64(convert_host(data)),
+            DType::F32 => CpuStorage::F32(convert_host(data)),
+            d => return Err(unsupported("upload", d)),
+        };
+        Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
+    }
+
+    fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()> {
+        check_len("write", dst.shape(), data.len())?;
+        match dst.storage_mut() {
+            CpuStorage::F64(v) => write_host(v, data),
+            CpuStorage::F32(v) => write_host(v, data),
+        }
+        Ok(())
+    }
+
+    fn download_f64(&self, t: &Tensor<Self>) -> Result<Vec<f64>> {
+        Ok(match t.storage() {
+            CpuStorage::F64(v) => v.clone(),
+            CpuStorage::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        })
+    }
+
+    fn download_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
+        Ok(match t.storage() {
+            CpuStorage::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            CpuStorage::F32(v) => v.clone(),
+        })
+    }
+
+    fn copy(&self, t: &Tensor<Self>) -> Result<Tensor<Self>> {
+        Ok(Tensor::from_parts(
+            t.storage().clone(),
+            t.shape().to_vec(),
+            t.dtype(),
+        ))
+    }
+
+    fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()> {
+        let shape = out.shape().to_vec();
+        check_terms("lincomb", &shape, out.dtype(), terms, MAX_LINCOMB_TERMS)?;
+        match out.storage_mut() {
+            CpuStorage::F64(o) => elementwise::lincomb(o, None, &slices::<f64>(terms)?),
+            CpuStorage::F32(o) => elementwise::lincomb(o, None, &slices::<f32>(terms)?),
+        }
+        Ok(())
+    }
+
+    fn lincomb_inplace(
+        &self,
+        x: &mut Tensor<Self>,
+        a: f64,
+        terms: &[(f64, &Tensor<Self>)],
+    ) -> Result<()> {
+        let shape = x.shape().to_vec();
+        check_terms(
+            "lincomb_inplace",
+            &shape,
+            x.dtype(),
+            terms,
+            MAX_LINCOMB_TERMS - 1,
+        )?;
+        match x.storage_mut() {
+            CpuStorage::F64(o) => elementwise::lincomb(o, Some(a), &slices::<f64>(terms)?),
+            CpuStorage::F32(o) => elementwise::lincomb(o, Some(a as f32), &slices::<f32>(terms)?),
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
+        Ok(match t.storage() {
+            CpuStorage::F64(v) => elementwise::sum_squares(v),
+            CpuStorage::F32(v) => elementwise::sum_squares(v),
+        })
+    }
+
+    fn max_abs(&self, t: &Tensor<Self>) -> Result<f64> {
+        Ok(match t.storage() {
+            CpuStorage::F64(v) => elementwise::max_abs(v),
+            CpuStorage::F32(v) => elementwise::max_abs(v),
+        })
+    }
+
+    fn scaled_error_rms(
+        &self,
+        e: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        atol: f64,
+        rtol: f64,
+    ) -> Result<f64> {
+        let shape = e.shape().to_vec();
+        check_terms(
+            "scaled_error_rms",
+            &shape,
+            e.dtype(),
+            &[(1.0, a), (1.0, b)],
+            2,
+        )?;
+        let s = match (e.storage(), a.storage(), b.storage()) {
+            (CpuStorage::F64(e), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                elementwise::scaled_error_sq(e, a, b, atol, rtol)
+            }
+            (CpuStorage::F32(e), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                elementwise::scaled_error_sq(e, a, b, atol as f32, rtol as f32)
+            }
+            _ => return Err(unsupported("scaled_error_rms", e.dtype())),
+        };
+        Ok((s / e.numel().max(1) as f64).sqrt())
+    }
+}
+
+impl Backend for Cpu {}

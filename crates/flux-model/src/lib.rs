@@ -1,0 +1,2 @@
+//! Safetensors loading and the Flux.1 networks (transformer, autoencoder, T5, CLIP) executed
+//! on any [`flux_kernels::Backend`].

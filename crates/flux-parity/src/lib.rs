@@ -1,0 +1,86 @@
+//! Parity checks against the reference data: one module per manifest `kind`.
+//!
+//! A reference directory holds a `manifest.json` whose `kind` names its format (scheduler files
+//! have none and are recognised by their `schedulers_*.safetensors` files). [`run_dir`] walks a
+//! directory recursively, runs every case of every kind it knows, and reports kinds it does not
+//! handle as skipped, never as passed.
+
+pub mod data;
+pub mod report;
+
+pub use report::{CaseResult, Outcome, Summary};
+
+use std::path::{Path, PathBuf};
+
+/// Options of a parity run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Backend to run on (`cpu` when `None`).
+    pub backend: Option<String>,
+}
+
+/// One reference folder found by the walk.
+#[derive(Clone, Debug)]
+pub struct Folder {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its kind (`manifest.json`'s `kind`, or `schedulers`).
+    pub kind: String,
+}
+
+/// Finds every reference folder under `root` (or `root` itself), sorted by path.
+pub fn find_folders(root: &Path) -> Result<Vec<Folder>, data::DataError> {
+    let mut out = Vec::new();
+    walk(root, &mut out)?;
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<Folder>) -> Result<(), data::DataError> {
+    if let Some(kind) = data::folder_kind(dir)? {
+        out.push(Folder {
+            path: dir.to_path_buf(),
+            kind,
+        });
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| data::DataError::io(dir, &e))?;
+    let mut subdirs: Vec<PathBuf> = entries
+        .filter_map(std::result::Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    subdirs.sort();
+    for d in subdirs {
+        walk(&d, out)?;
+    }
+    Ok(())
+}
+
+/// Runs every case of one folder. Kinds without a checker yield one skipped result.
+pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
+    let _ = opts;
+    let result = match folder.kind.as_str() {
+        _ => Ok(vec![CaseResult::skipped(
+            &folder.path.display().to_string(),
+            &format!("kind '{}' is not checked yet", folder.kind),
+        )]),
+    };
+    result.unwrap_or_else(|e: data::DataError| {
+        vec![CaseResult::failed(
+            &folder.path.display().to_string(),
+            &e.to_string(),
+        )]
+    })
+}
+
+/// Runs every folder under `root`.
+pub fn run_dir(root: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, data::DataError> {
+    let folders = find_folders(root)?;
+    if folders.is_empty() {
+        return Err(data::DataError::Format {
+            path: root.to_path_buf(),
+            message: "no reference folder (manifest.json or schedulers_*.safetensors) found".into(),
+        });
+    }
+    Ok(folders.iter().flat_map(|f| run_folder(f, opts)).collect())
+}

@@ -1,0 +1,205 @@
+//! The sampler names, their options, and the entry point [`sample`].
+
+use crate::{Denoiser, NoiseSource, Result, SamplerError};
+use flux_kernels::{Backend, Tensor};
+use flux_schedulers::ModelSampling;
+use std::fmt;
+use std::str::FromStr;
+
+macro_rules! samplers {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A sampler, named exactly as in ComfyUI and the hosted API.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Sampler {
+            $(#[doc = concat!("`", $name, "`")] $variant,)*
+        }
+
+        impl Sampler {
+            /// Every sampler, in ComfyUI's order: the hosted API's 26 first.
+            pub const ALL: &'static [Sampler] = &[$(Sampler::$variant,)*];
+
+            /// The exact API string.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Sampler::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+samplers! {
+    Euler => "euler",
+    EulerCfgPp => "euler_cfg_pp",
+    EulerAncestral => "euler_ancestral",
+    EulerAncestralCfgPp => "euler_ancestral_cfg_pp",
+    Heun => "heun",
+    Heunpp2 => "heunpp2",
+    Dpm2 => "dpm_2",
+    Dpm2Ancestral => "dpm_2_ancestral",
+    Lms => "lms",
+    DpmFast => "dpm_fast",
+    DpmAdaptive => "dpm_adaptive",
+    Dpmpp2sAncestral => "dpmpp_2s_ancestral",
+    Dpmpp2sAncestralCfgPp => "dpmpp_2s_ancestral_cfg_pp",
+    DpmppSde => "dpmpp_sde",
+    DpmppSdeGpu => "dpmpp_sde_gpu",
+    Dpmpp2m => "dpmpp_2m",
+    Dpmpp2mCfgPp => "dpmpp_2m_cfg_pp",
+    Dpmpp2mSde => "dpmpp_2m_sde",
+    Dpmpp2mSdeGpu => "dpmpp_2m_sde_gpu",
+    Dpmpp3mSde => "dpmpp_3m_sde",
+    Dpmpp3mSdeGpu => "dpmpp_3m_sde_gpu",
+    Ddpm => "ddpm",
+    Lcm => "lcm",
+    Ipndm => "ipndm",
+    IpndmV => "ipndm_v",
+    Deis => "deis",
+    Ddim => "ddim",
+    UniPc => "uni_pc",
+    UniPcBh2 => "uni_pc_bh2",
+    Dpmpp2mSdeHeun => "dpmpp_2m_sde_heun",
+    Dpmpp2mSdeHeunGpu => "dpmpp_2m_sde_heun_gpu",
+    ExpHeun2X0 => "exp_heun_2_x0",
+    ExpHeun2X0Sde => "exp_heun_2_x0_sde",
+    ResMultistep => "res_multistep",
+    ResMultistepCfgPp => "res_multistep_cfg_pp",
+    ResMultistepAncestral => "res_multistep_ancestral",
+    ResMultistepAncestralCfgPp => "res_multistep_ancestral_cfg_pp",
+    GradientEstimation => "gradient_estimation",
+    GradientEstimationCfgPp => "gradient_estimation_cfg_pp",
+    ErSde => "er_sde",
+    Seeds2 => "seeds_2",
+    Seeds3 => "seeds_3",
+    SaSolver => "sa_solver",
+    SaSolverPece => "sa_solver_pece",
+}
+
+impl Sampler {
+    /// The 26 names the hosted API accepts.
+    pub const API: &'static [Sampler] = {
+        let (api, _) = Self::ALL.split_at(26);
+        api
+    };
+
+    /// Whether ComfyUI's KSampler computes `steps + 1` sigmas and drops the second-to-last one
+    /// for this sampler (`DISCARD_PENULTIMATE_SIGMA_SAMPLERS`).
+    pub const fn discards_penultimate_sigma(self) -> bool {
+        matches!(
+            self,
+            Sampler::Dpm2 | Sampler::Dpm2Ancestral | Sampler::UniPc | Sampler::UniPcBh2
+        )
+    }
+
+    /// Whether the sampler needs the unconditional prediction at every call (cfg++ family).
+    pub const fn needs_uncond(self) -> bool {
+        matches!(
+            self,
+            Sampler::EulerCfgPp
+                | Sampler::EulerAncestralCfgPp
+                | Sampler::Dpmpp2sAncestralCfgPp
+                | Sampler::Dpmpp2mCfgPp
+                | Sampler::ResMultistepCfgPp
+                | Sampler::ResMultistepAncestralCfgPp
+                | Sampler::GradientEstimationCfgPp
+        )
+    }
+
+    /// Comma-separated list of every valid name (for error messages).
+    pub fn valid_names() -> String {
+        Self::ALL
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for Sampler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Sampler {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| SamplerError::UnknownSampler {
+                name: s.to_string(),
+                valid: Self::valid_names(),
+            })
+    }
+}
+
+/// Keyword options of the samplers. `None` means the reference's default for that sampler.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SamplerOptions {
+    /// Ancestral / SDE noise amount.
+    pub eta: Option<f64>,
+    /// Noise multiplier.
+    pub s_noise: Option<f64>,
+    /// Churn of the Karras-style samplers (euler, heun, dpm_2).
+    pub s_churn: Option<f64>,
+    /// Lower sigma bound for churn.
+    pub s_tmin: Option<f64>,
+    /// Upper sigma bound for churn.
+    pub s_tmax: Option<f64>,
+    /// Intermediate-point ratio (dpmpp_sde, seeds).
+    pub r: Option<f64>,
+    /// Multistep order (lms, ipndm, deis, ...).
+    pub order: Option<usize>,
+    /// `midpoint` or `heun` (dpmpp_2m_sde family).
+    pub solver_type: Option<String>,
+}
+
+/// Progress of one sampler step, handed to the step callback.
+pub struct StepInfo<'a, B: Backend> {
+    /// Index of the step (0-based).
+    pub step: usize,
+    /// Number of steps (`sigmas.len() - 1`).
+    pub total: usize,
+    /// Sigma at the start of the step.
+    pub sigma: f64,
+    /// Sigma at its end.
+    pub sigma_next: f64,
+    /// The latent at the start of the step.
+    pub x: &'a Tensor<B>,
+    /// The denoised prediction of the step.
+    pub denoised: &'a Tensor<B>,
+}
+
+/// Per-step callback: return `false` to cancel sampling.
+pub type Callback<'a, B> = dyn FnMut(&StepInfo<'_, B>) -> bool + 'a;
+
+/// Everything a sampler works with besides the latent and the schedule.
+pub struct SampleContext<'a, B: Backend> {
+    /// The device.
+    pub backend: &'a B,
+    /// The model's sampling (flow or eps; `percent_to_sigma`).
+    pub model: &'a ModelSampling,
+    /// The model.
+    pub denoiser: &'a mut dyn Denoiser<B>,
+    /// Randomness.
+    pub noise: &'a mut dyn NoiseSource<B>,
+    /// Per-step progress callback.
+    pub callback: Option<&'a mut Callback<'a, B>>,
+}
+
+/// Runs `sampler` from `x` (already noise-scaled, as ComfyUI's `KSAMPLER` hands it over) along
+/// `sigmas` and returns the sampler's raw output (before `inverse_noise_scaling`).
+pub fn sample<B: Backend>(
+    sampler: Sampler,
+    ctx: &mut SampleContext<'_, B>,
+    x: Tensor<B>,
+    sigmas: &[f64],
+    options: &SamplerOptions,
+) -> Result<Tensor<B>> {
+    if sigmas.len() < 2 {
+        return Ok(x);
+    }
+    crate::samplers::dispatch(sampler, ctx, x, sigmas, options)
+}
