@@ -1,5 +1,7 @@
 //! One module per sampler family; `dispatch` maps a [`Sampler`] to its function.
 
+pub(crate) mod common;
+
 use crate::{Result, SampleContext, Sampler, SamplerError, SamplerOptions};
 use flux_kernels::{Backend, Tensor};
 
