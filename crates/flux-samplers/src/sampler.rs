@@ -154,6 +154,42 @@ pub struct SamplerOptions {
     pub order: Option<usize>,
     /// `midpoint` or `heun` (dpmpp_2m_sde family).
     pub solver_type: Option<String>,
+    /// Highest multistep order (ipndm, ipndm_v, deis).
+    pub max_order: Option<usize>,
+    /// `tab` or `rhoab` (deis).
+    pub deis_mode: Option<String>,
+    /// Relative error tolerance (dpm_adaptive).
+    pub rtol: Option<f64>,
+    /// Absolute error tolerance (dpm_adaptive).
+    pub atol: Option<f64>,
+    /// First step size in log-sigma (dpm_adaptive).
+    pub h_init: Option<f64>,
+    /// Proportional gain of the step-size controller (dpm_adaptive).
+    pub pcoeff: Option<f64>,
+    /// Integral gain of the step-size controller (dpm_adaptive).
+    pub icoeff: Option<f64>,
+    /// Derivative gain of the step-size controller (dpm_adaptive).
+    pub dcoeff: Option<f64>,
+    /// Smallest step-size factor that accepts a step (dpm_adaptive).
+    pub accept_safety: Option<f64>,
+    /// Noise multiplier at the last step, interpolated linearly from `s_noise` (lcm).
+    pub s_noise_end: Option<f64>,
+    /// Clamp re-injected noise to this many standard deviations; 0 disables (lcm).
+    pub noise_clip_std: Option<f64>,
+    /// First intermediate-point ratio (seeds_3).
+    pub r_1: Option<f64>,
+    /// Second intermediate-point ratio (seeds_3).
+    pub r_2: Option<f64>,
+    /// Gradient-estimation weight (gradient_estimation).
+    pub ge_gamma: Option<f64>,
+    /// Highest stage (er_sde).
+    pub max_stage: Option<usize>,
+    /// Predictor order (sa_solver).
+    pub predictor_order: Option<usize>,
+    /// Corrector order (sa_solver).
+    pub corrector_order: Option<usize>,
+    /// Use the simplified second-order coefficients (sa_solver).
+    pub simple_order_2: Option<bool>,
 }
 
 /// Progress of one sampler step, handed to the step callback.
