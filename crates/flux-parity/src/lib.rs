@@ -7,6 +7,8 @@
 
 pub mod data;
 pub mod report;
+pub mod rng;
+pub mod schedulers;
 
 pub use report::{CaseResult, Outcome, Summary};
 
@@ -60,6 +62,8 @@ fn walk(dir: &Path, out: &mut Vec<Folder>) -> Result<(), data::DataError> {
 pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
     let _ = opts;
     let result = match folder.kind.as_str() {
+        "rng" => rng::run(&folder.path, opts),
+        "schedulers" => schedulers::run(&folder.path, opts),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),
             &format!("kind '{}' is not checked yet", folder.kind),

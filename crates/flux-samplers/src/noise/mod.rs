@@ -1,5 +1,16 @@
 //! Where samplers get randomness from.
 
+mod cephes;
+pub mod default;
+pub mod mt19937;
+pub mod replay;
+pub mod torch;
+
+pub use default::DefaultNoise;
+pub use mt19937::Mt19937;
+pub use replay::{RecordedDraw, ReplayNoise};
+pub use torch::{HostNoise, TorchGenerator, randn, randn_f32, randn_f64};
+
 use crate::Result;
 use flux_kernels::{Backend, DType, Tensor};
 

@@ -1,0 +1,32 @@
+//! The torch-compatible generator against the `rng` reference folder: every case bit-exact.
+
+use flux_parity::{RunOptions, data::read_json, rng};
+use std::path::PathBuf;
+
+fn folder() -> PathBuf {
+    match std::env::var_os("FLUX_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir).join("rng"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/rng"),
+    }
+}
+
+#[test]
+fn every_rng_case_is_bit_exact() {
+    let dir = folder();
+    let manifest = read_json(&dir.join("manifest.json")).expect("rng manifest readable");
+    let listed = manifest["cases"].as_array().map_or(0, Vec::len);
+    let results = rng::run(&dir, &RunOptions::default()).expect("rng folder readable");
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.passed())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(listed > 0, "manifest lists no cases");
+    assert_eq!(results.len(), listed, "cases run vs cases listed");
+}

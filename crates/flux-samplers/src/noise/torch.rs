@@ -1,0 +1,278 @@
+//! A generator that reproduces PyTorch's CPU `torch.randn` bit for bit.
+//!
+//! PyTorch's CPU generator is MT19937 seeded from the low 32 bits of the seed. `randn` has two
+//! paths: tensors of at least 16 elements are filled with uniforms first and converted in
+//! blocks of 16 by Box-Muller (single precision through the AVX2 kernel, whose polynomial
+//! `log`/`sincos` live in [`super::cephes`]); smaller tensors draw each element from a
+//! double-precision Box-Muller that caches its second value in the generator.
+
+use super::cephes;
+use super::mt19937::Mt19937;
+use crate::{Result, SamplerError};
+use flux_kernels::{DType, HostData};
+
+/// PyTorch's CPU generator (`torch.Generator().manual_seed(seed)`).
+#[derive(Clone, Debug)]
+pub struct TorchGenerator {
+    engine: Mt19937,
+    /// The second value of the last scalar Box-Muller pair, as PyTorch caches it.
+    next_normal: Option<f64>,
+}
+
+/// Host noise values in the dtype they were generated in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostNoise {
+    /// Double precision values.
+    F64(Vec<f64>),
+    /// Single precision values.
+    F32(Vec<f32>),
+}
+
+impl HostNoise {
+    /// A view for [`flux_kernels::SamplerOps::upload`].
+    pub fn as_host(&self) -> HostData<'_> {
+        match self {
+            HostNoise::F64(v) => HostData::F64(v),
+            HostNoise::F32(v) => HostData::F32(v),
+        }
+    }
+
+    /// The values widened to f64 (exact).
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            HostNoise::F64(v) => v.clone(),
+            HostNoise::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            HostNoise::F64(v) => v.len(),
+            HostNoise::F32(v) => v.len(),
+        }
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Below this many elements PyTorch draws element by element instead of in blocks.
+const BLOCK: usize = 16;
+const HALF: usize = BLOCK / 2;
+
+impl TorchGenerator {
+    /// A generator seeded like `torch.manual_seed(seed)`: only the low 32 bits count.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            engine: Mt19937::new((seed & 0xffff_ffff) as u32),
+            next_normal: None,
+        }
+    }
+
+    /// One 32-bit draw.
+    pub fn next_u32(&mut self) -> u32 {
+        self.engine.next_u32()
+    }
+
+    /// One 64-bit draw: the first 32-bit draw is the high half.
+    pub fn next_u64(&mut self) -> u64 {
+        let hi = u64::from(self.engine.next_u32());
+        let lo = u64::from(self.engine.next_u32());
+        (hi << 32) | lo
+    }
+
+    /// A uniform in [0, 1) with 24 random bits (`uniform_real_distribution<float>`).
+    pub fn uniform_f32(&mut self) -> f32 {
+        (self.next_u32() & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
+    }
+
+    /// A uniform in [0, 1) with 53 random bits (`uniform_real_distribution<double>`).
+    pub fn uniform_f64(&mut self) -> f64 {
+        (self.next_u64() & ((1 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+
+    /// One standard normal from the scalar path (`normal_distribution<double>`), which
+    /// returns `r cos(theta)` and keeps `r sin(theta)` for the next call.
+    pub fn normal_f64(&mut self) -> f64 {
+        if let Some(v) = self.next_normal.take() {
+            return v;
+        }
+        let u1 = self.uniform_f64();
+        let u2 = self.uniform_f64();
+        let r = (-2.0 * (-u2).ln_1p()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u1;
+        self.next_normal = Some(r * theta.sin());
+        r * theta.cos()
+    }
+
+    /// `torch.randn(numel, dtype=float64, generator=self)`.
+    pub fn randn_f64(&mut self, numel: usize) -> Vec<f64> {
+        if numel < BLOCK {
+            return (0..numel).map(|_| self.normal_f64()).collect();
+        }
+        let mut data: Vec<f64> = (0..numel).map(|_| self.uniform_f64()).collect();
+        for block in data.chunks_exact_mut(BLOCK) {
+            box_muller_f64(block);
+        }
+        if !numel.is_multiple_of(BLOCK) {
+            // The last 16 positions are redrawn and converted again as one block.
+            let tail = &mut data[numel - BLOCK..];
+            for v in tail.iter_mut() {
+                *v = self.uniform_f64();
+            }
+            box_muller_f64(tail);
+        }
+        data
+    }
+
+    /// `torch.randn(numel, dtype=float32, generator=self)` on an x86 build with AVX2.
+    pub fn randn_f32(&mut self, numel: usize) -> Vec<f32> {
+        if numel < BLOCK {
+            return (0..numel).map(|_| self.normal_f64() as f32).collect();
+        }
+        let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
+        for block in data.chunks_exact_mut(BLOCK) {
+            box_muller_f32(block);
+        }
+        if !numel.is_multiple_of(BLOCK) {
+            let tail = &mut data[numel - BLOCK..];
+            for v in tail.iter_mut() {
+                *v = self.uniform_f32();
+            }
+            box_muller_f32(tail);
+        }
+        data
+    }
+
+    /// `torch.randn(shape, dtype=dtype, generator=self)` for F64 or F32.
+    pub fn randn(&mut self, shape: &[usize], dtype: DType) -> Result<HostNoise> {
+        let numel = numel_of(shape)?;
+        match dtype {
+            DType::F64 => Ok(HostNoise::F64(self.randn_f64(numel))),
+            DType::F32 => Ok(HostNoise::F32(self.randn_f32(numel))),
+            other => Err(SamplerError::Noise(format!(
+                "randn supports f64 and f32, not {other}"
+            ))),
+        }
+    }
+}
+
+/// `torch.randn(shape, dtype=dtype, generator=torch.manual_seed(seed))`, as ComfyUI's
+/// `prepare_noise` draws the initial latent noise.
+pub fn randn(shape: &[usize], seed: u64, dtype: DType) -> Result<HostNoise> {
+    TorchGenerator::new(seed).randn(shape, dtype)
+}
+
+/// [`randn`] in double precision.
+pub fn randn_f64(shape: &[usize], seed: u64) -> Result<Vec<f64>> {
+    Ok(TorchGenerator::new(seed).randn_f64(numel_of(shape)?))
+}
+
+/// [`randn`] in single precision.
+pub fn randn_f32(shape: &[usize], seed: u64) -> Result<Vec<f32>> {
+    Ok(TorchGenerator::new(seed).randn_f32(numel_of(shape)?))
+}
+
+fn numel_of(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} has too many elements")))
+}
+
+/// Box-Muller over the pairs `(j, j + 8)` of 16 uniforms, in place (double precision).
+fn box_muller_f64(block: &mut [f64]) {
+    let (lo, hi) = block.split_at_mut(HALF);
+    for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+        let radius = (-2.0 * (1.0 - *a).ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * *b;
+        *a = radius * theta.cos();
+        *b = radius * theta.sin();
+    }
+}
+
+/// The same in single precision, as the AVX2 kernel computes it.
+fn box_muller_f32(block: &mut [f32]) {
+    let two_pi = (2.0 * std::f64::consts::PI) as f32;
+    let (lo, hi) = block.split_at_mut(HALF);
+    for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
+        let radius = (-2.0 * cephes::log(1.0 - *a)).sqrt();
+        let (sin, cos) = cephes::sincos(two_pi * *b);
+        // The kernel's final `fma(n, std = 1, mean = 0)` turns -0 into +0.
+        *a = radius * cos + 0.0;
+        *b = radius * sin + 0.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn only_the_low_32_bits_of_the_seed_count() {
+        let a = randn_f64(&[40], 5).unwrap();
+        let b = randn_f64(&[40], (1u64 << 32) + 5).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn uniforms_use_24_and_53_bits() {
+        let mut g = TorchGenerator::new(7);
+        let mut e = Mt19937::new(7);
+        let r = e.next_u32();
+        assert_eq!(g.uniform_f32(), (r & 0xff_ffff) as f32 / 16_777_216.0);
+        let hi = u64::from(e.next_u32());
+        let lo = u64::from(e.next_u32());
+        let want = (((hi << 32) | lo) & ((1 << 53) - 1)) as f64 / 9_007_199_254_740_992.0;
+        assert_eq!(g.uniform_f64(), want);
+    }
+
+    #[test]
+    fn scalar_path_caches_the_sine_value() {
+        let mut g = TorchGenerator::new(3);
+        let mut u = TorchGenerator::new(3);
+        let (u1, u2) = (u.uniform_f64(), u.uniform_f64());
+        let r = (-2.0 * (1.0 - u2).ln()).sqrt();
+        let t = std::f64::consts::TAU * u1;
+        let (a, b) = (g.normal_f64(), g.normal_f64());
+        assert!((a - r * t.cos()).abs() < 1e-12);
+        assert!((b - r * t.sin()).abs() < 1e-12);
+        // The pair used exactly four 32-bit draws.
+        assert_eq!(g.next_u32(), u.next_u32());
+    }
+
+    #[test]
+    fn unsupported_dtype_is_an_error() {
+        assert!(randn(&[4], 0, DType::F16).is_err());
+        assert!(randn(&[usize::MAX, 2], 0, DType::F32).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn deterministic_per_seed(seed in any::<u64>(), numel in 0usize..70) {
+            prop_assert_eq!(randn_f64(&[numel], seed).unwrap(), randn_f64(&[numel], seed).unwrap());
+            let a = randn_f32(&[numel], seed).unwrap();
+            let b = randn_f32(&[numel], seed).unwrap();
+            prop_assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn f32_block_path_tracks_f64_formula(seed in any::<u64>()) {
+            // Same uniforms through libm in double precision: within a few f32 ulp.
+            let got = randn_f32(&[32], seed).unwrap();
+            let mut g = TorchGenerator::new(seed);
+            let mut u: Vec<f64> = (0..32).map(|_| f64::from(g.uniform_f32())).collect();
+            for block in u.chunks_exact_mut(16) {
+                box_muller_f64(block);
+            }
+            for (a, b) in got.iter().zip(&u) {
+                prop_assert!((f64::from(*a) - b).abs() <= 2e-6 * (1.0 + b.abs()));
+            }
+        }
+    }
+}
