@@ -7,12 +7,14 @@
 //! supertraits of [`Backend`], so sampler code never changes when they do.
 
 pub mod backend;
+pub mod conv_ops;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};
+pub use conv_ops::{Activation, Conv2dParams, ConvOps};
 pub use cpu::Cpu;
 pub use dtype::DType;
 pub use error::{KernelError, Result};

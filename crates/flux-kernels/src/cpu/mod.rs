@@ -3,6 +3,7 @@
 //! Large tensors are split into chunks processed on the rayon pool (both cores of a small
 //! machine); the inner loops are written over fixed term counts so the compiler vectorises them.
 
+mod conv;
 mod elementwise;
 
 use crate::backend::check_terms;
