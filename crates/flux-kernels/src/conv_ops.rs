@@ -1,6 +1,5 @@
 //! Convolution-family ops: what the autoencoder needs beyond the transformer's ops (conv2d,
-//! group norm, nearest upsampling, channel-major attention, spatial crops), plus the activations
-//! only the text encoders use.
+//! group norm, nearest upsampling, channel-major attention, channel and spatial slices).
 //!
 //! Image tensors are NCHW; conv weights are `[out, in, kh, kw]` as stored in the checkpoints.
 //! Weights may be stored in any dtype the backend holds; compute happens in the input's dtype.
@@ -35,17 +34,6 @@ impl Conv2dParams {
         }
         Some(((ph - kh) / self.stride + 1, (pw - kw) / self.stride + 1))
     }
-}
-
-/// Elementwise activations the text encoders need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `x * sigmoid(x)` (swish).
-    Silu,
-    /// `x * sigmoid(1.702 x)` (CLIP's quick GELU).
-    QuickGelu,
-    /// `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` (T5's "gelu_new").
-    GeluTanh,
 }
 
 /// Convolution-family ops (NCHW image tensors).
@@ -108,21 +96,6 @@ pub trait ConvOps: SamplerOps {
         x0: usize,
         h: usize,
         w: usize,
-    ) -> Result<Tensor<Self>>
-    where
-        Self: Backend;
-
-    /// `act(x)` elementwise, into a new tensor.
-    fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>>
-    where
-        Self: Backend;
-
-    /// `act(a) * b` elementwise (the gated feed-forward of T5); `a` and `b` have one shape.
-    fn gated_activation(
-        &self,
-        a: &Tensor<Self>,
-        b: &Tensor<Self>,
-        act: Activation,
     ) -> Result<Tensor<Self>>
     where
         Self: Backend;

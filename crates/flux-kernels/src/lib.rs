@@ -14,7 +14,7 @@ pub mod error;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};
-pub use conv_ops::{Activation, Conv2dParams, ConvOps};
+pub use conv_ops::{Conv2dParams, ConvOps};
 pub use cpu::Cpu;
 pub use dtype::DType;
 pub use error::{KernelError, Result};

@@ -1,12 +1,12 @@
 //! Convolution-family kernels of the CPU backend: conv2d as im2col + GEMM (the `gemm` crate),
-//! group norm, nearest upsampling, channel-major attention, crops and activations.
+//! group norm, nearest upsampling, channel-major attention, and crops.
 //!
 //! Every kernel is generic over f32/f64 and computes in the input's dtype; reductions
 //! (group-norm statistics, softmax sums) accumulate in f64. Weights stored in another dtype are
 //! widened once per call.
 
-use super::{CpuStorage, PAR_CHUNK, PAR_THRESHOLD};
-use crate::conv_ops::{Activation, Conv2dParams, ConvOps};
+use super::{CpuStorage, PAR_THRESHOLD};
+use crate::conv_ops::{Conv2dParams, ConvOps};
 use crate::{Cpu, DType, KernelError, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -20,8 +20,6 @@ const SCORE_BUDGET: usize = 1 << 22;
 pub trait ConvElem: super::Elem + gemm_elem::Sealed {
     /// e^x.
     fn exp(self) -> Self;
-    /// tanh(x).
-    fn tanh(self) -> Self;
     /// Wraps a vector as storage.
     fn storage(v: Vec<Self>) -> CpuStorage;
     /// The dtype tag.
@@ -38,9 +36,6 @@ impl ConvElem for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
-    fn tanh(self) -> Self {
-        f32::tanh(self)
-    }
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
     }
@@ -50,9 +45,6 @@ impl ConvElem for f32 {
 impl ConvElem for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
-    }
-    fn tanh(self) -> Self {
-        f64::tanh(self)
     }
     fn storage(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
@@ -615,69 +607,6 @@ fn crop_impl<T: ConvElem>(
     Ok(tensor(out, vec![n, c, ch, cw]))
 }
 
-#[inline]
-fn act<T: ConvElem>(x: T, a: Activation) -> T {
-    let one = T::from_f64(1.0);
-    let half = T::from_f64(0.5);
-    match a {
-        Activation::Silu => x / (one + (T::ZERO - x).exp()),
-        Activation::QuickGelu => x / (one + (T::from_f64(-1.702) * x).exp()),
-        Activation::GeluTanh => {
-            let c = T::from_f64((2.0 / std::f64::consts::PI).sqrt());
-            let inner = c * (x + T::from_f64(0.044715) * x * x * x);
-            half * x * (one + inner.tanh())
-        }
-    }
-}
-
-fn activation_impl<T: ConvElem>(
-    a: &Tensor<Cpu>,
-    b: Option<&Tensor<Cpu>>,
-    f: Activation,
-) -> Result<Tensor<Cpu>> {
-    const OP: &str = "activation";
-    let xs = input::<T>(OP, a)?;
-    let mut out = vec![T::ZERO; xs.len()];
-    match b {
-        None => {
-            let run = |(o, s): (&mut [T], &[T])| {
-                o.iter_mut().zip(s).for_each(|(d, &v)| *d = act(v, f));
-            };
-            if xs.len() >= PAR_THRESHOLD {
-                out.par_chunks_mut(PAR_CHUNK)
-                    .zip(xs.par_chunks(PAR_CHUNK))
-                    .for_each(run);
-            } else {
-                run((&mut out, xs));
-            }
-        }
-        Some(b) => {
-            if b.shape() != a.shape() {
-                return Err(KernelError::ShapeMismatch {
-                    op: "gated_activation",
-                    expected: a.shape().to_vec(),
-                    found: b.shape().to_vec(),
-                });
-            }
-            let gs = input::<T>(OP, b)?;
-            let run = |((o, s), g): ((&mut [T], &[T]), &[T])| {
-                for ((d, &v), &gv) in o.iter_mut().zip(s).zip(g) {
-                    *d = act(v, f) * gv;
-                }
-            };
-            if xs.len() >= PAR_THRESHOLD {
-                out.par_chunks_mut(PAR_CHUNK)
-                    .zip(xs.par_chunks(PAR_CHUNK))
-                    .zip(gs.par_chunks(PAR_CHUNK))
-                    .for_each(run);
-            } else {
-                run(((&mut out, xs), gs));
-            }
-        }
-    }
-    Ok(tensor(out, a.shape().to_vec()))
-}
-
 impl ConvOps for Cpu {
     fn conv2d(
         &self,
@@ -733,25 +662,12 @@ impl ConvOps for Cpu {
     ) -> Result<Tensor<Self>> {
         dispatch!("crop2d", x, crop_impl(x, y0, x0, h, w))
     }
-
-    fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
-        dispatch!("activation", x, activation_impl(x, None, act))
-    }
-
-    fn gated_activation(
-        &self,
-        a: &Tensor<Self>,
-        b: &Tensor<Self>,
-        act: Activation,
-    ) -> Result<Tensor<Self>> {
-        dispatch!("gated_activation", a, activation_impl(a, Some(b), act))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Backend, HostData};
+    use crate::HostData;
 
     /// A deterministic pseudo-random sequence in [-1, 1) (SplitMix64).
     fn values(n: usize, seed: u64) -> Vec<f64> {
@@ -1018,33 +934,5 @@ mod tests {
         assert_eq!(got, want);
         assert!(Cpu.narrow_channels(&t, 3, 2).is_err());
         assert!(Cpu.crop2d(&t, 2, 0, 2, 1).is_err());
-    }
-
-    #[test]
-    fn activations_match_formulas() {
-        let x: Vec<f64> = values(50, 31).iter().map(|v| 6.0 * v).collect();
-        let g = values(50, 32);
-        let t = up(&x, &[5, 10], DType::F64);
-        let gt = up(&g, &[5, 10], DType::F64);
-        let gelu = |v: f64| {
-            0.5 * v
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
-        };
-        let cases: [(Activation, &dyn Fn(f64) -> f64); 3] = [
-            (Activation::Silu, &|v| v / (1.0 + (-v).exp())),
-            (Activation::QuickGelu, &|v| v / (1.0 + (-1.702 * v).exp())),
-            (Activation::GeluTanh, &gelu),
-        ];
-        for (a, f) in cases {
-            let want: Vec<f64> = x.iter().map(|&v| f(v)).collect();
-            let got = Cpu.download_f64(&Cpu.activation(&t, a).unwrap()).unwrap();
-            assert_close(&got, &want, 1e-14);
-            let want: Vec<f64> = x.iter().zip(&g).map(|(&v, &w)| f(v) * w).collect();
-            let got = Cpu
-                .download_f64(&Cpu.gated_activation(&t, &gt, a).unwrap())
-                .unwrap();
-            assert_close(&got, &want, 1e-14);
-        }
-        let _ = Cpu.lincomb(&[(1.0, &t)]).unwrap();
     }
 }
