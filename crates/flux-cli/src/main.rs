@@ -1,6 +1,7 @@
 //! `flux`: sampling, parity checks and benchmarks from the command line.
 
 mod parity;
+mod sigmas;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -17,12 +18,18 @@ struct Cli {
 enum Command {
     /// Check every case of a reference directory against the reference outputs.
     Parity(parity::ParityArgs),
+    /// List the sigma schedulers.
+    Schedulers,
+    /// Print the sigma schedule of a scheduler, as ComfyUI's KSampler computes it.
+    Sigmas(sigmas::SigmasArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Parity(args) => parity::run(&args),
+        Command::Schedulers => Ok(sigmas::list()),
+        Command::Sigmas(args) => sigmas::run(&args),
     };
     match result {
         Ok(code) => code,

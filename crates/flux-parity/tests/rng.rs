@@ -30,3 +30,37 @@ fn every_rng_case_is_bit_exact() {
     assert!(listed > 0, "manifest lists no cases");
     assert_eq!(results.len(), listed, "cases run vs cases listed");
 }
+
+fn samplers_folder() -> PathBuf {
+    match std::env::var_os("FLUX_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir).join("samplers"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/samplers"),
+    }
+}
+
+#[test]
+fn brownian_tree_draws_match_the_recorded_sde_noise() {
+    let dir = samplers_folder();
+    let manifest = read_json(&dir.join("manifest.json")).expect("samplers manifest readable");
+    let listed = manifest["cases"].as_array().map_or(0, |c| {
+        c.iter().filter(|c| rng::uses_only_brownian(c)).count()
+    });
+    let results =
+        rng::run_brownian(&dir, &RunOptions::default()).expect("samplers folder readable");
+    for r in &results {
+        eprintln!("{r}");
+    }
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|r| !r.passed())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(listed > 0, "manifest lists no Brownian-tree case");
+    assert_eq!(results.len(), listed, "cases run vs cases listed");
+}

@@ -67,7 +67,9 @@ impl Scheduler {
             }
             Self::Karras => "Karras et al. 2022 (rho = 7) from sigma_max to sigma_min, then 0",
             Self::Exponential => "uniform in log sigma from sigma_max to sigma_min, then 0",
-            Self::SgmUniform => "uniform in timestep over steps + 1 points, the last replaced by 0",
+            Self::SgmUniform => {
+                "uniform in timestep over steps + 1 points, the last dropped, then 0"
+            }
             Self::Simple => "evenly spaced entries of the model's sigma table, then 0",
             Self::DdimUniform => "every (table length / steps)-th table entry from index 1 (DDIM)",
             Self::Beta => {

@@ -1,11 +1,14 @@
 //! Where samplers get randomness from.
 
+pub mod brownian;
 mod cephes;
 pub mod default;
 pub mod mt19937;
 pub mod replay;
+mod seed_sequence;
 pub mod torch;
 
+pub use brownian::BrownianTreeNoise;
 pub use default::DefaultNoise;
 pub use mt19937::Mt19937;
 pub use replay::{RecordedDraw, ReplayNoise};

@@ -1,0 +1,495 @@
+//! Brownian-tree noise for the SDE samplers, as ComfyUI's `BrownianTreeNoiseSampler` draws it
+//! from torchsde's `BrownianTree` (a `BrownianInterval` on the dyadic "halfway" tree).
+//!
+//! The Brownian motion `W` lives on `[sigma_min, sigma_max]`. Its increment over the whole
+//! interval is `sqrt(t1 - t0) * N(0, 1)`; every node of the dyadic tree splits its increment
+//! between its two halves by a Brownian bridge whose normal draw is seeded from the node's
+//! position (numpy `SeedSequence` of the entropy and the node's spawn key and depth, then a
+//! torch CPU `randn`). Query times are quantised to 6 decimals (torchsde's `tol = 1e-6`), and a
+//! query interval is the sum of the tree nodes that tile it, so the path depends only on the
+//! seed, not on the order of the queries: asking twice gives the same tensor, and increments
+//! over adjacent intervals add up.
+
+use super::NoiseSource;
+use super::seed_sequence::SeedSequence;
+use super::torch::TorchGenerator;
+use crate::{Result, SamplerError};
+use flux_kernels::{Backend, DType, HostData, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// torchsde's entropy pool size for the Brownian tree.
+const POOL_SIZE: usize = 24;
+/// How many node increments are kept (values never depend on it, only speed does).
+const CACHE_CAPACITY: usize = 64;
+/// Spawn keys are `2^depth`-sized integers; deeper trees mean a degenerate interval.
+const MAX_DEPTH: u32 = 120;
+
+/// Rounds to 6 decimals exactly as Python's `round(x, 6)` (correctly rounded, ties to even).
+fn quantise(x: f64) -> f64 {
+    format!("{x:.6}").parse().unwrap_or(x)
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    start: f64,
+    end: f64,
+    parent: Option<usize>,
+    is_left: bool,
+    /// Set once the node is split: (midway, left child, right child, seed of the bridge draw).
+    split: Option<Split>,
+    spawn_key: u128,
+    depth: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    midway: f64,
+    left: usize,
+    right: usize,
+    seed: u32,
+}
+
+/// One torchsde `BrownianTree` of a fixed shape and dtype.
+#[derive(Debug)]
+struct Tree {
+    entropy: u64,
+    numel: usize,
+    dtype: DType,
+    /// The raw (unquantised) ends, used for clamping like torchsde does.
+    nodes: Vec<Node>,
+    top: Arc<Vec<f64>>,
+    cache: HashMap<usize, (Arc<Vec<f64>>, u64)>,
+    tick: u64,
+}
+
+impl Tree {
+    fn new(entropy: u64, t0: f64, t1: f64, numel: usize, dtype: DType) -> Self {
+        let r = rounder(dtype);
+        let seed = SeedSequence::new(entropy, &[], POOL_SIZE).generate_state(1)[0];
+        let scale = r((t1 - t0).sqrt());
+        let top = randn(seed, numel, dtype)
+            .into_iter()
+            .map(|z| r(z * scale))
+            .collect();
+        Self {
+            entropy,
+            numel,
+            dtype,
+            nodes: vec![Node {
+                start: quantise(t0),
+                end: quantise(t1),
+                parent: None,
+                is_left: false,
+                split: None,
+                spawn_key: 0,
+                depth: 0,
+            }],
+            top: Arc::new(top),
+            cache: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    fn split_exact(&mut self, id: usize) -> Result<()> {
+        let (start, end, parent, is_left) = {
+            let n = &self.nodes[id];
+            (n.start, n.end, n.parent, n.is_left)
+        };
+        let (spawn_key, depth) = match parent {
+            None => (0, 0),
+            Some(p) => {
+                let pn = &self.nodes[p];
+                (2 * pn.spawn_key + u128::from(!is_left), pn.depth + 1)
+            }
+        };
+        if depth > MAX_DEPTH {
+            return Err(SamplerError::Noise(format!(
+                "Brownian tree deeper than {MAX_DEPTH} levels at [{start}, {end}]"
+            )));
+        }
+        let midway = quantise(0.5 * (end + start));
+        let seed = SeedSequence::new(self.entropy, &[spawn_key, u128::from(depth)], POOL_SIZE)
+            .generate_state(1)[0];
+        let left = self.nodes.len();
+        let child = |start, end, is_left| Node {
+            start,
+            end,
+            parent: Some(id),
+            is_left,
+            split: None,
+            spawn_key: 0,
+            depth: 0,
+        };
+        self.nodes.push(child(start, midway, true));
+        self.nodes.push(child(midway, end, false));
+        let n = &mut self.nodes[id];
+        n.spawn_key = spawn_key;
+        n.depth = depth;
+        n.split = Some(Split {
+            midway,
+            left,
+            right: left + 1,
+            seed,
+        });
+        Ok(())
+    }
+
+    /// Splits at halfway points down to the node that ends or starts at `q`.
+    fn split_towards(&mut self, mut id: usize, q: f64) -> Result<()> {
+        loop {
+            self.split_exact(id)?;
+            let Some(s) = self.nodes[id].split else {
+                return Ok(());
+            };
+            if q > s.midway {
+                id = s.right;
+            } else if q < s.midway {
+                id = s.left;
+            } else {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The tree nodes tiling `[ta, tb]`, left to right.
+    fn locate(&mut self, id: usize, ta: f64, tb: f64, out: &mut Vec<usize>) -> Result<()> {
+        let (start, end) = (self.nodes[id].start, self.nodes[id].end);
+        if ta == start && tb == end {
+            out.push(id);
+            return Ok(());
+        }
+        if self.nodes[id].split.is_none() {
+            self.split_towards(id, if ta == start { tb } else { ta })?;
+        }
+        let Some(s) = self.nodes[id].split else {
+            return Ok(());
+        };
+        if tb <= s.midway {
+            self.locate(s.left, ta, tb, out)
+        } else if ta >= s.midway {
+            self.locate(s.right, ta, tb, out)
+        } else {
+            self.locate(s.left, ta, s.midway, out)?;
+            self.locate(s.right, s.midway, tb, out)
+        }
+    }
+
+    /// The increment of `W` over node `id`.
+    fn increment(&mut self, id: usize) -> Arc<Vec<f64>> {
+        if id == 0 {
+            return Arc::clone(&self.top);
+        }
+        self.tick += 1;
+        if let Some((w, used)) = self.cache.get_mut(&id) {
+            *used = self.tick;
+            return Arc::clone(w);
+        }
+        let node = self.nodes[id].clone();
+        let Some(parent_id) = node.parent else {
+            return Arc::clone(&self.top);
+        };
+        let parent = self.nodes[parent_id].clone();
+        let Some(split) = parent.split else {
+            return Arc::clone(&self.top);
+        };
+        let w = self.increment(parent_id);
+        let r = rounder(self.dtype);
+        let h_reciprocal = 1.0 / (parent.end - parent.start);
+        let left_diff = split.midway - parent.start;
+        let right_diff = parent.end - split.midway;
+        let std = (left_diff * right_diff * h_reciprocal).sqrt();
+        let (ld, hr, sd) = (r(left_diff), r(h_reciprocal), r(std));
+        let noise = randn(split.seed, self.numel, self.dtype);
+        let out: Vec<f64> = w
+            .iter()
+            .zip(&noise)
+            .map(|(&wi, &z)| {
+                let left = r(r(r(ld * wi) * hr) + r(sd * z));
+                if node.is_left { left } else { r(wi - left) }
+            })
+            .collect();
+        let out = Arc::new(out);
+        if self.cache.len() >= CACHE_CAPACITY
+            && let Some(oldest) = self
+                .cache
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+        {
+            self.cache.remove(&oldest);
+        }
+        self.cache.insert(id, (Arc::clone(&out), self.tick));
+        out
+    }
+
+    /// `W(tb) - W(ta)` for `ta <= tb` (clamped to the tree's interval, as torchsde does).
+    fn query(&mut self, ta: f64, tb: f64) -> Result<Vec<f64>> {
+        let (start, end) = (self.nodes[0].start, self.nodes[0].end);
+        let ta = ta.clamp(start, end);
+        let tb = tb.clamp(start, end);
+        if ta == tb {
+            return Ok(vec![0.0; self.numel]);
+        }
+        let (ta, tb) = (quantise(ta), quantise(tb));
+        let mut tiles = Vec::new();
+        self.locate(0, ta, tb, &mut tiles)?;
+        let r = rounder(self.dtype);
+        let mut total: Option<Vec<f64>> = None;
+        for id in tiles {
+            let w = self.increment(id);
+            total = Some(match total {
+                None => w.as_ref().clone(),
+                Some(mut acc) => {
+                    for (a, &b) in acc.iter_mut().zip(w.iter()) {
+                        *a = r(*a + b);
+                    }
+                    acc
+                }
+            });
+        }
+        Ok(total.unwrap_or_else(|| vec![0.0; self.numel]))
+    }
+}
+
+/// Arithmetic in the tree's dtype: f32 results are exactly the f64 results rounded once.
+fn rounder(dtype: DType) -> fn(f64) -> f64 {
+    match dtype {
+        DType::F32 => |x| f64::from(x as f32),
+        _ => |x| x,
+    }
+}
+
+fn randn(seed: u32, numel: usize, dtype: DType) -> Vec<f64> {
+    let mut g = TorchGenerator::new(u64::from(seed));
+    match dtype {
+        DType::F32 => g.randn_f32(numel).into_iter().map(f64::from).collect(),
+        _ => g.randn_f64(numel),
+    }
+}
+
+/// ComfyUI's `BrownianTreeNoiseSampler` (`cpu=True`): for a step from `sigma` to `sigma_next`
+/// it returns `(W(sigma_next) - W(sigma)) / sqrt(|sigma_next - sigma|)`, a standard normal
+/// tensor that is consistent across repeated and refined queries.
+#[derive(Debug)]
+pub struct BrownianTreeNoise {
+    seed: u64,
+    sigma_min: f64,
+    sigma_max: f64,
+    tree: Option<(Vec<usize>, Tree)>,
+}
+
+impl BrownianTreeNoise {
+    /// A source over `[sigma_min, sigma_max]` (the sampler's smallest positive and largest
+    /// sigma) with entropy `seed`. The tree is built for the shape and dtype of the first draw.
+    pub fn new(seed: u64, sigma_min: f64, sigma_max: f64) -> Result<Self> {
+        if !(sigma_min.is_finite() && sigma_max.is_finite() && sigma_min < sigma_max) {
+            return Err(SamplerError::Noise(format!(
+                "Brownian tree needs finite sigma_min < sigma_max, got [{sigma_min}, {sigma_max}]"
+            )));
+        }
+        Ok(Self {
+            seed,
+            sigma_min,
+            sigma_max,
+            tree: None,
+        })
+    }
+
+    /// The unnormalised increment `W(t1) - W(t0)` (any order of `t0`, `t1`), with times
+    /// quantised like torchsde's float32 queries.
+    pub fn increment(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        t0: f64,
+        t1: f64,
+    ) -> Result<Vec<f64>> {
+        let tree = self.tree_for(shape, dtype)?;
+        // Query times are float32, as ComfyUI hands them to the CPU tree.
+        let (a, b) = (f64::from(t0 as f32), f64::from(t1 as f32));
+        if t0 < t1 {
+            tree.query(a, b)
+        } else {
+            Ok(tree.query(b, a)?.into_iter().map(|v| -v).collect())
+        }
+    }
+
+    /// The normalised draw for a step from `sigma` to `sigma_next`, as host values.
+    pub fn draw(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<Vec<f64>> {
+        if sigma == sigma_next || sigma.is_nan() || sigma_next.is_nan() {
+            return Err(SamplerError::Noise(format!(
+                "Brownian noise needs two different sigmas, got {sigma} -> {sigma_next}"
+            )));
+        }
+        let w = self.increment(shape, dtype, sigma, sigma_next)?;
+        let r = rounder(dtype);
+        let (s0, s1) = (r(sigma), r(sigma_next));
+        let scale = r(r(r(s1 - s0).abs()).sqrt());
+        Ok(w.into_iter().map(|v| r(v / scale)).collect())
+    }
+
+    fn tree_for(&mut self, shape: &[usize], dtype: DType) -> Result<&mut Tree> {
+        if !matches!(dtype, DType::F32 | DType::F64) {
+            return Err(SamplerError::Noise(format!(
+                "Brownian noise supports f64 and f32, not {dtype}"
+            )));
+        }
+        if let Some((s, t)) = &self.tree
+            && (s.as_slice() != shape || t.dtype != dtype)
+        {
+            return Err(SamplerError::Noise(format!(
+                "Brownian tree was built for {s:?} {}, asked for {shape:?} {dtype}",
+                t.dtype
+            )));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} is too large")))?;
+        let (seed, lo, hi) = (self.seed, self.sigma_min, self.sigma_max);
+        let (_, tree) = self
+            .tree
+            .get_or_insert_with(|| (shape.to_vec(), Tree::new(seed, lo, hi, numel, dtype)));
+        Ok(tree)
+    }
+}
+
+impl<B: Backend> NoiseSource<B> for BrownianTreeNoise {
+    fn sample(
+        &mut self,
+        backend: &B,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<Tensor<B>> {
+        let values = self.draw(shape, dtype, sigma, sigma_next)?;
+        Ok(backend.upload(HostData::F64(&values), shape, dtype)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flux_kernels::{Cpu, SamplerOps};
+
+    const N: usize = 1 << 16;
+
+    fn mean_var(v: &[f64]) -> (f64, f64) {
+        let n = v.len() as f64;
+        let m = v.iter().sum::<f64>() / n;
+        (
+            m,
+            v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0),
+        )
+    }
+
+    /// With 2^16 independent N(0, 1) values the sample mean has standard deviation 1/256 and
+    /// the sample variance sqrt(2/2^16) = 0.0055: five standard deviations are 0.02 and 0.028.
+    #[test]
+    fn draws_are_standard_normal() {
+        let mut src = BrownianTreeNoise::new(11, 0.0292, 14.6146).unwrap();
+        for (s0, s1) in [(14.6146, 4.08), (4.08, 1.61), (1.61, 0.0292), (0.9, 0.85)] {
+            let v = src.draw(&[N], DType::F64, s0, s1).unwrap();
+            let (m, var) = mean_var(&v);
+            assert!(m.abs() < 0.02, "mean {m} for {s0}->{s1}");
+            assert!((var - 1.0).abs() < 0.028, "variance {var} for {s0}->{s1}");
+        }
+    }
+
+    /// Increments over disjoint intervals are independent: their sample correlation is
+    /// N(0, 1/2^16) distributed, so 5/256 bounds it.
+    #[test]
+    fn disjoint_increments_are_uncorrelated() {
+        let mut src = BrownianTreeNoise::new(5, 0.01, 1.0).unwrap();
+        let a = src.draw(&[N], DType::F64, 1.0, 0.5).unwrap();
+        let b = src.draw(&[N], DType::F64, 0.5, 0.2).unwrap();
+        let corr = a.iter().zip(&b).map(|(x, y)| x * y).sum::<f64>() / N as f64;
+        assert!(corr.abs() < 5.0 / 256.0, "correlation {corr}");
+    }
+
+    #[test]
+    fn repeated_and_reordered_queries_agree() {
+        let shape = [2, 16, 3, 5];
+        let mut a = BrownianTreeNoise::new(1765, 0.000316, 1.0).unwrap();
+        let first = a.draw(&shape, DType::F64, 0.9, 0.4).unwrap();
+        let other = a.draw(&shape, DType::F64, 0.4, 0.1).unwrap();
+        assert_eq!(a.draw(&shape, DType::F64, 0.9, 0.4).unwrap(), first);
+        // A fresh tree queried in another order gives the same path.
+        let mut b = BrownianTreeNoise::new(1765, 0.000316, 1.0).unwrap();
+        assert_eq!(b.draw(&shape, DType::F64, 0.4, 0.1).unwrap(), other);
+        assert_eq!(b.draw(&shape, DType::F64, 0.9, 0.4).unwrap(), first);
+        // Another seed gives another path.
+        let mut c = BrownianTreeNoise::new(1766, 0.000316, 1.0).unwrap();
+        assert_ne!(c.draw(&shape, DType::F64, 0.9, 0.4).unwrap(), first);
+    }
+
+    /// Brownian bridge additivity: W(a, c) = W(a, b) + W(b, c), and reversing an interval
+    /// negates its increment.
+    #[test]
+    fn refined_increments_add_up() {
+        let shape = [64];
+        let mut src = BrownianTreeNoise::new(3, 0.02, 2.0).unwrap();
+        let (a, b, c) = (1.7, 0.61, 0.05);
+        let whole = src.increment(&shape, DType::F64, a, c).unwrap();
+        let left = src.increment(&shape, DType::F64, a, b).unwrap();
+        let right = src.increment(&shape, DType::F64, b, c).unwrap();
+        for i in 0..shape[0] {
+            assert!(
+                (whole[i] - (left[i] + right[i])).abs() < 1e-12,
+                "element {i}"
+            );
+        }
+        let back = src.increment(&shape, DType::F64, c, a).unwrap();
+        for i in 0..shape[0] {
+            assert_eq!(back[i], -whole[i]);
+        }
+    }
+
+    /// The unnormalised increment over [a, b] has variance b - a, also for sub-intervals
+    /// produced by bridge sampling.
+    #[test]
+    fn increments_have_the_interval_as_variance() {
+        let mut src = BrownianTreeNoise::new(9, 0.1, 3.0).unwrap();
+        for (a, b) in [(0.1, 3.0), (1.0, 1.3), (2.2, 2.21)] {
+            let w = src.increment(&[N], DType::F64, a, b).unwrap();
+            let (_, var) = mean_var(&w);
+            let dt = f64::from(b as f32) - f64::from(a as f32);
+            assert!(
+                (var / dt - 1.0).abs() < 0.028,
+                "variance {var} over [{a}, {b}]"
+            );
+        }
+    }
+
+    #[test]
+    fn f32_draws_and_backend_upload() {
+        let cpu = Cpu::new();
+        let mut src = BrownianTreeNoise::new(2, 0.05, 1.0).unwrap();
+        let t = NoiseSource::<Cpu>::sample(&mut src, &cpu, &[1, 16, 2, 2], DType::F32, 1.0, 0.5)
+            .unwrap();
+        assert_eq!(t.dtype(), DType::F32);
+        let v = cpu.download_f64(&t).unwrap();
+        assert!(v.iter().all(|x| x.is_finite()));
+        assert!(v.iter().any(|&x| x != 0.0));
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        assert!(BrownianTreeNoise::new(0, 1.0, 0.5).is_err());
+        assert!(BrownianTreeNoise::new(0, f64::NAN, 1.0).is_err());
+        let mut src = BrownianTreeNoise::new(0, 0.1, 1.0).unwrap();
+        assert!(src.draw(&[4], DType::F64, 0.5, 0.5).is_err());
+        src.draw(&[4], DType::F64, 1.0, 0.5).unwrap();
+        assert!(src.draw(&[5], DType::F64, 0.5, 0.2).is_err());
+        assert!(src.draw(&[4], DType::F32, 0.5, 0.2).is_err());
+        assert!(src.draw(&[4], DType::F16, 0.5, 0.2).is_err());
+    }
+}
