@@ -125,7 +125,7 @@ pub trait SamplerOps {
 
 /// A compute device. Model op families join as further supertraits.
 pub trait Backend:
-    SamplerOps + crate::ConvOps + Clone + Send + Sync + std::fmt::Debug + 'static
+    SamplerOps + crate::ModelOps + crate::ConvOps + Clone + Send + Sync + std::fmt::Debug + 'static
 {
     /// `out = sum_i c_i * t_i` into a new tensor of the first term's shape and dtype.
     fn lincomb(&self, terms: &[(f64, &Tensor<Self>)]) -> Result<Tensor<Self>> {

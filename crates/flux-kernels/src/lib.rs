@@ -11,6 +11,7 @@ pub mod conv_ops;
 pub mod cpu;
 pub mod dtype;
 pub mod error;
+pub mod model_ops;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};
@@ -18,4 +19,5 @@ pub use conv_ops::{Conv2dParams, ConvOps};
 pub use cpu::Cpu;
 pub use dtype::DType;
 pub use error::{KernelError, Result};
+pub use model_ops::{Activation, BinaryOp, ByteView, ModelOps};
 pub use tensor::Tensor;

@@ -41,7 +41,7 @@ impl Elem for f64 {
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
             CpuStorage::F64(v) => Some(v),
-            CpuStorage::F32(_) => None,
+            CpuStorage::F32(_) | CpuStorage::Weight(_) => None,
         }
     }
 }
@@ -60,7 +60,7 @@ impl Elem for f32 {
     fn slice(s: &CpuStorage) -> Option<&[Self]> {
         match s {
             CpuStorage::F32(v) => Some(v),
-            CpuStorage::F64(_) => None,
+            CpuStorage::F64(_) | CpuStorage::Weight(_) => None,
         }
     }
 }

@@ -5,11 +5,14 @@
 
 mod conv;
 mod elementwise;
+pub mod gemm;
+mod model;
 
 use crate::backend::check_terms;
 use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
 
 pub use elementwise::Elem;
+pub use model::{Real, f8e4m3_to_f32};
 
 /// Tensors at least this large are processed in parallel chunks.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 16;
@@ -23,6 +26,20 @@ pub enum CpuStorage {
     F64(Vec<f64>),
     /// f32 elements.
     F32(Vec<f32>),
+    /// A weight kept in its stored dtype (possibly a range of a memory-mapped file); widened
+    /// inside the kernels that read it.
+    Weight(WeightData),
+}
+
+/// A weight in its stored dtype: little-endian elements in a shared byte range.
+#[derive(Clone, Debug)]
+pub struct WeightData {
+    /// The element bytes.
+    pub bytes: crate::model_ops::ByteView,
+    /// Their dtype.
+    pub dtype: DType,
+    /// Factor applied to every element when widened (fp8 checkpoints store one per weight).
+    pub scale: f32,
 }
 
 impl CpuStorage {
@@ -30,6 +47,7 @@ impl CpuStorage {
         match self {
             CpuStorage::F64(_) => DType::F64,
             CpuStorage::F32(_) => DType::F32,
+            CpuStorage::Weight(w) => w.dtype,
         }
     }
 }
@@ -195,6 +213,7 @@ impl SamplerOps for Cpu {
         match dst.storage_mut() {
             CpuStorage::F64(v) => write_host(v, data),
             CpuStorage::F32(v) => write_host(v, data),
+            CpuStorage::Weight(w) => return Err(unsupported("write", w.dtype)),
         }
         Ok(())
     }
@@ -203,6 +222,7 @@ impl SamplerOps for Cpu {
         Ok(match t.storage() {
             CpuStorage::F64(v) => v.clone(),
             CpuStorage::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            CpuStorage::Weight(_) => model::widen_f64(t),
         })
     }
 
@@ -210,6 +230,7 @@ impl SamplerOps for Cpu {
         Ok(match t.storage() {
             CpuStorage::F64(v) => v.iter().map(|&x| x as f32).collect(),
             CpuStorage::F32(v) => v.clone(),
+            CpuStorage::Weight(_) => model::widen_f32(t),
         })
     }
 
@@ -227,6 +248,7 @@ impl SamplerOps for Cpu {
         match out.storage_mut() {
             CpuStorage::F64(o) => elementwise::lincomb(o, None, &slices::<f64>(terms)?),
             CpuStorage::F32(o) => elementwise::lincomb(o, None, &slices::<f32>(terms)?),
+            CpuStorage::Weight(w) => return Err(unsupported("lincomb", w.dtype)),
         }
         Ok(())
     }
@@ -248,6 +270,7 @@ impl SamplerOps for Cpu {
         match x.storage_mut() {
             CpuStorage::F64(o) => elementwise::lincomb(o, Some(a), &slices::<f64>(terms)?),
             CpuStorage::F32(o) => elementwise::lincomb(o, Some(a as f32), &slices::<f32>(terms)?),
+            CpuStorage::Weight(w) => return Err(unsupported("lincomb_inplace", w.dtype)),
         }
         Ok(())
     }
@@ -256,6 +279,7 @@ impl SamplerOps for Cpu {
         Ok(match t.storage() {
             CpuStorage::F64(v) => elementwise::sum_squares(v),
             CpuStorage::F32(v) => elementwise::sum_squares(v),
+            CpuStorage::Weight(_) => elementwise::sum_squares(&model::widen_f64(t)),
         })
     }
 
@@ -263,6 +287,7 @@ impl SamplerOps for Cpu {
         Ok(match t.storage() {
             CpuStorage::F64(v) => elementwise::max_abs(v),
             CpuStorage::F32(v) => elementwise::max_abs(v),
+            CpuStorage::Weight(_) => elementwise::max_abs(&model::widen_f64(t)),
         })
     }
 

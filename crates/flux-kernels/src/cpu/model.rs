@@ -1,0 +1,1168 @@
+//! The CPU implementation of [`ModelOps`]: GEMM-backed linear layers (weights widened panel by
+//! panel), row-wise norms, tiled attention with an online softmax, and layout ops.
+//!
+//! Every op is generic over the compute element (`f32`, `f64`); secondary operands (biases, norm
+//! scales) in another dtype are widened on the fly.
+
+use super::gemm::{GemmElem, Mat, Parallelism, gemm, pool_parallelism};
+use super::{CpuStorage, Elem, PAR_THRESHOLD, WeightData, unsupported};
+use crate::model_ops::{Activation, BinaryOp, ByteView, ModelOps, split_at_dim};
+use crate::{Cpu, DType, KernelError, Result, Tensor};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
+/// A compute element of the CPU model ops.
+pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
+    /// The dtype of tensors holding this element.
+    const DTYPE: DType;
+    /// One.
+    const ONE: Self;
+    /// Converts from f32.
+    fn from_f32(x: f32) -> Self;
+    /// `e^x`.
+    fn exp(self) -> Self;
+    /// Square root.
+    fn sqrt(self) -> Self;
+    /// Hyperbolic tangent.
+    fn tanh(self) -> Self;
+    /// The larger of two values (NaN-propagating is not needed here).
+    fn max(self, o: Self) -> Self;
+    /// Wraps a vector as storage.
+    fn wrap(v: Vec<Self>) -> CpuStorage;
+}
+
+impl Real for f32 {
+    const DTYPE: DType = DType::F32;
+    const ONE: Self = 1.0;
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn tanh(self) -> Self {
+        f32::tanh(self)
+    }
+    fn max(self, o: Self) -> Self {
+        f32::max(self, o)
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+}
+
+impl Real for f64 {
+    const DTYPE: DType = DType::F64;
+    const ONE: Self = 1.0;
+    fn from_f32(x: f32) -> Self {
+        f64::from(x)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn tanh(self) -> Self {
+        f64::tanh(self)
+    }
+    fn max(self, o: Self) -> Self {
+        f64::max(self, o)
+    }
+    fn wrap(v: Vec<Self>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+}
+
+/// Values of the 256 fp8 e4m3fn codes (no infinities; `0x7f`/`0xff` are NaN).
+static F8E4M3_TABLE: LazyLock<[f32; 256]> = LazyLock::new(|| {
+    let mut t = [0f32; 256];
+    for (code, v) in t.iter_mut().enumerate() {
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let e = ((code >> 3) & 0xf) as i32;
+        let m = (code & 0x7) as f32;
+        *v = if e == 0xf && m == 7.0 {
+            f32::NAN
+        } else if e == 0 {
+            sign * m / 8.0 * 2f32.powi(-6)
+        } else {
+            sign * (1.0 + m / 8.0) * 2f32.powi(e - 7)
+        };
+    }
+    t
+});
+
+/// Decodes one fp8 e4m3fn byte.
+pub fn f8e4m3_to_f32(b: u8) -> f32 {
+    F8E4M3_TABLE[b as usize]
+}
+
+/// Where a weight's elements live.
+enum WSrc<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Raw {
+        bytes: &'a [u8],
+        dtype: DType,
+        scale: f32,
+    },
+}
+
+fn wsrc(t: &Tensor<Cpu>) -> WSrc<'_> {
+    match t.storage() {
+        CpuStorage::F32(v) => WSrc::F32(v),
+        CpuStorage::F64(v) => WSrc::F64(v),
+        CpuStorage::Weight(w) => WSrc::Raw {
+            bytes: w.bytes.bytes(),
+            dtype: w.dtype,
+            scale: w.scale,
+        },
+    }
+}
+
+impl<'a> WSrc<'a> {
+    /// The elements as a `T` slice when no conversion is needed.
+    fn direct<T: Real>(&self) -> Option<&'a [T]> {
+        match *self {
+            WSrc::F32(v) => cast_slice_same::<f32, T>(v),
+            WSrc::F64(v) => cast_slice_same::<f64, T>(v),
+            WSrc::Raw {
+                bytes,
+                dtype: DType::F32,
+                scale: 1.0,
+            } => cast_slice_same::<f32, T>(bytemuck::try_cast_slice(bytes).ok()?),
+            WSrc::Raw { .. } => None,
+        }
+    }
+
+    /// Widens elements `start..start + out.len()` into `out`.
+    fn widen_into<T: Real>(&self, start: usize, out: &mut [T]) {
+        let n = out.len();
+        match self {
+            WSrc::F32(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = T::from_f32(x);
+                }
+            }
+            WSrc::F64(v) => {
+                for (o, &x) in out.iter_mut().zip(&v[start..start + n]) {
+                    *o = T::from_f64(x);
+                }
+            }
+            WSrc::Raw {
+                bytes,
+                dtype,
+                scale,
+            } => {
+                let es = dtype.size_in_bytes();
+                let b = &bytes[start * es..(start + n) * es];
+                let s = *scale;
+                match dtype {
+                    DType::F32 => {
+                        for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+                            *o = T::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * s);
+                        }
+                    }
+                    DType::F64 => {
+                        for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+                            let mut a = [0u8; 8];
+                            a.copy_from_slice(c);
+                            *o = T::from_f64(f64::from_le_bytes(a) * f64::from(s));
+                        }
+                    }
+                    DType::BF16 => {
+                        for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                            let bits = u32::from(u16::from_le_bytes([c[0], c[1]])) << 16;
+                            *o = T::from_f32(f32::from_bits(bits) * s);
+                        }
+                    }
+                    DType::F16 => {
+                        for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
+                            *o = T::from_f32(half::f16::from_le_bytes([c[0], c[1]]).to_f32() * s);
+                        }
+                    }
+                    DType::F8E4M3 => {
+                        let t = &*F8E4M3_TABLE;
+                        for (o, &c) in out.iter_mut().zip(b) {
+                            *o = T::from_f32(t[c as usize] * s);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `&[A]` as `&[B]` when `A` and `B` are the same type.
+fn cast_slice_same<A: bytemuck::Pod, B: bytemuck::Pod>(s: &[A]) -> Option<&[B]> {
+    if std::any::TypeId::of::<A>() == std::any::TypeId::of::<B>() {
+        bytemuck::try_cast_slice(s).ok()
+    } else {
+        None
+    }
+}
+
+fn not_compute(op: &'static str, d: DType) -> KernelError {
+    KernelError::InvalidArgument {
+        op,
+        message: format!("activations must be f32 or f64, found {d}"),
+    }
+}
+
+/// The activation's elements as `T`.
+fn act<'a, T: Real>(op: &'static str, t: &'a Tensor<Cpu>) -> Result<&'a [T]> {
+    T::slice(t.storage()).ok_or_else(|| KernelError::DTypeMismatch {
+        op,
+        expected: T::DTYPE,
+        found: t.dtype(),
+    })
+}
+
+/// A secondary operand as `T`, widened when stored in another dtype.
+fn operand<T: Real>(t: &Tensor<Cpu>) -> Cow<'_, [T]> {
+    let src = wsrc(t);
+    if let Some(s) = src.direct::<T>() {
+        return Cow::Borrowed(s);
+    }
+    let mut v = vec![<T as Elem>::ZERO; t.numel()];
+    src.widen_into(0, &mut v);
+    Cow::Owned(v)
+}
+
+fn out<T: Real>(v: Vec<T>, shape: Vec<usize>) -> Tensor<Cpu> {
+    Tensor::from_parts(T::wrap(v), shape, T::DTYPE)
+}
+
+fn shape_err(op: &'static str, expected: Vec<usize>, found: &[usize]) -> KernelError {
+    KernelError::ShapeMismatch {
+        op,
+        expected,
+        found: found.to_vec(),
+    }
+}
+
+fn last_dim(op: &'static str, t: &Tensor<Cpu>) -> Result<usize> {
+    t.shape()
+        .last()
+        .copied()
+        .ok_or_else(|| KernelError::InvalidArgument {
+            op,
+            message: "needs a tensor of rank >= 1".into(),
+        })
+}
+
+macro_rules! by_dtype {
+    ($op:expr, $t:expr, $f:ident ( $($arg:expr),* )) => {
+        match $t.dtype() {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            d => Err(not_compute($op, d)),
+        }
+    };
+}
+
+/// Applies `f` to each row of `row_len` elements (`out` and `x` rows pair up), in parallel for
+/// large inputs.
+fn map_rows<T: Real>(x: &[T], row_len: usize, f: impl Fn(usize, &[T], &mut [T]) + Sync) -> Vec<T> {
+    let mut o = vec![<T as Elem>::ZERO; x.len()];
+    if row_len == 0 {
+        return o;
+    }
+    if x.len() >= PAR_THRESHOLD {
+        o.par_chunks_mut(row_len)
+            .zip(x.par_chunks(row_len))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, x, o));
+    } else {
+        o.chunks_mut(row_len)
+            .zip(x.chunks(row_len))
+            .enumerate()
+            .for_each(|(i, (o, x))| f(i, x, o));
+    }
+    o
+}
+
+/// Rows of the weight widened per panel: this many output features at a time.
+fn panel_rows(k: usize) -> usize {
+    ((1usize << 18) / k.max(1)).clamp(32, 256) / 16 * 16
+}
+
+fn linear_t<T: Real>(
+    x: &Tensor<Cpu>,
+    w: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("linear", x)?;
+    let k = last_dim("linear", x)?;
+    if w.shape().len() != 2 || w.shape()[1] != k {
+        return Err(shape_err(
+            "linear",
+            vec![w.shape().first().copied().unwrap_or(0), k],
+            w.shape(),
+        ));
+    }
+    let n = w.shape()[0];
+    let m = xs.len().checked_div(k).unwrap_or(0);
+    let b = match bias {
+        Some(b) if b.shape() != [n] => return Err(shape_err("linear bias", vec![n], b.shape())),
+        Some(b) => Some(operand::<T>(b)),
+        None => None,
+    };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = n;
+    let mut o = vec![<T as Elem>::ZERO; m * n];
+    if let Some(b) = &b {
+        for row in o.chunks_mut(n.max(1)) {
+            row.copy_from_slice(b);
+        }
+    }
+    let src = wsrc(w);
+    let lhs = Mat {
+        data: xs,
+        rs: k,
+        cs: 1,
+    };
+    if let Some(wd) = src.direct::<T>() {
+        gemm(
+            m,
+            n,
+            k,
+            &mut o,
+            n,
+            b.is_some(),
+            lhs,
+            Mat {
+                data: wd,
+                rs: 1,
+                cs: k,
+            },
+            T::ONE,
+            pool_parallelism(),
+        );
+        return Ok(out(o, shape));
+    }
+    // Widen a panel of weight rows at a time (per task), so a bf16 weight never exists as a
+    // full-precision copy; each task computes its block of output columns.
+    let nb = panel_rows(k);
+    let panels = n.div_ceil(nb);
+    let blocks: Vec<(usize, usize, Vec<T>)> = (0..panels)
+        .into_par_iter()
+        .map(|p| {
+            let n0 = p * nb;
+            let nn = nb.min(n - n0);
+            let mut wp = vec![<T as Elem>::ZERO; nn * k];
+            src.widen_into(n0 * k, &mut wp);
+            let mut blk = vec![<T as Elem>::ZERO; m * nn];
+            if let Some(b) = &b {
+                for row in blk.chunks_mut(nn) {
+                    row.copy_from_slice(&b[n0..n0 + nn]);
+                }
+            }
+            gemm(
+                m,
+                nn,
+                k,
+                &mut blk,
+                nn,
+                b.is_some(),
+                lhs,
+                Mat {
+                    data: &wp,
+                    rs: 1,
+                    cs: k,
+                },
+                T::ONE,
+                Parallelism::None,
+            );
+            (n0, nn, blk)
+        })
+        .collect();
+    for (n0, nn, blk) in blocks {
+        for (orow, brow) in o.chunks_mut(n).zip(blk.chunks(nn)) {
+            orow[n0..n0 + nn].copy_from_slice(brow);
+        }
+    }
+    Ok(out(o, shape))
+}
+
+fn matmul_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, transpose_b: bool) -> Result<Tensor<Cpu>> {
+    let av = act::<T>("matmul", a)?;
+    let (ar, br) = (a.shape().len(), b.shape().len());
+    if ar < 2 || br < 2 {
+        return Err(KernelError::InvalidArgument {
+            op: "matmul",
+            message: format!(
+                "needs rank >= 2 operands, found {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        });
+    }
+    let (m, k) = (a.shape()[ar - 2], a.shape()[ar - 1]);
+    let (kb, n) = if transpose_b {
+        (b.shape()[br - 1], b.shape()[br - 2])
+    } else {
+        (b.shape()[br - 2], b.shape()[br - 1])
+    };
+    let batch: usize = a.shape()[..ar - 2].iter().product();
+    let shared = br == 2;
+    if kb != k || (!shared && b.shape()[..br - 2] != a.shape()[..ar - 2]) {
+        return Err(shape_err("matmul", a.shape().to_vec(), b.shape()));
+    }
+    let bv = operand::<T>(b);
+    let mut o = vec![<T as Elem>::ZERO; batch * m * n];
+    for i in 0..batch {
+        let boff = if shared { 0 } else { i * k * n };
+        let rhs = if transpose_b {
+            Mat {
+                data: &bv[boff..boff + k * n],
+                rs: 1,
+                cs: k,
+            }
+        } else {
+            Mat {
+                data: &bv[boff..boff + k * n],
+                rs: n,
+                cs: 1,
+            }
+        };
+        gemm(
+            m,
+            n,
+            k,
+            &mut o[i * m * n..(i + 1) * m * n],
+            n,
+            false,
+            Mat {
+                data: &av[i * m * k..(i + 1) * m * k],
+                rs: k,
+                cs: 1,
+            },
+            rhs,
+            T::ONE,
+            pool_parallelism(),
+        );
+    }
+    let mut shape = a.shape().to_vec();
+    shape[ar - 1] = n;
+    Ok(out(o, shape))
+}
+
+fn check_vec(op: &'static str, t: Option<&Tensor<Cpu>>, c: usize) -> Result<()> {
+    match t {
+        Some(t) if t.numel() != c => Err(shape_err(op, vec![c], t.shape())),
+        _ => Ok(()),
+    }
+}
+
+fn layer_norm_t<T: Real>(
+    x: &Tensor<Cpu>,
+    w: Option<&Tensor<Cpu>>,
+    b: Option<&Tensor<Cpu>>,
+    eps: f64,
+) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("layer_norm", x)?;
+    let c = last_dim("layer_norm", x)?;
+    check_vec("layer_norm weight", w, c)?;
+    check_vec("layer_norm bias", b, c)?;
+    let w = w.map(operand::<T>);
+    let b = b.map(operand::<T>);
+    let o = map_rows(xs, c, |_, x, o| {
+        let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / c as f64;
+        let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / c as f64;
+        let r = T::from_f64(1.0 / (var + eps).sqrt());
+        let mean = T::from_f64(mean);
+        for (j, (o, &v)) in o.iter_mut().zip(x).enumerate() {
+            let mut y = (v - mean) * r;
+            if let Some(w) = &w {
+                y = y * w[j];
+            }
+            if let Some(b) = &b {
+                y = y + b[j];
+            }
+            *o = y;
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+fn rms_norm_t<T: Real>(
+    x: &Tensor<Cpu>,
+    scale: Option<&Tensor<Cpu>>,
+    eps: f64,
+) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("rms_norm", x)?;
+    let c = last_dim("rms_norm", x)?;
+    check_vec("rms_norm scale", scale, c)?;
+    let s = scale.map(operand::<T>);
+    let o = map_rows(xs, c, |_, x, o| {
+        let ms = x.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / c as f64;
+        let r = T::from_f64(1.0 / (ms + eps).sqrt());
+        for (j, (o, &v)) in o.iter_mut().zip(x).enumerate() {
+            *o = match &s {
+                Some(s) => v * r * s[j],
+                None => v * r,
+            };
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+/// Checks `x [B, L, C]` against a per-batch vector `[B, C]` (or `[C]`/`[1, C]`, shared).
+fn per_batch(
+    op: &'static str,
+    x: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+) -> Result<(usize, usize, usize, bool)> {
+    let s = x.shape();
+    if s.len() != 3 {
+        return Err(KernelError::InvalidArgument {
+            op,
+            message: format!("expects [B, L, C], found {s:?}"),
+        });
+    }
+    let (b, l, c) = (s[0], s[1], s[2]);
+    if v.numel() == b * c {
+        Ok((b, l, c, false))
+    } else if v.numel() == c {
+        Ok((b, l, c, true))
+    } else {
+        Err(shape_err(op, vec![b, c], v.shape()))
+    }
+}
+
+fn modulate_t<T: Real>(
+    x: &Tensor<Cpu>,
+    shift: &Tensor<Cpu>,
+    scale: &Tensor<Cpu>,
+) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("modulate", x)?;
+    let (_, l, c, sh_shared) = per_batch("modulate shift", x, shift)?;
+    let (_, _, _, sc_shared) = per_batch("modulate scale", x, scale)?;
+    let (sh, sc) = (operand::<T>(shift), operand::<T>(scale));
+    let o = map_rows(xs, c, |row, x, o| {
+        let bi = row / l.max(1);
+        let sh = if sh_shared {
+            &sh[..]
+        } else {
+            &sh[bi * c..(bi + 1) * c]
+        };
+        let sc = if sc_shared {
+            &sc[..]
+        } else {
+            &sc[bi * c..(bi + 1) * c]
+        };
+        for j in 0..c {
+            o[j] = (T::ONE + sc[j]) * x[j] + sh[j];
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+fn gated_add_t<T: Real>(
+    x: &Tensor<Cpu>,
+    y: &Tensor<Cpu>,
+    gate: &Tensor<Cpu>,
+) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("gated_add", x)?;
+    if y.shape() != x.shape() {
+        return Err(shape_err("gated_add", x.shape().to_vec(), y.shape()));
+    }
+    let ys = act::<T>("gated_add", y)?;
+    let (_, l, c, shared) = per_batch("gated_add gate", x, gate)?;
+    let g = operand::<T>(gate);
+    let o = map_rows(xs, c, |row, x, o| {
+        let bi = row / l.max(1);
+        let g = if shared {
+            &g[..]
+        } else {
+            &g[bi * c..(bi + 1) * c]
+        };
+        let y = &ys[row * c..(row + 1) * c];
+        for j in 0..c {
+            o[j] = x[j] + g[j] * y[j];
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+/// `erf` to about 1e-13: Taylor series near zero, continued fraction for the tail.
+fn erf64(x: f64) -> f64 {
+    let a = x.abs();
+    let r = if a < 3.0 {
+        let (mut term, mut sum, x2) = (a, a, a * a);
+        for n in 1..200 {
+            term *= -x2 / n as f64;
+            let t = term / (2 * n + 1) as f64;
+            sum += t;
+            if t.abs() < 1e-17 * sum.abs() {
+                break;
+            }
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let mut f = a;
+        for n in (1..60).rev() {
+            f = a + (n as f64 / 2.0) / f;
+        }
+        1.0 - (-a * a).exp() / (std::f64::consts::PI.sqrt() * f)
+    };
+    r.copysign(x)
+}
+
+fn act_fn<T: Real>(a: Activation) -> impl Fn(T) -> T + Sync {
+    let c = T::from_f64((2.0 / std::f64::consts::PI).sqrt());
+    let k = T::from_f64(0.044715);
+    let half = T::from_f64(0.5);
+    let q = T::from_f64(1.702);
+    move |x: T| match a {
+        Activation::Silu => x / (T::ONE + (-x).exp()),
+        Activation::GeluTanh => half * x * (T::ONE + (c * (x + k * x * x * x)).tanh()),
+        Activation::GeluErf => {
+            half * x * (T::ONE + T::from_f64(erf64(x.to_f64() / std::f64::consts::SQRT_2)))
+        }
+        Activation::QuickGelu => x / (T::ONE + (-(q * x)).exp()),
+        Activation::Relu => {
+            if x > <T as Elem>::ZERO {
+                x
+            } else {
+                <T as Elem>::ZERO
+            }
+        }
+    }
+}
+
+fn activation_t<T: Real>(x: &Tensor<Cpu>, a: Activation) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("activation", x)?;
+    let f = act_fn::<T>(a);
+    let o = map_rows(xs, 4096.min(xs.len().max(1)), |_, x, o| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = f(v);
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+fn binary_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, op: BinaryOp) -> Result<Tensor<Cpu>> {
+    let av = act::<T>("binary", a)?;
+    let (sa, sb) = (a.shape(), b.shape());
+    if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
+        return Err(shape_err("binary", sa.to_vec(), sb));
+    }
+    let bv = operand::<T>(b);
+    let n = bv.len();
+    if n == 0 {
+        return Ok(out(av.to_vec(), sa.to_vec()));
+    }
+    let o = map_rows(av, n, |_, x, o| {
+        for j in 0..n {
+            o[j] = match op {
+                BinaryOp::Add => x[j] + bv[j],
+                BinaryOp::Sub => x[j] - bv[j],
+                BinaryOp::Mul => x[j] * bv[j],
+            };
+        }
+    });
+    Ok(out(o, sa.to_vec()))
+}
+
+fn affine_t<T: Real>(x: &Tensor<Cpu>, mul: f64, add: f64) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("affine", x)?;
+    let (m, a) = (T::from_f64(mul), T::from_f64(add));
+    Ok(out(
+        xs.iter().map(|&v| v * m + a).collect(),
+        x.shape().to_vec(),
+    ))
+}
+
+fn softmax_t<T: Real>(x: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("softmax", x)?;
+    let c = last_dim("softmax", x)?;
+    let o = map_rows(xs, c, |_, x, o| {
+        let mx = x
+            .iter()
+            .fold(T::from_f64(f64::NEG_INFINITY), |m, &v| m.max(v));
+        let mut s = <T as Elem>::ZERO;
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = (v - mx).exp();
+            s = s + *o;
+        }
+        for o in o.iter_mut() {
+            *o = *o / s;
+        }
+    });
+    Ok(out(o, x.shape().to_vec()))
+}
+
+fn rope_t<T: Real>(x: &Tensor<Cpu>, cs: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("rope", x)?;
+    let s = x.shape();
+    if s.len() != 4 || !s[3].is_multiple_of(2) {
+        return Err(KernelError::InvalidArgument {
+            op: "rope",
+            message: format!("expects x [B, L, H, D] with even D, found {s:?}"),
+        });
+    }
+    let (b, l, h, d) = (s[0], s[1], s[2], s[3]);
+    let cb = cs.shape().first().copied().unwrap_or(0);
+    if cs.shape().len() != 4 || !(cb == 1 || cb == b) || cs.shape()[1..] != [l, d / 2, 2] {
+        return Err(shape_err("rope table", vec![b, l, d / 2, 2], cs.shape()));
+    }
+    let t = operand::<T>(cs);
+    let o = map_rows(xs, h * d, |row, x, o| {
+        let (bi, li) = (row / l.max(1), row % l.max(1));
+        let tb = if cb == 1 { 0 } else { bi };
+        let tab = &t[(tb * l + li) * d..(tb * l + li + 1) * d];
+        for hh in 0..h {
+            let (x, o) = (&x[hh * d..(hh + 1) * d], &mut o[hh * d..(hh + 1) * d]);
+            for j in 0..d / 2 {
+                let (c, s) = (tab[2 * j], tab[2 * j + 1]);
+                let (x0, x1) = (x[2 * j], x[2 * j + 1]);
+                o[2 * j] = c * x0 - s * x1;
+                o[2 * j + 1] = s * x0 + c * x1;
+            }
+        }
+    });
+    Ok(out(o, s.to_vec()))
+}
+
+/// Query rows and key columns of one attention tile.
+const ATT_BQ: usize = 64;
+const ATT_BK: usize = 256;
+
+fn attention_t<T: Real>(
+    q: &Tensor<Cpu>,
+    k: &Tensor<Cpu>,
+    v: &Tensor<Cpu>,
+    bias: Option<&Tensor<Cpu>>,
+    scale: Option<f64>,
+) -> Result<Tensor<Cpu>> {
+    let (qs, ks, vs) = (
+        act::<T>("attention", q)?,
+        act::<T>("attention", k)?,
+        act::<T>("attention", v)?,
+    );
+    let s = q.shape();
+    if s.len() != 4 {
+        return Err(KernelError::InvalidArgument {
+            op: "attention",
+            message: format!("expects q [B, L, H, D], found {s:?}"),
+        });
+    }
+    let (b, lq, h, d) = (s[0], s[1], s[2], s[3]);
+    let lk = k.shape().get(1).copied().unwrap_or(0);
+    if k.shape() != [b, lk, h, d] {
+        return Err(shape_err("attention k", vec![b, lk, h, d], k.shape()));
+    }
+    if v.shape() != k.shape() {
+        return Err(shape_err("attention v", k.shape().to_vec(), v.shape()));
+    }
+    let bias_info = match bias {
+        None => None,
+        Some(t) => {
+            let bs = t.shape();
+            let ok = bs.len() == 4
+                && (bs[0] == 1 || bs[0] == b)
+                && (bs[1] == 1 || bs[1] == h)
+                && bs[2..] == [lq, lk];
+            if !ok {
+                return Err(shape_err("attention bias", vec![b, h, lq, lk], bs));
+            }
+            Some((operand::<T>(t), bs[0], bs[1]))
+        }
+    };
+    let alpha = T::from_f64(scale.unwrap_or(1.0 / (d as f64).sqrt()));
+    let hd = h * d;
+    let nqb = lq.div_ceil(ATT_BQ);
+    let tiles: Vec<(usize, usize, usize, Vec<T>)> = (0..b * h * nqb)
+        .into_par_iter()
+        .map(|task| {
+            let (bh, qb) = (task / nqb, task % nqb);
+            let (bi, hi) = (bh / h, bh % h);
+            let i0 = qb * ATT_BQ;
+            let bq = ATT_BQ.min(lq - i0);
+            let qoff = (bi * lq + i0) * hd + hi * d;
+            let kvoff = bi * lk * hd + hi * d;
+            let mut acc = vec![<T as Elem>::ZERO; bq * d];
+            let mut mrow = vec![T::from_f64(f64::NEG_INFINITY); bq];
+            let mut lrow = vec![<T as Elem>::ZERO; bq];
+            let mut sc = vec![<T as Elem>::ZERO; bq * ATT_BK];
+            for j0 in (0..lk).step_by(ATT_BK) {
+                let bk = ATT_BK.min(lk - j0);
+                let sc = &mut sc[..bq * bk];
+                let koff = kvoff + j0 * hd;
+                gemm(
+                    bq,
+                    bk,
+                    d,
+                    sc,
+                    bk,
+                    false,
+                    Mat {
+                        data: &qs[qoff..],
+                        rs: hd,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: &ks[koff..],
+                        rs: 1,
+                        cs: hd,
+                    },
+                    alpha,
+                    Parallelism::None,
+                );
+                if let Some((bt, bb, bh)) = &bias_info {
+                    let base =
+                        ((if *bb == 1 { 0 } else { bi }) * bh + if *bh == 1 { 0 } else { hi }) * lq;
+                    for i in 0..bq {
+                        let row = &bt[(base + i0 + i) * lk + j0..(base + i0 + i) * lk + j0 + bk];
+                        for (s, &bv) in sc[i * bk..(i + 1) * bk].iter_mut().zip(row) {
+                            *s = *s + bv;
+                        }
+                    }
+                }
+                for i in 0..bq {
+                    let row = &mut sc[i * bk..(i + 1) * bk];
+                    let mx = row.iter().fold(mrow[i], |m, &v| m.max(v));
+                    if mx == T::from_f64(f64::NEG_INFINITY) {
+                        row.fill(<T as Elem>::ZERO);
+                        continue;
+                    }
+                    let corr = (mrow[i] - mx).exp();
+                    let mut sum = <T as Elem>::ZERO;
+                    for x in row.iter_mut() {
+                        *x = (*x - mx).exp();
+                        sum = sum + *x;
+                    }
+                    lrow[i] = lrow[i] * corr + sum;
+                    mrow[i] = mx;
+                    if corr != T::ONE {
+                        for a in &mut acc[i * d..(i + 1) * d] {
+                            *a = *a * corr;
+                        }
+                    }
+                }
+                gemm(
+                    bq,
+                    d,
+                    bk,
+                    &mut acc,
+                    d,
+                    true,
+                    Mat {
+                        data: sc,
+                        rs: bk,
+                        cs: 1,
+                    },
+                    Mat {
+                        data: &vs[koff..],
+                        rs: hd,
+                        cs: 1,
+                    },
+                    T::ONE,
+                    Parallelism::None,
+                );
+            }
+            for i in 0..bq {
+                let inv = T::ONE / lrow[i];
+                for a in &mut acc[i * d..(i + 1) * d] {
+                    *a = *a * inv;
+                }
+            }
+            (bi, hi, i0, acc)
+        })
+        .collect();
+    let mut o = vec![<T as Elem>::ZERO; b * lq * hd];
+    for (bi, hi, i0, acc) in tiles {
+        for (i, row) in acc.chunks(d.max(1)).enumerate() {
+            let off = (bi * lq + i0 + i) * hd + hi * d;
+            o[off..off + d].copy_from_slice(row);
+        }
+    }
+    Ok(out(o, s.to_vec()))
+}
+
+fn concat_t<T: Real>(xs: &[&Tensor<Cpu>], dim: usize) -> Result<Tensor<Cpu>> {
+    let first = xs.first().ok_or(KernelError::InvalidArgument {
+        op: "concat",
+        message: "needs at least one tensor".into(),
+    })?;
+    let (outer, _, inner) = split_at_dim("concat", first.shape(), dim)?;
+    let mut total = 0;
+    let mut parts = Vec::with_capacity(xs.len());
+    for t in xs {
+        let s = t.shape();
+        if s.len() != first.shape().len()
+            || s[..dim] != first.shape()[..dim]
+            || s[dim + 1..] != first.shape()[dim + 1..]
+        {
+            return Err(shape_err("concat", first.shape().to_vec(), s));
+        }
+        total += s[dim];
+        parts.push((act::<T>("concat", t)?, s[dim] * inner));
+    }
+    let mut o = Vec::with_capacity(outer * total * inner);
+    for i in 0..outer {
+        for (data, blk) in &parts {
+            o.extend_from_slice(&data[i * blk..(i + 1) * blk]);
+        }
+    }
+    let mut shape = first.shape().to_vec();
+    shape[dim] = total;
+    Ok(out(o, shape))
+}
+
+fn narrow_t<T: Real>(x: &Tensor<Cpu>, dim: usize, start: usize, len: usize) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("narrow", x)?;
+    let (outer, size, inner) = split_at_dim("narrow", x.shape(), dim)?;
+    if start.checked_add(len).is_none_or(|e| e > size) {
+        return Err(KernelError::InvalidArgument {
+            op: "narrow",
+            message: format!("range {start}+{len} exceeds dim {dim} of size {size}"),
+        });
+    }
+    let mut o = Vec::with_capacity(outer * len * inner);
+    for i in 0..outer {
+        let base = (i * size + start) * inner;
+        o.extend_from_slice(&xs[base..base + len * inner]);
+    }
+    let mut shape = x.shape().to_vec();
+    shape[dim] = len;
+    Ok(out(o, shape))
+}
+
+fn permute_t<T: Real>(x: &Tensor<Cpu>, perm: &[usize]) -> Result<Tensor<Cpu>> {
+    let xs = act::<T>("permute", x)?;
+    let s = x.shape();
+    let r = s.len();
+    let mut seen = vec![false; r];
+    if perm.len() != r
+        || perm
+            .iter()
+            .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(KernelError::InvalidArgument {
+            op: "permute",
+            message: format!("{perm:?} is not a permutation of {r} dims"),
+        });
+    }
+    let mut strides = vec![1usize; r];
+    for i in (0..r.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * s[i + 1];
+    }
+    let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
+    let pst: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    let n = xs.len();
+    let mut o = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    let mut off = 0usize;
+    for _ in 0..n {
+        o.push(xs[off]);
+        for a in (0..r).rev() {
+            idx[a] += 1;
+            off += pst[a];
+            if idx[a] < shape[a] {
+                break;
+            }
+            off -= pst[a] * shape[a];
+            idx[a] = 0;
+        }
+    }
+    Ok(out(o, shape))
+}
+
+fn gather_t<T: Real>(table: &Tensor<Cpu>, ids: &[usize]) -> Result<Tensor<Cpu>> {
+    let s = table.shape();
+    if s.len() != 2 {
+        return Err(shape_err("gather_rows", vec![0, 0], s));
+    }
+    let (v, c) = (s[0], s[1]);
+    let src = wsrc(table);
+    let mut o = vec![<T as Elem>::ZERO; ids.len() * c];
+    for (row, &id) in o.chunks_mut(c.max(1)).zip(ids) {
+        if id >= v {
+            return Err(KernelError::InvalidArgument {
+                op: "gather_rows",
+                message: format!("id {id} out of range for a table of {v} rows"),
+            });
+        }
+        src.widen_into(id * c, row);
+    }
+    Ok(out(o, vec![ids.len(), c]))
+}
+
+fn cast_t<T: Real>(x: &Tensor<Cpu>) -> Tensor<Cpu> {
+    let v = operand::<T>(x).into_owned();
+    out(v, x.shape().to_vec())
+}
+
+impl ModelOps for Cpu {
+    fn upload_weight(
+        &self,
+        bytes: ByteView,
+        shape: &[usize],
+        dtype: DType,
+        scale: Option<f32>,
+    ) -> Result<Tensor<Self>> {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let need = n.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
+        if need != Some(bytes.len()) {
+            return Err(KernelError::LengthMismatch {
+                op: "upload_weight",
+                expected: need.unwrap_or(usize::MAX),
+                found: bytes.len(),
+            });
+        }
+        let scale = scale.unwrap_or(1.0);
+        let storage = CpuStorage::Weight(WeightData {
+            bytes,
+            dtype,
+            scale,
+        });
+        Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
+    }
+
+    fn cast(&self, x: &Tensor<Self>, dtype: DType) -> Result<Tensor<Self>> {
+        match dtype {
+            DType::F32 => Ok(cast_t::<f32>(x)),
+            DType::F64 => Ok(cast_t::<f64>(x)),
+            d => Err(unsupported("cast", d)),
+        }
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("linear", x, linear_t(x, w, bias))
+    }
+
+    fn matmul(
+        &self,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        transpose_b: bool,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("matmul", a, matmul_t(a, b, transpose_b))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &Tensor<Self>,
+        weight: Option<&Tensor<Self>>,
+        bias: Option<&Tensor<Self>>,
+        eps: f64,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("layer_norm", x, layer_norm_t(x, weight, bias, eps))
+    }
+
+    fn rms_norm(
+        &self,
+        x: &Tensor<Self>,
+        scale: Option<&Tensor<Self>>,
+        eps: f64,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("rms_norm", x, rms_norm_t(x, scale, eps))
+    }
+
+    fn modulate(
+        &self,
+        x: &Tensor<Self>,
+        shift: &Tensor<Self>,
+        scale: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("modulate", x, modulate_t(x, shift, scale))
+    }
+
+    fn gated_add(
+        &self,
+        x: &Tensor<Self>,
+        y: &Tensor<Self>,
+        gate: &Tensor<Self>,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("gated_add", x, gated_add_t(x, y, gate))
+    }
+
+    fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
+        by_dtype!("activation", x, activation_t(x, act))
+    }
+
+    fn binary(&self, a: &Tensor<Self>, b: &Tensor<Self>, op: BinaryOp) -> Result<Tensor<Self>> {
+        by_dtype!("binary", a, binary_t(a, b, op))
+    }
+
+    fn affine(&self, x: &Tensor<Self>, mul: f64, add: f64) -> Result<Tensor<Self>> {
+        by_dtype!("affine", x, affine_t(x, mul, add))
+    }
+
+    fn softmax(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
+        by_dtype!("softmax", x, softmax_t(x))
+    }
+
+    fn rope(&self, x: &Tensor<Self>, cos_sin: &Tensor<Self>) -> Result<Tensor<Self>> {
+        by_dtype!("rope", x, rope_t(x, cos_sin))
+    }
+
+    fn attention(
+        &self,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        scale: Option<f64>,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("attention", q, attention_t(q, k, v, bias, scale))
+    }
+
+    fn concat(&self, xs: &[&Tensor<Self>], dim: usize) -> Result<Tensor<Self>> {
+        let d = xs.first().map_or(DType::F32, |t| t.dtype());
+        match d {
+            DType::F32 => concat_t::<f32>(xs, dim),
+            DType::F64 => concat_t::<f64>(xs, dim),
+            d => Err(not_compute("concat", d)),
+        }
+    }
+
+    fn narrow(
+        &self,
+        x: &Tensor<Self>,
+        dim: usize,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor<Self>> {
+        by_dtype!("narrow", x, narrow_t(x, dim, start, len))
+    }
+
+    fn permute(&self, x: &Tensor<Self>, perm: &[usize]) -> Result<Tensor<Self>> {
+        by_dtype!("permute", x, permute_t(x, perm))
+    }
+
+    fn gather_rows(
+        &self,
+        table: &Tensor<Self>,
+        ids: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        match dtype {
+            DType::F32 => gather_t::<f32>(table, ids),
+            DType::F64 => gather_t::<f64>(table, ids),
+            d => Err(not_compute("gather_rows", d)),
+        }
+    }
+}
+
+/// Widens any CPU tensor (activation or weight) to f64 values.
+pub(crate) fn widen_f64(t: &Tensor<Cpu>) -> Vec<f64> {
+    operand::<f64>(t).into_owned()
+}
+
+/// Widens any CPU tensor (activation or weight) to f32 values.
+pub(crate) fn widen_f32(t: &Tensor<Cpu>) -> Vec<f32> {
+    operand::<f32>(t).into_owned()
+}
