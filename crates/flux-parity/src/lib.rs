@@ -8,6 +8,7 @@
 pub mod data;
 pub mod report;
 pub mod rng;
+pub mod samplers;
 pub mod schedulers;
 
 pub use report::{CaseResult, Outcome, Summary};
@@ -63,6 +64,7 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
     let _ = opts;
     let result = match folder.kind.as_str() {
         "rng" => rng::run(&folder.path, opts),
+        "samplers" => samplers::run(&folder.path, opts),
         "schedulers" => schedulers::run(&folder.path, opts),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),

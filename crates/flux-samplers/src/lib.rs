@@ -10,6 +10,7 @@ pub mod error;
 pub mod noise;
 pub mod sampler;
 pub mod samplers;
+pub mod toy;
 
 pub use denoiser::{Denoised, Denoiser};
 pub use error::{Result, SamplerError};

@@ -32,9 +32,7 @@ pub(crate) fn dispatch<B: Backend>(
         Sampler::DpmFast => dpm::dpm_fast(ctx, x, sigmas, options),
         Sampler::DpmAdaptive => dpm::dpm_adaptive(ctx, x, sigmas, options),
         Sampler::Dpmpp2sAncestral => dpmpp::dpmpp_2s_ancestral(ctx, x, sigmas, options),
-        Sampler::Dpmpp2sAncestralCfgPp => {
-            dpmpp::dpmpp_2s_ancestral_cfg_pp(ctx, x, sigmas, options)
-        }
+        Sampler::Dpmpp2sAncestralCfgPp => dpmpp::dpmpp_2s_ancestral_cfg_pp(ctx, x, sigmas, options),
         Sampler::Dpmpp2m => dpmpp::dpmpp_2m(ctx, x, sigmas, options),
         Sampler::Dpmpp2mCfgPp => dpmpp::dpmpp_2m_cfg_pp(ctx, x, sigmas, options),
         Sampler::Ddpm => misc::ddpm(ctx, x, sigmas, options),
@@ -76,6 +74,5 @@ pub(crate) const fn implemented(sampler: Sampler) -> bool {
             | Sampler::Ipndm
             | Sampler::IpndmV
             | Sampler::Deis
-
     )
 }

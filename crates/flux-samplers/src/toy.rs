@@ -1,0 +1,284 @@
+//! An analytic test denoiser: the exact posterior mean of a Gaussian-mixture data distribution.
+//!
+//! Every element of the clean latent is drawn independently from `x0 ~ sum_k w_k N(mu_k, s_k^2)`
+//! and observed as `x = a x0 + sigma eps` (`a = 1 - sigma` for flow models, `a = 1` for the
+//! eps models' variance-exploding `x`). The denoiser returns `E[x0 | x]`, so it is a perfect
+//! network for that data: samplers can be checked against the reference data to rounding
+//! error, and convergence tests have a known answer.
+
+use crate::{Denoised, Denoiser, Result, SamplerError};
+use flux_kernels::{Backend, HostData, Tensor};
+
+/// A Gaussian mixture over one scalar: weights, means and standard deviations.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mixture {
+    /// Component weights (positive; they need not sum to 1, only their ratios matter).
+    pub w: Vec<f64>,
+    /// Component means.
+    pub mu: Vec<f64>,
+    /// Component standard deviations.
+    pub s: Vec<f64>,
+}
+
+impl Mixture {
+    /// A mixture from its components; all three lists must have the same non-zero length,
+    /// weights must be positive and deviations non-negative.
+    pub fn new(w: Vec<f64>, mu: Vec<f64>, s: Vec<f64>) -> Result<Self> {
+        if w.is_empty() || w.len() != mu.len() || w.len() != s.len() {
+            return Err(SamplerError::Denoiser(format!(
+                "mixture needs equally long, non-empty w/mu/s (got {}, {}, {})",
+                w.len(),
+                mu.len(),
+                s.len()
+            )));
+        }
+        if w.iter().any(|&v| !(v > 0.0 && v.is_finite())) {
+            return Err(SamplerError::Denoiser(format!(
+                "mixture weights must be positive and finite, got {w:?}"
+            )));
+        }
+        if s.iter().any(|&v| !(v >= 0.0 && v.is_finite())) || mu.iter().any(|v| !v.is_finite()) {
+            return Err(SamplerError::Denoiser(format!(
+                "mixture means must be finite and deviations non-negative, got mu {mu:?} s {s:?}"
+            )));
+        }
+        Ok(Self { w, mu, s })
+    }
+
+    /// A single Gaussian `N(mu, s^2)`.
+    pub fn gaussian(mu: f64, s: f64) -> Self {
+        Self {
+            w: vec![1.0],
+            mu: vec![mu],
+            s: vec![s],
+        }
+    }
+
+    /// `E[x0 | a x0 + sigma eps = x]`.
+    pub fn posterior_mean(&self, x: f64, a: f64, sigma: f64) -> f64 {
+        let k = self.w.len();
+        // Two components in practice: a fixed-size stack buffer avoids allocating per element.
+        let mut logits = [0.0f64; 8];
+        let mut means = [0.0f64; 8];
+        if k > logits.len() {
+            return self.posterior_mean_alloc(x, a, sigma);
+        }
+        let mut max = f64::NEG_INFINITY;
+        for i in 0..k {
+            let (l, m) = self.component(i, x, a, sigma);
+            logits[i] = l;
+            means[i] = m;
+            max = max.max(l);
+        }
+        let mut num = 0.0;
+        let mut den = 0.0;
+        for i in 0..k {
+            let e = (logits[i] - max).exp();
+            num += e * means[i];
+            den += e;
+        }
+        num / den
+    }
+
+    fn posterior_mean_alloc(&self, x: f64, a: f64, sigma: f64) -> f64 {
+        let parts: Vec<(f64, f64)> = (0..self.w.len())
+            .map(|i| self.component(i, x, a, sigma))
+            .collect();
+        let max = parts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        let (num, den) = parts.iter().fold((0.0, 0.0), |(n, d), &(l, m)| {
+            let e = (l - max).exp();
+            (n + e * m, d + e)
+        });
+        num / den
+    }
+
+    /// Log responsibility (unnormalised) and posterior mean of component `i`.
+    fn component(&self, i: usize, x: f64, a: f64, sigma: f64) -> (f64, f64) {
+        let s2 = self.s[i] * self.s[i];
+        let v = a * a * s2 + sigma * sigma;
+        let r = x - a * self.mu[i];
+        let logit = self.w[i].ln() - 0.5 * v.ln() - 0.5 * r * r / v;
+        let mean = self.mu[i] + a * s2 * r / v;
+        (logit, mean)
+    }
+}
+
+/// One recorded denoiser call.
+#[derive(Clone, Debug)]
+pub struct RecordedCall {
+    /// The input latent.
+    pub x: Vec<f64>,
+    /// The sigma it was called at.
+    pub sigma: f64,
+    /// What was returned (after guidance).
+    pub denoised: Vec<f64>,
+    /// The unconditional prediction, when it was evaluated.
+    pub uncond: Option<Vec<f64>>,
+}
+
+/// The exact posterior-mean denoiser of two mixtures (conditional and unconditional) with
+/// ComfyUI's classifier-free guidance `uncond + (cond - uncond) * cfg`.
+///
+/// As in ComfyUI, with `cfg == 1` the unconditional mixture is not evaluated unless the
+/// sampler asks for it (cfg++ samplers), and the result is the conditional prediction.
+#[derive(Clone, Debug)]
+pub struct MixtureDenoiser {
+    cond: Mixture,
+    uncond: Mixture,
+    cfg: f64,
+    flow: bool,
+    calls: usize,
+    record: Option<Vec<RecordedCall>>,
+}
+
+impl MixtureDenoiser {
+    /// A denoiser for a flow model (`a = 1 - sigma`) when `flow`, else an eps model (`a = 1`).
+    pub fn new(cond: Mixture, uncond: Mixture, cfg: f64, flow: bool) -> Self {
+        Self {
+            cond,
+            uncond,
+            cfg,
+            flow,
+            calls: 0,
+            record: None,
+        }
+    }
+
+    /// The public reference data's mixtures (cond `w=[0.3,0.7] mu=[-1,0.8] s=[0.25,0.5]`,
+    /// uncond `w=[0.5,0.5] mu=[-0.5,0.5] s=[0.6,0.6]`).
+    pub fn reference(cfg: f64, flow: bool) -> Self {
+        Self::new(
+            Mixture {
+                w: vec![0.3, 0.7],
+                mu: vec![-1.0, 0.8],
+                s: vec![0.25, 0.5],
+            },
+            Mixture {
+                w: vec![0.5, 0.5],
+                mu: vec![-0.5, 0.5],
+                s: vec![0.6, 0.6],
+            },
+            cfg,
+            flow,
+        )
+    }
+
+    /// Starts recording every call (inputs and outputs), dropping earlier records.
+    pub fn with_recording(mut self) -> Self {
+        self.record = Some(Vec::new());
+        self
+    }
+
+    /// The calls recorded so far (empty when not recording).
+    pub fn recorded(&self) -> &[RecordedCall] {
+        self.record.as_deref().unwrap_or(&[])
+    }
+
+    /// Takes the recorded calls, leaving recording on with an empty list.
+    pub fn take_recorded(&mut self) -> Vec<RecordedCall> {
+        self.record.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// How many times the denoiser was called.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// The signal scale `a` at `sigma`.
+    fn scale(&self, sigma: f64) -> f64 {
+        if self.flow { 1.0 - sigma } else { 1.0 }
+    }
+
+    /// Guided and unconditional predictions for host values.
+    pub fn denoise_host(
+        &self,
+        x: &[f64],
+        sigma: f64,
+        want_uncond: bool,
+    ) -> (Vec<f64>, Option<Vec<f64>>) {
+        let a = self.scale(sigma);
+        let cond: Vec<f64> = x
+            .iter()
+            .map(|&v| self.cond.posterior_mean(v, a, sigma))
+            .collect();
+        if self.cfg == 1.0 && !want_uncond {
+            return (cond, None);
+        }
+        let uncond: Vec<f64> = x
+            .iter()
+            .map(|&v| self.uncond.posterior_mean(v, a, sigma))
+            .collect();
+        let guided = cond
+            .iter()
+            .zip(&uncond)
+            .map(|(&c, &u)| u + (c - u) * self.cfg)
+            .collect();
+        (guided, want_uncond.then_some(uncond))
+    }
+}
+
+impl<B: Backend> Denoiser<B> for MixtureDenoiser {
+    fn denoise(
+        &mut self,
+        backend: &B,
+        x: &Tensor<B>,
+        sigma: f64,
+        want_uncond: bool,
+    ) -> Result<Denoised<B>> {
+        let host = backend.download_f64(x)?;
+        let (denoised, uncond) = self.denoise_host(&host, sigma, want_uncond);
+        self.calls += 1;
+        let up = |v: &[f64]| backend.upload(HostData::F64(v), x.shape(), x.dtype());
+        let out = Denoised {
+            denoised: up(&denoised)?,
+            uncond: uncond.as_deref().map(up).transpose()?,
+        };
+        if let Some(rec) = self.record.as_mut() {
+            rec.push(RecordedCall {
+                x: host,
+                sigma,
+                denoised,
+                uncond,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_gaussian_posterior_is_linear() {
+        // x = a x0 + sigma eps with x0 ~ N(mu, s^2): E[x0|x] = mu + a s^2 (x - a mu)/(a^2 s^2 + sigma^2).
+        let g = Mixture::gaussian(0.3, 0.7);
+        let (x, a, sigma) = (1.2_f64, 0.6_f64, 0.4_f64);
+        let expected = 0.3 + a * 0.49 * (x - a * 0.3) / (a * a * 0.49 + sigma * sigma);
+        assert!((g.posterior_mean(x, a, sigma) - expected).abs() < 1e-15);
+    }
+
+    #[test]
+    fn pure_noise_gives_prior_mean_and_no_noise_gives_input() {
+        let m = MixtureDenoiser::reference(1.0, true);
+        let (d, _) = m.denoise_host(&[0.37], 1.0, false);
+        assert!((d[0] - (0.3 * -1.0 + 0.7 * 0.8)).abs() < 1e-14);
+        let (d, _) = m.denoise_host(&[0.37], 1e-12, false);
+        assert!((d[0] - 0.37).abs() < 1e-9);
+    }
+
+    #[test]
+    fn guidance_and_cfg1_optimisation() {
+        let m = MixtureDenoiser::reference(2.5, false);
+        let (g, u) = m.denoise_host(&[0.5, -2.0], 3.0, true);
+        let a = MixtureDenoiser::reference(1.0, false);
+        let (c, none) = a.denoise_host(&[0.5, -2.0], 3.0, false);
+        assert!(none.is_none());
+        let u = u.unwrap();
+        for i in 0..2 {
+            assert!((g[i] - (u[i] + (c[i] - u[i]) * 2.5)).abs() < 1e-14);
+        }
+        assert!(Mixture::new(vec![1.0], vec![0.0, 1.0], vec![1.0]).is_err());
+        assert!(Mixture::new(vec![-1.0], vec![0.0], vec![1.0]).is_err());
+    }
+}
