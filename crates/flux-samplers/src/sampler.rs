@@ -105,9 +105,16 @@ impl Sampler {
         )
     }
 
-    /// Whether this build has an implementation of the sampler ([`sample`] fails for the others).
-    pub const fn is_implemented(self) -> bool {
-        crate::samplers::implemented(self)
+    /// The last sigma as ComfyUI's `inverse_noise_scaling` sees it after this sampler ran on a
+    /// schedule ending in `last_sigma`: `uni_pc` and `uni_pc_bh2` replace a final 0 by 0.001
+    /// (rounded to f32 for f32 latents) in the caller's schedule, so flow models then divide the
+    /// output by `1 - 0.001`. Every other sampler leaves it unchanged.
+    pub fn effective_last_sigma(self, last_sigma: f64, dtype: flux_kernels::DType) -> f64 {
+        if matches!(self, Sampler::UniPc | Sampler::UniPcBh2) && last_sigma == 0.0 {
+            crate::samplers::uni_pc::replacement_last_sigma(dtype)
+        } else {
+            last_sigma
+        }
     }
 
     /// Comma-separated list of every valid name (for error messages).
