@@ -1,2 +1,6 @@
 //! Safetensors loading and the Flux.1 networks (transformer, autoencoder, T5, CLIP) executed
 //! on any [`flux_kernels::Backend`].
+
+pub mod weights;
+
+pub use weights::{WeightError, Weights};
