@@ -3,8 +3,8 @@
 //! Time is `er_lambda = sigma / alpha = exp(-half_log_snr)`; the first flow sigma `>= 1` moves to
 //! `percent_to_sigma(1e-4)`. Stages 2 and 3 integrate `1 / noise_scaler` numerically over 200
 //! points. ComfyUI holds those points in a float32 tensor, so the integration runs in f32 even
-//! in an f64 run; this module repeats that f32 arithmetic (sum accumulated in f64 and rounded
-//! once, where torch sums in f32 blocks: the integrals agree to a few f32 ulps).
+//! in an f64 run; this module repeats that f32 arithmetic, summation order included (libm's
+//! `powf`/`expf` may differ from torch's vectorised ones by an ulp on some points).
 
 use super::common::{self, half_log_snr};
 use crate::{Result, SampleContext, SamplerError, SamplerOptions};
@@ -23,20 +23,65 @@ fn noise_scaler_f32(x: f32) -> f32 {
 }
 
 /// `(sum(1 / scaled_pos), sum((pos - er_lambda_s) / scaled_pos))` over the f32 integration
-/// points from `er_lambda_t` in steps of `step`, each sum rounded to f32.
+/// points from `er_lambda_t` in steps of `step`, each summed in f32 as torch does.
 fn integrals(er_lambda_t: f64, er_lambda_s: f64, step: f64) -> (f64, f64) {
     let start = er_lambda_t as f32;
     let step = step as f32;
     let offset = er_lambda_s as f32;
-    let mut s = 0.0f64;
-    let mut s_u = 0.0f64;
+    let mut inv = [0.0f32; POINTS];
+    let mut weighted = [0.0f32; POINTS];
     for k in 0..POINTS {
         let pos = start + (k as f32) * step;
         let scaled = noise_scaler_f32(pos);
-        s += f64::from(1.0f32 / scaled);
-        s_u += f64::from((pos - offset) / scaled);
+        inv[k] = 1.0 / scaled;
+        weighted[k] = (pos - offset) / scaled;
     }
-    (f64::from(s as f32), f64::from(s_u as f32))
+    (
+        f64::from(torch_sum_f32(&inv)),
+        f64::from(torch_sum_f32(&weighted)),
+    )
+}
+
+/// Lanes of torch's float32 CPU vectors (AVX2).
+const LANES: usize = 8;
+
+/// The float32 sum of a contiguous vector in torch's CPU order (`cascade_sum` for short rows):
+/// full 8-lane vectors accumulated in four interleaved partial sums, the leftover vectors added
+/// to the first, the partials folded, then the lanes and the scalar tail added in order.
+fn torch_sum_f32(v: &[f32]) -> f32 {
+    let n_vec = v.len() / LANES;
+    let lane = |i: usize| -> [f32; LANES] {
+        let mut out = [0.0f32; LANES];
+        out.copy_from_slice(&v[i * LANES..(i + 1) * LANES]);
+        out
+    };
+    let add = |a: &mut [f32; LANES], b: [f32; LANES]| {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += y;
+        }
+    };
+    let mut acc = [[0.0f32; LANES]; 4];
+    let groups = n_vec / 4;
+    for g in 0..groups {
+        for (k, a) in acc.iter_mut().enumerate() {
+            add(a, lane(g * 4 + k));
+        }
+    }
+    let mut total = acc[0];
+    for i in groups * 4..n_vec {
+        add(&mut total, lane(i));
+    }
+    for a in &acc[1..] {
+        add(&mut total, *a);
+    }
+    let mut tail = 0.0f32;
+    for &x in &v[n_vec * LANES..] {
+        tail += x;
+    }
+    for x in total {
+        tail += x;
+    }
+    tail
 }
 
 /// `er_sde` with `max_stage` (default 3) and the default noise scaler.
