@@ -246,3 +246,66 @@ fn run<B: Backend>(
     }
     Ok(x_pred)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{b_coeffs, exponential_coeffs};
+
+    /// `(1 + tau^2) int_s^t exp((1 + tau^2)(u - t)) u^p du` by composite Simpson.
+    fn quadrature(s: f64, t: f64, p: i32, tau: f64) -> f64 {
+        let m = 1.0 + tau * tau;
+        let n = 4000;
+        let dx = (t - s) / f64::from(n);
+        let f = |u: f64| (m * (u - t)).exp() * u.powi(p);
+        let mut acc = f(s) + f(t);
+        for k in 1..n {
+            let w = if k % 2 == 1 { 4.0 } else { 2.0 };
+            acc += w * f(s + f64::from(k) * dx);
+        }
+        m * acc * dx / 3.0
+    }
+
+    #[test]
+    fn exponential_coeffs_match_quadrature() {
+        for (s, t) in [(-1.2, 0.4), (0.3, 1.9), (2.0, 2.6)] {
+            for tau in [0.0, 1.0, 0.5] {
+                let got = exponential_coeffs(s, t, 4, tau);
+                for (p, g) in got.iter().enumerate() {
+                    let want = quadrature(s, t, p as i32, tau);
+                    assert!(
+                        (g - want).abs() <= 1e-10 * want.abs().max(1e-3),
+                        "s={s} t={t} tau={tau} p={p}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn b_coeffs_integrate_constants_exactly() {
+        // The Lagrange weights sum to one, so a constant prediction gets the full integral.
+        let lambdas = [-1.5, -0.9, -0.2, 0.35];
+        let (lambda_s, lambda_t, sigma_next) = (0.35, 0.8, 0.3);
+        for tau in [0.0, 1.0] {
+            for n in 1..=4 {
+                let b = b_coeffs(
+                    sigma_next,
+                    &lambdas[4 - n..],
+                    lambda_s,
+                    lambda_t,
+                    tau,
+                    false,
+                    false,
+                )
+                .unwrap();
+                let alpha_t = sigma_next * f64::exp(lambda_t);
+                let want = alpha_t * -(-(1.0 + tau * tau) * (lambda_t - lambda_s)).exp_m1();
+                let sum: f64 = b.iter().sum();
+                assert!(
+                    (sum - want).abs() < 1e-13,
+                    "n={n} tau={tau}: {sum} vs {want}"
+                );
+            }
+        }
+    }
+}
