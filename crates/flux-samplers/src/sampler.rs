@@ -117,6 +117,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this build has an implementation of the sampler ([`sample`] fails for the others).
+    pub const fn is_implemented(self) -> bool {
+        crate::samplers::implemented(self)
+    }
+
     /// Comma-separated list of every valid name (for error messages).
     pub fn valid_names() -> String {
         Self::ALL
