@@ -4,3 +4,6 @@
 pub mod weights;
 
 pub use weights::{WeightError, Weights};
+
+pub mod tensor_source;
+pub mod vae;

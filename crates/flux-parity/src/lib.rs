@@ -10,6 +10,7 @@ pub mod report;
 pub mod rng;
 pub mod samplers;
 pub mod schedulers;
+pub mod vae;
 
 pub use report::{CaseResult, Outcome, Summary};
 
@@ -66,6 +67,7 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
         "rng" => rng::run(&folder.path, opts),
         "samplers" => samplers::run(&folder.path, opts),
         "schedulers" => schedulers::run(&folder.path, opts),
+        "flux-vae" => vae::run(&folder.path, opts),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),
             &format!("kind '{}' is not checked yet", folder.kind),

@@ -1,0 +1,126 @@
+//! Where the autoencoder and the text encoders get their parameters: any map from tensor name to
+//! backend tensor, checked for presence and shape when a network is built.
+
+use flux_kernels::{Backend, KernelError, Tensor};
+use std::collections::HashMap;
+
+/// An error building or running the autoencoder or a text encoder.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A parameter the network needs is not in the weights.
+    #[error("missing tensor `{name}`{hint}")]
+    Missing { name: String, hint: String },
+    /// A parameter has the wrong shape.
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A configuration value or an input does not fit the network.
+    #[error("{0}")]
+    Invalid(String),
+    /// A backend op failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// A named set of parameter tensors on backend `B`.
+pub trait TensorSource<B: Backend> {
+    /// Whether `name` is present.
+    fn contains(&self, name: &str) -> bool;
+
+    /// Takes the tensor `name` out of the source (each parameter is used once).
+    fn take(&mut self, name: &str) -> Option<Tensor<B>>;
+
+    /// Some names of the source, for error hints.
+    fn sample_names(&self, n: usize) -> Vec<String>;
+
+    /// The tensor `name`, which must have `shape`.
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor<B>, NetError> {
+        let t = self.take(name).ok_or_else(|| NetError::Missing {
+            name: name.into(),
+            hint: {
+                let names = self.sample_names(3);
+                if names.is_empty() {
+                    " (the weights are empty)".into()
+                } else {
+                    format!(" (the weights hold e.g. {})", names.join(", "))
+                }
+            },
+        })?;
+        if t.shape() != shape {
+            return Err(NetError::Shape {
+                name: name.into(),
+                expected: shape.to_vec(),
+                found: t.shape().to_vec(),
+            });
+        }
+        Ok(t)
+    }
+}
+
+/// A source backed by a hash map (filled by a loader, a test, or a bench with random values).
+#[derive(Debug)]
+pub struct MapSource<B: Backend> {
+    tensors: HashMap<String, Tensor<B>>,
+}
+
+impl<B: Backend> Default for MapSource<B> {
+    fn default() -> Self {
+        Self {
+            tensors: HashMap::new(),
+        }
+    }
+}
+
+impl<B: Backend> MapSource<B> {
+    /// An empty source.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, t: Tensor<B>) {
+        self.tensors.insert(name.into(), t);
+    }
+
+    /// Number of tensors left.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether no tensor is left.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+}
+
+impl<B: Backend> TensorSource<B> for MapSource<B> {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn take(&mut self, name: &str) -> Option<Tensor<B>> {
+        self.tensors.remove(name)
+    }
+
+    fn sample_names(&self, n: usize) -> Vec<String> {
+        let mut v: Vec<String> = self.tensors.keys().cloned().collect();
+        v.sort_unstable();
+        v.truncate(n);
+        v
+    }
+}
+
+/// Finds which of `prefixes` (tried in order) the source uses, by probing for `probe`.
+pub fn detect_prefix<B: Backend>(
+    src: &dyn TensorSource<B>,
+    prefixes: &[&'static str],
+    probe: &str,
+) -> Option<&'static str> {
+    prefixes
+        .iter()
+        .copied()
+        .find(|p| src.contains(&format!("{p}{probe}")))
+}
