@@ -1,0 +1,30 @@
+//! Noise sources on a Flux latent of 1024x1024 pixels ([1, 16, 128, 128]): torch-compatible
+//! `randn` in f32 and f64 (`cpu_randn_*`), and one Brownian-tree draw of an SDE step from a
+//! fresh tree (`cpu_brownian_draw_*`, the worst case: every node on the path is computed).
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use flux_kernels::DType;
+use flux_samplers::noise::{BrownianTreeNoise, randn};
+use std::hint::black_box;
+
+const LATENT: [usize; 4] = [1, 16, 128, 128];
+
+fn noise(c: &mut Criterion) {
+    for dtype in [DType::F32, DType::F64] {
+        c.bench_function(&format!("cpu_randn_{dtype}_1x16x128x128"), |b| {
+            b.iter(|| randn(black_box(&LATENT), black_box(42), dtype));
+        });
+    }
+    let mut group = c.benchmark_group("brownian");
+    group.sample_size(10);
+    group.bench_function("cpu_brownian_draw_f32_1x16x128x128", |b| {
+        b.iter(|| {
+            let mut tree = BrownianTreeNoise::new(42, 0.000316, 1.0)?;
+            tree.draw(black_box(&LATENT), DType::F32, 0.8, 0.7)
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, noise);
+criterion_main!(benches);
