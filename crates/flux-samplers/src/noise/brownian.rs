@@ -469,6 +469,25 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn increments_add_up_at_any_points(
+            seed in 0u64..1000,
+            a in 0.05f64..2.0,
+            b in 0.05f64..2.0,
+            c in 0.05f64..2.0,
+        ) {
+            let shape = [4];
+            let mut src = BrownianTreeNoise::new(seed, 0.05, 2.0).unwrap();
+            let whole = src.increment(&shape, DType::F64, a, c).unwrap();
+            let left = src.increment(&shape, DType::F64, a, b).unwrap();
+            let right = src.increment(&shape, DType::F64, b, c).unwrap();
+            for i in 0..shape[0] {
+                proptest::prop_assert!((whole[i] - (left[i] + right[i])).abs() < 1e-12);
+            }
+        }
+    }
+
     #[test]
     fn f32_draws_and_backend_upload() {
         let cpu = Cpu::new();

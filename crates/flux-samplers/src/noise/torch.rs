@@ -5,6 +5,9 @@
 //! blocks of 16 by Box-Muller (single precision through the AVX2 kernel, whose polynomial
 //! `log`/`sincos` live in [`super::cephes`]); smaller tensors draw each element from a
 //! double-precision Box-Muller that caches its second value in the generator.
+//!
+//! The double-precision paths use the platform's `ln`, `ln_1p`, `cos` and `sin`; with glibc
+//! (Linux) these are the functions PyTorch calls, so the f64 output is bit-exact there.
 
 use super::cephes;
 use super::mt19937::Mt19937;
@@ -259,6 +262,19 @@ mod tests {
             let b = randn_f32(&[numel], seed).unwrap();
             prop_assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                             b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn whole_blocks_are_a_prefix_of_longer_draws(seed in any::<u64>(), blocks in 1usize..5, more in 1usize..40) {
+            // Uniforms are drawn first and converted block by block, so a multiple of 16
+            // values is the start of any longer draw.
+            let n = 16 * blocks;
+            let short = randn_f32(&[n], seed).unwrap();
+            let long = randn_f32(&[n + 16 * more], seed).unwrap();
+            prop_assert_eq!(&short[..], &long[..n]);
+            let short = randn_f64(&[n], seed).unwrap();
+            let long = randn_f64(&[n + 16 * more], seed).unwrap();
+            prop_assert_eq!(&short[..], &long[..n]);
         }
 
         #[test]
