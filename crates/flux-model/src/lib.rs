@@ -1,8 +1,10 @@
 //! Safetensors loading and the Flux.1 networks (transformer, autoencoder, T5, CLIP) executed
 //! on any [`flux_kernels::Backend`].
 
+pub mod transformer;
 pub mod weights;
 
+pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
 pub use weights::{WeightError, Weights};
 
 pub mod tensor_source;

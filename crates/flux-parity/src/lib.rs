@@ -8,6 +8,7 @@
 pub mod data;
 pub mod report;
 pub mod rng;
+pub mod transformer;
 pub mod samplers;
 pub mod schedulers;
 pub mod vae;
@@ -65,6 +66,7 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
     let _ = opts;
     let result = match folder.kind.as_str() {
         "rng" => rng::run(&folder.path, opts),
+        "flux-transformer" => transformer::run(&folder.path, opts),
         "samplers" => samplers::run(&folder.path, opts),
         "schedulers" => schedulers::run(&folder.path, opts),
         "flux-vae" => vae::run(&folder.path, opts),
