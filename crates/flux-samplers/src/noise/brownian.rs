@@ -51,16 +51,28 @@ struct Split {
 }
 
 /// One torchsde `BrownianTree` of a fixed shape and dtype.
-#[derive(Debug)]
 struct Tree {
     entropy: u64,
     numel: usize,
     dtype: DType,
-    /// The raw (unquantised) ends, used for clamping like torchsde does.
+    /// Node 0 is the whole interval; children are appended as nodes split.
     nodes: Vec<Node>,
     top: Arc<Vec<f64>>,
     cache: HashMap<usize, (Arc<Vec<f64>>, u64)>,
     tick: u64,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The increments are large tensors; the structure is what helps when debugging.
+        f.debug_struct("Tree")
+            .field("entropy", &self.entropy)
+            .field("numel", &self.numel)
+            .field("dtype", &self.dtype)
+            .field("nodes", &self.nodes.len())
+            .field("cached", &self.cache.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tree {
