@@ -1,0 +1,16 @@
+//! img2img with Flux.1: image in -> VAE encode -> seeded noise -> sampler driving the transformer
+//! -> VAE decode -> image out, done exactly as ComfyUI does it (see [`comfy`]).
+//!
+//! * [`image_io`]: inputs from files, URLs, data URIs and base64; the resize rule; PNG, JPEG and
+//!   WebP output with metadata.
+//! * [`model`]: the traits the pipeline drives the networks through.
+//! * [`comfy`]: one run, step by step, with an optional trace of every intermediate.
+//! * [`pipeline`]: [`Pipeline`], models loaded once and reused across requests.
+//! * [`demo`]: a tiny built-in model with deterministic weights, used when none is configured.
+
+pub mod comfy;
+pub mod error;
+pub mod image_io;
+pub mod model;
+
+pub use error::{PipelineError, Result};
