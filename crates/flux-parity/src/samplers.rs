@@ -5,8 +5,11 @@
 //!   mixtures, with its cfg). Every model call's `x` and `sigma` is compared with `call.NNN.*`,
 //!   the model's output with `call.NNN.denoised` (and `uncond_denoised` for cfg++), the number
 //!   of calls with `n_model_calls`, and the result with `out_raw` / `out`. Tolerance: relative
-//!   1e-10 (absolute 1e-12), except `deis` and `er_sde` (1e-6: the reference computes their
-//!   coefficients in float32).
+//!   1e-10 (absolute 1e-12), except where the reference computes coefficients in float32:
+//!   `deis` and `er_sde` (float32 integration grids) and `dpm_fast` (float32 time grid, and
+//!   PyTorch's vectorised float32 `exp`/`expm1`, which are not correctly rounded and so cannot
+//!   be reproduced bit for bit): relative 1e-6 of the tensor's largest magnitude, and model
+//!   sigmas to relative 1e-6.
 //! - f32 cases (`dtype: "f32"`): replay mode on a float32 latent. The recorded `denoised`
 //!   (and `uncond_denoised`) are fed back, so only the sampler's own float32 arithmetic is
 //!   compared: every `call.x` and `out` at relative 1e-5 of the tensor's largest magnitude
@@ -314,10 +317,11 @@ impl Denoiser<Cpu> for Checked<'_> {
         let rx = self.tensor(&format!("{p}.x"))?.to_vec();
         let rs = self.tensor(&format!("{p}.sigma"))?.to_vec();
         let mut stats = std::mem::take(&mut self.stats);
-        self.x_tol
-            .compare(&mut stats, &format!("{p}.x"), &host, &rx);
+        // The sigma first: a wrong sigma explains a wrong x, not the other way round.
         let ours = vec![sigma; rs.len()];
         stats.compare(&format!("{p}.sigma"), &ours, &rs, self.sigma_rel, 0.0);
+        self.x_tol
+            .compare(&mut stats, &format!("{p}.x"), &host, &rx);
         let result = match &mut self.mode {
             Mode::Analytic(m) => {
                 let out = m.denoise(backend, x, sigma, want_uncond)?;
@@ -417,7 +421,11 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
     let mut noise = ReplayNoise::new(shape.clone(), dtype, draws)
         .map_err(|e| e.to_string())?
         .without_global_draws()
-        .with_tolerance(if f32_case { 1e-6 } else { 1e-12 });
+        .with_tolerance(if f32_case || sampler == Sampler::DpmFast {
+            1e-6
+        } else {
+            1e-12
+        });
 
     let (x_tol, out_tol) = if f32_case {
         let uni_pc = matches!(sampler, Sampler::UniPc | Sampler::UniPcBh2);
@@ -434,15 +442,17 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
             },
         )
     } else {
-        let rel = if matches!(sampler, Sampler::Deis | Sampler::ErSde) {
+        let rel = if matches!(sampler, Sampler::Deis | Sampler::ErSde | Sampler::DpmFast) {
             1e-6
         } else {
             1e-10
         };
+        // Where the reference computes coefficients in float32, their error is relative to
+        // the whole tensor, not to each (possibly tiny) element.
         let t = Tol {
             rel,
-            abs: if rel > 1e-10 { 1e-8 } else { 1e-12 },
-            scaled: false,
+            abs: 1e-12,
+            scaled: rel > 1e-10,
         };
         (t, t)
     };
@@ -463,7 +473,11 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
         calls: 0,
         stats: ErrorStats::default(),
         x_tol,
-        sigma_rel: if f32_case { 1e-6 } else { 1e-12 },
+        sigma_rel: if f32_case || sampler == Sampler::DpmFast {
+            1e-6
+        } else {
+            1e-12
+        },
     };
     let result = {
         let mut ctx = SampleContext {

@@ -147,7 +147,9 @@ fn sigma_range(sigmas: &[f64]) -> Result<(f64, f64)> {
 
 /// Scalar arithmetic of the DPM-Solver class in the precision of its time tensors:
 /// `dpm_fast` takes its times from a float32 `torch.linspace`, so every scalar coefficient is
-/// computed in float32 there; `dpm_adaptive` works in the sigmas' float64.
+/// rounded to float32 there (PyTorch multiplies a 0-dim float32 tensor by a Python float in
+/// double precision and rounds the result once, so Python constants stay unrounded);
+/// `dpm_adaptive` works in the sigmas' float64.
 #[derive(Clone, Copy)]
 enum Prec {
     F32,
@@ -225,10 +227,10 @@ impl<B: Backend> Dpm<'_, '_, B> {
     fn step_2(&mut self, x: &Tensor<B>, t: f64, t_next: f64, r1: f64) -> Result<Tensor<B>> {
         let p = self.p;
         let h = p.sub(t_next, t);
-        let s1 = p.add(t, p.mul(p.r(r1), h));
+        let s1 = p.add(t, p.mul(r1, h));
         if self.eps_r1.is_none() {
             let eps = self.eps.as_ref().ok_or_else(missing)?;
-            let c = p.mul(p.sigma(s1), p.expm1(p.mul(p.r(r1), h)));
+            let c = p.mul(p.sigma(s1), p.expm1(p.mul(r1, h)));
             let u1 = self.ctx.backend.lincomb(&[(1.0, x), (-c, eps)])?;
             self.eps_r1(&u1, s1)?;
         }
@@ -238,7 +240,7 @@ impl<B: Backend> Dpm<'_, '_, B> {
         );
         let sn = p.sigma(t_next);
         let a = p.mul(sn, p.expm1(h));
-        let b = p.mul(p.div(sn, p.r(2.0 * r1)), p.expm1(h));
+        let b = p.mul(p.div(sn, 2.0 * r1), p.expm1(h));
         // x - a eps - b (eps_r1 - eps)
         Ok(self
             .ctx
@@ -250,20 +252,20 @@ impl<B: Backend> Dpm<'_, '_, B> {
         let p = self.p;
         let (r1, r2) = (1.0 / 3.0, 2.0 / 3.0);
         let h = p.sub(t_next, t);
-        let s1 = p.add(t, p.mul(p.r(r1), h));
-        let s2 = p.add(t, p.mul(p.r(r2), h));
+        let s1 = p.add(t, p.mul(r1, h));
+        let s2 = p.add(t, p.mul(r2, h));
         if self.eps_r1.is_none() {
             let eps = self.eps.as_ref().ok_or_else(missing)?;
-            let c = p.mul(p.sigma(s1), p.expm1(p.mul(p.r(r1), h)));
+            let c = p.mul(p.sigma(s1), p.expm1(p.mul(r1, h)));
             let u1 = self.ctx.backend.lincomb(&[(1.0, x), (-c, eps)])?;
             self.eps_r1(&u1, s1)?;
         }
         let eps = self.eps.as_ref().ok_or_else(missing)?;
         let eps_r1 = self.eps_r1.as_ref().ok_or_else(missing)?;
-        let r2h = p.mul(p.r(r2), h);
+        let r2h = p.mul(r2, h);
         let a2 = p.mul(p.sigma(s2), p.expm1(r2h));
         let b2 = p.mul(
-            p.mul(p.sigma(s2), p.r(r2 / r1)),
+            p.mul(p.sigma(s2), r2 / r1),
             p.sub(p.div(p.expm1(r2h), r2h), 1.0),
         );
         // u2 = x - a2 eps - b2 (eps_r1 - eps)
@@ -275,7 +277,7 @@ impl<B: Backend> Dpm<'_, '_, B> {
         let eps = self.eps.as_ref().ok_or_else(missing)?;
         let sn = p.sigma(t_next);
         let a = p.mul(sn, p.expm1(h));
-        let b = p.mul(p.div(sn, p.r(r2)), p.sub(p.div(p.expm1(h), h), 1.0));
+        let b = p.mul(p.div(sn, r2), p.sub(p.div(p.expm1(h), h), 1.0));
         // x - a eps - b (eps_r2 - eps)
         Ok(self
             .ctx

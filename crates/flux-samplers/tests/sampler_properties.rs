@@ -1,0 +1,227 @@
+//! Properties of the samplers that hold for any data: determinism for a fixed seed, convergence
+//! of the ODE samplers to the exact probability-flow solution, and no noise draws from the
+//! deterministic ones.
+//!
+//! Convergence uses a single-Gaussian data distribution `x0 ~ N(mu, s^2)`, for which the
+//! probability-flow ODE `dx/dsigma = (x - D(x, sigma)) / sigma` has a closed-form solution.
+//! Derivation: with `x = a x0 + sigma eps` the marginal at `sigma` is `N(a mu, v)`,
+//! `v = a^2 s^2 + sigma^2`, and the posterior mean is `D = mu + a s^2 (x - a mu) / v`. For the
+//! variance-exploding model (`a = 1`), `y = x - mu` obeys `dy/dsigma = y sigma / (s^2 + sigma^2)`,
+//! so `y / sqrt(s^2 + sigma^2)` is constant. For the flow model (`a = 1 - sigma`) the same
+//! holds for `(x - a mu) / sqrt(v)`: the ODE transports the Gaussian marginals by the monotone
+//! affine map between them (the deterministic flow of a Gaussian family is that map). Hence
+//! `x(0) = mu + s (x_T - a_T mu) / sqrt(a_T^2 s^2 + sigma_T^2)`.
+
+use flux_kernels::{Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_samplers::noise::DefaultNoise;
+use flux_samplers::toy::{Mixture, MixtureDenoiser};
+use flux_samplers::{
+    NoiseSource, Result, SampleContext, Sampler, SamplerError, SamplerOptions, sample,
+};
+use flux_schedulers::ModelSampling;
+use proptest::prelude::*;
+
+/// A noise source that fails when asked: proves a sampler draws nothing.
+struct NoNoise;
+
+impl NoiseSource<Cpu> for NoNoise {
+    fn sample(
+        &mut self,
+        _: &Cpu,
+        _: &[usize],
+        _: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<Tensor<Cpu>> {
+        Err(SamplerError::Noise(format!(
+            "unexpected draw for {sigma} -> {sigma_next}"
+        )))
+    }
+}
+
+fn run(
+    sampler: Sampler,
+    model: &ModelSampling,
+    denoiser: &mut MixtureDenoiser,
+    noise: &mut dyn NoiseSource<Cpu>,
+    x: &[f64],
+    sigmas: &[f64],
+) -> Result<Vec<f64>> {
+    let cpu = Cpu::new();
+    let x = cpu.upload(HostData::F64(x), &[x.len()], DType::F64)?;
+    let mut ctx = SampleContext {
+        backend: &cpu,
+        model,
+        denoiser,
+        noise,
+        callback: None,
+    };
+    let out = sample(sampler, &mut ctx, x, sigmas, &SamplerOptions::default())?;
+    Ok(cpu.download_f64(&out)?)
+}
+
+/// Geometric schedule from `hi` to `lo` in `n` steps, then 0.
+fn schedule(hi: f64, lo: f64, n: usize) -> Vec<f64> {
+    let mut s: Vec<f64> = (0..n)
+        .map(|i| hi * (lo / hi).powf(i as f64 / (n - 1) as f64))
+        .collect();
+    s.push(0.0);
+    s
+}
+
+/// Flow schedule from 1 to `lo`, uniform in sigma, then 0.
+fn flow_schedule(lo: f64, n: usize) -> Vec<f64> {
+    let mut s: Vec<f64> = (0..n)
+        .map(|i| 1.0 - (1.0 - lo) * i as f64 / (n - 1) as f64)
+        .collect();
+    s.push(0.0);
+    s
+}
+
+const ODE_SAMPLERS: &[Sampler] = &[
+    Sampler::Euler,
+    Sampler::Heun,
+    Sampler::Dpm2,
+    Sampler::Lms,
+    Sampler::Dpmpp2m,
+    Sampler::Ipndm,
+    Sampler::IpndmV,
+    Sampler::Deis,
+];
+
+fn gaussian_denoiser(mu: f64, s: f64, flow: bool) -> MixtureDenoiser {
+    MixtureDenoiser::new(
+        Mixture::gaussian(mu, s),
+        Mixture::gaussian(mu, s),
+        1.0,
+        flow,
+    )
+}
+
+fn max_err(out: &[f64], exact: &[f64]) -> f64 {
+    out.iter()
+        .zip(exact)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn ode_samplers_converge_to_the_exact_flow(
+        mu in -1.0f64..1.0,
+        s in 0.3f64..1.5,
+        z in proptest::collection::vec(-2.0f64..2.0, 4),
+        flow in any::<bool>(),
+    ) {
+        let model = if flow { ModelSampling::flux(1.0) } else { ModelSampling::sd15() };
+        let (sigma_t, a_t) = if flow { (1.0, 0.0) } else { (14.0, 1.0) };
+        let v = (a_t * a_t * s * s + sigma_t * sigma_t).sqrt();
+        let x_t: Vec<f64> = z.iter().map(|z| a_t * mu + v * z).collect();
+        let exact: Vec<f64> = z.iter().map(|z| mu + s * z).collect();
+        for &sampler in ODE_SAMPLERS {
+            let errs: Vec<f64> = [8usize, 256].iter().map(|&n| {
+                let sig = if flow { flow_schedule(1e-3, n) } else { schedule(sigma_t, 1e-3, n) };
+                let mut den = gaussian_denoiser(mu, s, flow);
+                let out = run(sampler, &model, &mut den, &mut NoNoise, &x_t, &sig)
+                    .unwrap_or_else(|e| panic!("{sampler}: {e}"));
+                max_err(&out, &exact)
+            }).collect();
+            // Every one is at least first order: 32x the steps cuts the error well over 3x.
+            prop_assert!(errs[1] < 5e-2 * s, "{sampler}: error {} at 256 steps", errs[1]);
+            prop_assert!(
+                3.0 * errs[1] < errs[0] || errs[1] < 1e-6,
+                "{sampler}: error {} (8 steps) -> {} (256 steps)", errs[0], errs[1]
+            );
+        }
+    }
+
+    #[test]
+    fn stochastic_samplers_are_deterministic_for_a_seed(
+        seed in 0u64..1_000_000,
+        x in proptest::collection::vec(-3.0f64..3.0, 16),
+    ) {
+        let model = ModelSampling::flux(1.15);
+        let sig = flow_schedule(0.05, 5);
+        for sampler in [Sampler::EulerAncestral, Sampler::Dpmpp2sAncestral, Sampler::Lcm, Sampler::Ddpm] {
+            let mut outs = Vec::new();
+            for _ in 0..2 {
+                let mut den = MixtureDenoiser::reference(1.0, true);
+                let mut noise = DefaultNoise::new(seed);
+                outs.push(run(sampler, &model, &mut den, &mut noise, &x, &sig).unwrap());
+            }
+            prop_assert_eq!(&outs[0], &outs[1], "{}", sampler);
+            let mut den = MixtureDenoiser::reference(1.0, true);
+            let mut other = DefaultNoise::new(seed + 1);
+            let third = run(sampler, &model, &mut den, &mut other, &x, &sig).unwrap();
+            prop_assert_ne!(&outs[0], &third, "{} ignores the seed", sampler);
+        }
+    }
+}
+
+#[test]
+fn deterministic_samplers_draw_no_noise() {
+    let x = [0.3, -1.2, 2.0, 0.0];
+    for (model, sig) in [
+        (ModelSampling::flux(1.15), flow_schedule(0.02, 6)),
+        (ModelSampling::sd15(), schedule(14.6, 0.03, 6)),
+    ] {
+        for sampler in [
+            Sampler::Euler,
+            Sampler::EulerCfgPp,
+            Sampler::Heun,
+            Sampler::Heunpp2,
+            Sampler::Dpm2,
+            Sampler::Lms,
+            Sampler::Dpmpp2m,
+            Sampler::Dpmpp2mCfgPp,
+            Sampler::Ipndm,
+            Sampler::IpndmV,
+            Sampler::Deis,
+            Sampler::Ddim,
+        ] {
+            let mut den = MixtureDenoiser::reference(2.0, model.is_flow());
+            let out = run(sampler, &model, &mut den, &mut NoNoise, &x, &sig);
+            let out = out.unwrap_or_else(|e| panic!("{sampler}: {e}"));
+            assert!(out.iter().all(|v| v.is_finite()), "{sampler}: {out:?}");
+        }
+    }
+}
+
+#[test]
+fn the_callback_sees_every_step_and_can_cancel() {
+    let cpu = Cpu::new();
+    let model = ModelSampling::flux(1.15);
+    let sig = flow_schedule(0.02, 6);
+    let mut den = MixtureDenoiser::reference(1.0, true);
+    let mut steps = Vec::new();
+    let mut cb = |info: &flux_samplers::StepInfo<'_, Cpu>| {
+        steps.push((info.step, info.total));
+        info.step < 2
+    };
+    let x = cpu
+        .upload(HostData::F64(&[0.5; 4]), &[4], DType::F64)
+        .unwrap();
+    let mut noise = NoNoise;
+    let mut ctx = SampleContext {
+        backend: &cpu,
+        model: &model,
+        denoiser: &mut den,
+        noise: &mut noise,
+        callback: Some(&mut cb),
+    };
+    let err = sample(
+        Sampler::Euler,
+        &mut ctx,
+        x,
+        &sig,
+        &SamplerOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, SamplerError::Cancelled { step: 2, total: 6 }),
+        "{err}"
+    );
+    assert_eq!(steps, [(0, 6), (1, 6), (2, 6)]);
+}
