@@ -1,5 +1,6 @@
 //! `flux`: sampling, parity checks and benchmarks from the command line.
 
+mod bench;
 mod parity;
 mod sigmas;
 
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Measure a whole loop and print one `key=value` line.
+    Bench(bench::BenchArgs),
     /// Check every case of a reference directory against the reference outputs.
     Parity(parity::ParityArgs),
     /// List the sigma schedulers.
@@ -27,6 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(args) => bench::run(&args),
         Command::Parity(args) => parity::run(&args),
         Command::Schedulers => Ok(sigmas::list()),
         Command::Sigmas(args) => sigmas::run(&args),

@@ -117,6 +117,22 @@ impl Sampler {
         }
     }
 
+    /// Whether ComfyUI draws this sampler's noise from a Brownian tree (the SDE family) rather
+    /// than from `default_noise_sampler`.
+    pub const fn uses_brownian_tree(self) -> bool {
+        matches!(
+            self,
+            Sampler::DpmppSde
+                | Sampler::DpmppSdeGpu
+                | Sampler::Dpmpp2mSde
+                | Sampler::Dpmpp2mSdeGpu
+                | Sampler::Dpmpp2mSdeHeun
+                | Sampler::Dpmpp2mSdeHeunGpu
+                | Sampler::Dpmpp3mSde
+                | Sampler::Dpmpp3mSdeGpu
+        )
+    }
+
     /// Whether this build has an implementation of the sampler ([`sample`] fails for the others).
     pub const fn is_implemented(self) -> bool {
         crate::samplers::implemented(self)

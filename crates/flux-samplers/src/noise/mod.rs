@@ -4,6 +4,7 @@ pub mod brownian;
 mod cephes;
 pub mod default;
 pub mod mt19937;
+mod reference;
 pub mod replay;
 mod seed_sequence;
 pub mod torch;
@@ -11,6 +12,7 @@ pub mod torch;
 pub use brownian::BrownianTreeNoise;
 pub use default::DefaultNoise;
 pub use mt19937::Mt19937;
+pub use reference::reference_noise;
 pub use replay::{RecordedDraw, ReplayNoise};
 pub use torch::{HostNoise, TorchGenerator, randn, randn_f32, randn_f64};
 

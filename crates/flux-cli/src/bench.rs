@@ -1,0 +1,70 @@
+//! `flux bench ...`: whole-loop measurements that print exactly one `key=value` line.
+
+mod sampler;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use std::process::ExitCode;
+
+/// Arguments of `flux bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    kind: BenchKind,
+}
+
+/// What to measure.
+#[derive(Subcommand, Debug)]
+enum BenchKind {
+    /// A whole sampler loop with the analytic denoiser (flux-dev schedule, scheduler `simple`).
+    Sampler(sampler::SamplerBenchArgs),
+}
+
+/// Runs the chosen measurement.
+pub fn run(args: &BenchArgs) -> Result<ExitCode> {
+    match &args.kind {
+        BenchKind::Sampler(a) => sampler::run(a),
+    }
+}
+
+/// Sets the size of the global rayon pool (once per process).
+pub(crate) fn set_threads(threads: Option<usize>) -> Result<()> {
+    if let Some(n) = threads {
+        if n == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("could not size the thread pool: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The median of a non-empty list of measurements.
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Parses `B,C,H,W` (or any comma-separated list of positive sizes).
+pub(crate) fn parse_shape(s: &str) -> Result<Vec<usize>> {
+    let dims: Vec<usize> = s
+        .split(',')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| {
+            anyhow::anyhow!("--shape '{s}': expected comma-separated sizes such as 1,16,128,128")
+        })?;
+    if dims.is_empty() || dims.contains(&0) {
+        anyhow::bail!("--shape '{s}': every size must be at least 1");
+    }
+    Ok(dims)
+}

@@ -1,0 +1,34 @@
+//! The noise source ComfyUI itself would use for a sampler and seed.
+
+use super::{BrownianTreeNoise, DefaultNoise, NoiseSource};
+use crate::{Result, Sampler};
+use flux_kernels::Backend;
+
+/// The noise ComfyUI's sampler draws for `seed` on `sigmas`: a Brownian tree with entropy
+/// `seed` over the schedule's smallest positive and largest sigma for the SDE family
+/// ([`Sampler::uses_brownian_tree`]), otherwise `default_noise_sampler` (a generator seeded
+/// `seed + 1`). With these a run reproduces ComfyUI's noise for the same seed.
+pub fn reference_noise<B: Backend>(
+    sampler: Sampler,
+    seed: u64,
+    sigmas: &[f64],
+) -> Result<Box<dyn NoiseSource<B>>> {
+    if sampler.uses_brownian_tree() {
+        let sigma_min = sigmas
+            .iter()
+            .copied()
+            .filter(|&s| s > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let sigma_max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // A schedule with a single positive sigma has no interval to build a tree over; such
+        // a run draws no Brownian noise anyway, so any non-empty interval will do.
+        let (lo, hi) = if sigma_min < sigma_max {
+            (sigma_min, sigma_max)
+        } else {
+            (sigma_min.min(1.0) * 0.5, sigma_max.max(1.0))
+        };
+        Ok(Box::new(BrownianTreeNoise::new(seed, lo, hi)?))
+    } else {
+        Ok(Box::new(DefaultNoise::new(seed)))
+    }
+}
