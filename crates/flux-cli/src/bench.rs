@@ -1,6 +1,7 @@
 //! `flux bench ...`: whole-loop measurements that print exactly one `key=value` line.
 
 mod sampler;
+mod transformer;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -18,12 +19,15 @@ pub struct BenchArgs {
 enum BenchKind {
     /// A whole sampler loop with the analytic denoiser (flux-dev schedule, scheduler `simple`).
     Sampler(sampler::SamplerBenchArgs),
+    /// One forward pass of a random-weight Flux transformer of the given shape (dev style).
+    Transformer(transformer::TransformerBenchArgs),
 }
 
 /// Runs the chosen measurement.
 pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.kind {
         BenchKind::Sampler(a) => sampler::run(a),
+        BenchKind::Transformer(a) => transformer::run(a),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Safetensors loading and the Flux.1 networks (transformer, autoencoder, T5, CLIP) executed
 //! on any [`flux_kernels::Backend`].
 
+pub mod random;
 pub mod transformer;
 pub mod weights;
 
