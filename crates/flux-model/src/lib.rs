@@ -8,5 +8,7 @@ pub mod weights;
 pub use transformer::{FluxConfig, FluxInputs, FluxTransformer};
 pub use weights::{WeightError, Weights};
 
+pub mod clip;
+pub mod t5;
 pub mod tensor_source;
 pub mod vae;

@@ -6,11 +6,13 @@
 //! handle as skipped, never as passed.
 
 pub mod data;
+pub mod clip;
 pub mod report;
 pub mod rng;
 pub mod transformer;
 pub mod samplers;
 pub mod schedulers;
+pub mod t5;
 pub mod vae;
 
 pub use report::{CaseResult, Outcome, Summary};
@@ -70,6 +72,8 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
         "samplers" => samplers::run(&folder.path, opts),
         "schedulers" => schedulers::run(&folder.path, opts),
         "flux-vae" => vae::run(&folder.path, opts),
+        "t5-encoder" => t5::run(&folder.path, opts),
+        "clip-text" => clip::run(&folder.path, opts),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),
             &format!("kind '{}' is not checked yet", folder.kind),

@@ -1,0 +1,131 @@
+//! Parity of the CLIP text model (`clip-text` folders): the single case of the folder, float64
+//! against the f64 goldens (outputs ~1e-10, intermediates at f32 rounding), the pooled row's
+//! index, and a float32 run within the README's tolerance.
+
+use crate::RunOptions;
+use crate::data::{DataError, GoldenFile};
+use crate::report::{CaseResult, ErrorStats};
+use crate::t5::{F32_REL_L2, token_ids};
+use crate::vae::{
+    check_rel_l2, compare_acts, compare_scaled, f64_field, open_folder, read_weights, source,
+    usize_field,
+};
+use flux_kernels::{Cpu, DType, SamplerOps, Tensor};
+use flux_model::clip::{ClipConfig, ClipTextModel, end_token_index};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Tolerance of the float64 outputs, relative to the tensor's largest value. Looser than the
+/// other models' 1e-10: the stored f64 goldens are not float64-exact in the attention (the first
+/// token, which attends only to itself, matches to 1e-15; later tokens differ by up to ~1e-7,
+/// while an independent numpy float64 derivation from the same weights agrees with this
+/// implementation to 1e-15), so only f32-level agreement can be asked of them.
+pub const F64_REL_CLIP: f64 = 5e-7;
+
+/// The text-model configuration from a reference `config.json`.
+pub fn clip_config(cfg: &Value, path: &Path) -> Result<ClipConfig, DataError> {
+    Ok(ClipConfig {
+        vocab_size: usize_field(cfg, "vocab_size", path)?,
+        hidden_size: usize_field(cfg, "hidden_size", path)?,
+        intermediate_size: usize_field(cfg, "intermediate_size", path)?,
+        num_layers: usize_field(cfg, "num_hidden_layers", path)?,
+        num_heads: usize_field(cfg, "num_attention_heads", path)?,
+        max_positions: usize_field(cfg, "max_position_embeddings", path)?,
+        eps: f64_field(cfg, "layer_norm_eps", path)?,
+    })
+}
+
+fn check_eos(stats: &mut ErrorStats, golden: &GoldenFile, ids: &[u32], batch: usize) {
+    if let Some(g) = golden.try_get("eos_index") {
+        let len = ids.len() / batch.max(1);
+        let got: Vec<f64> = ids
+            .chunks_exact(len.max(1))
+            .map(|r| end_token_index(r) as f64)
+            .collect();
+        stats.compare("eos_index", &got, &g.data, 0.0, 0.0);
+    }
+}
+
+/// Runs the case of a `clip-text` folder.
+pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
+    if let Some(b) = opts.backend.as_deref().filter(|b| *b != "cpu") {
+        return Ok(vec![CaseResult::skipped(
+            &folder.display().to_string(),
+            &format!("backend {b} is not available for CLIP"),
+        )]);
+    }
+    let mf = open_folder(folder)?;
+    let cfg = clip_config(&mf.config, &folder.join("config.json"))?;
+    let weights = read_weights(&mf.weights)?;
+    let wpath = mf
+        .weights
+        .first()
+        .cloned()
+        .unwrap_or_else(|| folder.to_path_buf());
+    let be = Cpu;
+    let build = |dtype| -> Result<ClipTextModel<Cpu>, DataError> {
+        let mut src = source(&weights, dtype, &wpath)?;
+        ClipTextModel::load(cfg.clone(), &mut src)
+            .map_err(|e| DataError::format(&wpath, e.to_string()))
+    };
+    let golden = &mf.golden;
+    let (ids, batch) = token_ids(golden, "in.input_ids")?;
+    let kerr =
+        |e: flux_model::tensor_source::NetError| DataError::format(golden.path(), e.to_string());
+    let dl = |t: &Tensor<Cpu>| be.download_f64(t).map_err(|e| kerr(e.into()));
+    let mut stats = ErrorStats::default();
+    check_eos(&mut stats, golden, &ids, batch);
+
+    let m64 = build(DType::F64)?;
+    let mut acts = BTreeMap::new();
+    let out = m64
+        .forward_traced(&be, &ids, batch, DType::F64, &mut |n, t| {
+            if let Ok(v) = be.download_f64(t) {
+                acts.insert(n.to_string(), v);
+            }
+        })
+        .map_err(kerr)?;
+    let want_h = &golden.get("f64.last_hidden_state")?.data;
+    let want_p = &golden.get("f64.pooler_output")?.data;
+    compare_scaled(
+        &mut stats,
+        "f64.last_hidden_state",
+        &dl(&out.last_hidden_state)?,
+        want_h,
+        F64_REL_CLIP,
+    );
+    compare_scaled(
+        &mut stats,
+        "f64.pooler_output",
+        &dl(&out.pooled)?,
+        want_p,
+        F64_REL_CLIP,
+    );
+    let n_acts = compare_acts(&mut stats, golden, "", &acts);
+    if n_acts == 0 {
+        stats.violation("no intermediate activation was compared".into());
+    }
+
+    let m32 = build(DType::F32)?;
+    let o32 = m32.forward(&be, &ids, batch, DType::F32).map_err(kerr)?;
+    let eh = check_rel_l2(
+        &mut stats,
+        "f32 last_hidden_state",
+        &dl(&o32.last_hidden_state)?,
+        want_h,
+        F32_REL_L2,
+    );
+    let ep = check_rel_l2(
+        &mut stats,
+        "f32 pooler_output",
+        &dl(&o32.pooled)?,
+        want_p,
+        F32_REL_L2,
+    );
+    let mut r = stats.finish("clip/text_model");
+    if r.passed() {
+        r.detail = format!("{n_acts} intermediates; f32 rel_l2 hidden {eh:.2e}, pooled {ep:.2e}");
+    }
+    Ok(vec![r])
+}

@@ -1,0 +1,26 @@
+//! The CLIP encoder against the `flux-tiny/clip` reference folder (or `$FLUX_REFERENCE_DIR`).
+
+use flux_parity::{RunOptions, clip};
+use std::path::PathBuf;
+
+fn folder() -> PathBuf {
+    match std::env::var_os("FLUX_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir).join("flux-tiny/clip"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/flux-tiny/clip"),
+    }
+}
+
+#[test]
+fn the_clip_case_matches_the_reference() {
+    let results = clip::run(&folder(), &RunOptions::default()).expect("clip folder readable");
+    for r in &results {
+        eprintln!("{r}");
+    }
+    // The folder holds one case (no `<case>.` prefix).
+    assert_eq!(results.len(), 1, "cases run vs the folder's single case");
+    assert!(
+        results.iter().all(flux_parity::CaseResult::passed),
+        "{}",
+        results[0]
+    );
+}
