@@ -5,11 +5,14 @@
 //!   mixtures, with its cfg). Every model call's `x` and `sigma` is compared with `call.NNN.*`,
 //!   the model's output with `call.NNN.denoised` (and `uncond_denoised` for cfg++), the number
 //!   of calls with `n_model_calls`, and the result with `out_raw` / `out`. Tolerance: relative
-//!   1e-10 (absolute 1e-12), except where the reference computes coefficients in float32:
-//!   `deis` and `er_sde` (float32 integration grids) and `dpm_fast` (float32 time grid, and
-//!   PyTorch's vectorised float32 `exp`/`expm1`, which are not correctly rounded and so cannot
-//!   be reproduced bit for bit): relative 1e-6 of the tensor's largest magnitude, and model
-//!   sigmas to relative 1e-6.
+//!   1e-10 (absolute 1e-12), except where the reference computes coefficients in float32 in a
+//!   way not replicated here: `deis` (float32 integration grid and sum) and `dpm_fast` (float32
+//!   time grid, and PyTorch's vectorised float32 `exp`/`expm1`, which are not correctly rounded
+//!   and so cannot be reproduced bit for bit). Run closed-loop, the guided toy model amplifies those
+//!   float32 roundings step after step (cfg 3 turns ~3e-7 on deis' coefficients into 1e-5 on
+//!   the output), so these cases replay the recorded model outputs like the f32 cases and
+//!   compare `x` and `out` at relative 1e-6 of the tensor's largest magnitude, model sigmas at
+//!   relative 1e-6.
 //! - f32 cases (`dtype: "f32"`): replay mode on a float32 latent. The recorded `denoised`
 //!   (and `uncond_denoised`) are fed back, so only the sampler's own float32 arithmetic is
 //!   compared: every `call.x` and `out` at relative 1e-5 of the tensor's largest magnitude
@@ -427,6 +430,7 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
             1e-12
         });
 
+    let f32_coefficients = matches!(sampler, Sampler::Deis | Sampler::DpmFast);
     let (x_tol, out_tol) = if f32_case {
         let uni_pc = matches!(sampler, Sampler::UniPc | Sampler::UniPcBh2);
         let t = Tol {
@@ -442,11 +446,7 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
             },
         )
     } else {
-        let rel = if matches!(sampler, Sampler::Deis | Sampler::ErSde | Sampler::DpmFast) {
-            1e-6
-        } else {
-            1e-10
-        };
+        let rel = if f32_coefficients { 1e-6 } else { 1e-10 };
         // Where the reference computes coefficients in float32, their error is relative to
         // the whole tensor, not to each (possibly tiny) element.
         let t = Tol {
@@ -456,7 +456,10 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
         };
         (t, t)
     };
-    let mode = if f32_case {
+    // Where the reference's coefficients are float32, the closed loop through the guided toy
+    // model amplifies their rounding step after step; replaying the recorded model outputs
+    // measures the sampler's own arithmetic instead (the model is checked by every other case).
+    let mode = if f32_case || f32_coefficients {
         Mode::Replay
     } else {
         let cfg = f64_field(case, "cfg")?;
