@@ -262,7 +262,7 @@ mod tests {
     fn pure_noise_gives_prior_mean_and_no_noise_gives_input() {
         let m = MixtureDenoiser::reference(1.0, true);
         let (d, _) = m.denoise_host(&[0.37], 1.0, false);
-        assert!((d[0] - (0.3 * -1.0 + 0.7 * 0.8)).abs() < 1e-14);
+        assert!((d[0] - (-0.3 + 0.7 * 0.8)).abs() < 1e-14);
         let (d, _) = m.denoise_host(&[0.37], 1e-12, false);
         assert!((d[0] - 0.37).abs() < 1e-9);
     }
