@@ -2,8 +2,8 @@
 //! folder's manifest lists, plus each file's `model_sampling.sigmas` table.
 //!
 //! Values are compared as float32 bit patterns. Schedulers made only of IEEE arithmetic must be
-//! bit-exact; those ending in a float32 transcendental that PyTorch evaluates with its own
-//! vectorised approximations (`karras`, `exponential`, `kl_optimal`, and `normal` /
+//! bit-exact; those ending in a float32 transcendental that PyTorch evaluates with its own CPU
+//! kernels rather than the platform libm (`karras`, `exponential`, `kl_optimal`, and `normal` /
 //! `sgm_uniform` on a discrete model) may differ by up to 2 ulps (see the `flux-schedulers`
 //! crate docs). NaN matches NaN only (`kl_optimal` with one step is `[NaN, 0]` in ComfyUI).
 

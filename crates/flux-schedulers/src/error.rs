@@ -31,7 +31,7 @@ pub enum ScheduleError {
     },
     /// A denoise strength that is not a finite number.
     #[error(
-        "invalid denoise {0}: expected a finite number (<= 0 gives an empty schedule, >= 1 the full one)"
+        "invalid denoise {0}: expected a number (<= 0 gives an empty schedule, >= 1 the full one)"
     )]
     InvalidDenoise(f64),
     /// A step count too large to compute a schedule for.
