@@ -11,4 +11,5 @@ pub use weights::{WeightError, Weights};
 pub mod clip;
 pub mod t5;
 pub mod tensor_source;
+pub mod tokenizer;
 pub mod vae;

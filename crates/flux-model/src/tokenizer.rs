@@ -1,0 +1,348 @@
+//! Prompt tokenizers for the two text encoders, read from Hugging Face `tokenizer.json` files.
+//!
+//! * T5: the unigram model of `tokenizer_2/tokenizer.json` in the diffusers layout of the Flux
+//!   repositories; ids end with `</s>` and are padded with `<pad>` to the model's length (512
+//!   for dev, 256 for schnell), truncating longer prompts as the reference pipelines do.
+//! * CLIP: the byte-level BPE of `tokenizer/tokenizer.json`; `<|startoftext|>` ... `<|endoftext|>`
+//!   padded with `<|endoftext|>` to 77 tokens.
+//!
+//! ComfyUI-layout checkpoints ship without these files; they come with the diffusers layout of
+//! `black-forest-labs/FLUX.1-dev` / `FLUX.1-schnell` (folders `tokenizer/` and `tokenizer_2/`).
+
+use std::path::{Path, PathBuf};
+use tokenizers::{PaddingDirection, PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// T5 sequence length of FLUX.1-dev.
+pub const T5_LEN_DEV: usize = 512;
+/// T5 sequence length of FLUX.1-schnell.
+pub const T5_LEN_SCHNELL: usize = 256;
+/// CLIP sequence length.
+pub const CLIP_LEN: usize = 77;
+
+/// An error reading a tokenizer or tokenizing a prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The tokenizer file does not exist.
+    #[error("tokenizer file {path} not found: {hint}")]
+    Missing { path: PathBuf, hint: String },
+    /// The file could not be parsed as a tokenizer.
+    #[error("{path}: not a valid tokenizer.json: {message}")]
+    Load { path: PathBuf, message: String },
+    /// A special token the encoder needs is not in the vocabulary.
+    #[error("{path}: the vocabulary has no `{token}` token (is this the {model} tokenizer?)")]
+    MissingToken {
+        path: PathBuf,
+        token: String,
+        model: &'static str,
+    },
+    /// The tokenizer's ids do not fit the model's embedding table.
+    #[error(
+        "tokenizer {path} has {found} ids but the {model} model's vocabulary has {expected}: tokenizer and weights do not belong together"
+    )]
+    VocabMismatch {
+        path: PathBuf,
+        model: &'static str,
+        expected: usize,
+        found: usize,
+    },
+    /// Tokenization itself failed.
+    #[error("tokenizing the prompt failed: {0}")]
+    Encode(String),
+}
+
+/// Which encoder a tokenizer feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenizerKind {
+    /// T5 unigram (`tokenizer_2/`).
+    T5,
+    /// CLIP BPE (`tokenizer/`).
+    Clip,
+}
+
+impl TokenizerKind {
+    fn name(self) -> &'static str {
+        match self {
+            TokenizerKind::T5 => "T5",
+            TokenizerKind::Clip => "CLIP",
+        }
+    }
+
+    fn folder(self) -> &'static str {
+        match self {
+            TokenizerKind::T5 => "tokenizer_2",
+            TokenizerKind::Clip => "tokenizer",
+        }
+    }
+
+    fn pad_token(self) -> &'static str {
+        match self {
+            TokenizerKind::T5 => "<pad>",
+            TokenizerKind::Clip => "<|endoftext|>",
+        }
+    }
+}
+
+/// A tokenizer producing fixed-length id rows for one text encoder.
+#[derive(Debug)]
+pub struct PromptTokenizer {
+    kind: TokenizerKind,
+    inner: Tokenizer,
+    len: usize,
+    path: PathBuf,
+}
+
+impl PromptTokenizer {
+    /// Reads `tokenizer.json` at `path` for `kind`, producing rows of `len` ids.
+    pub fn from_file(path: &Path, kind: TokenizerKind, len: usize) -> Result<Self, TokenizerError> {
+        if !path.is_file() {
+            return Err(TokenizerError::Missing {
+                path: path.to_path_buf(),
+                hint: format!(
+                    "the {} tokenizer ships as `{}/tokenizer.json` in the diffusers layout of the FLUX.1 repositories; pass its path",
+                    kind.name(),
+                    kind.folder()
+                ),
+            });
+        }
+        let mut inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let pad = kind.pad_token();
+        let pad_id = inner
+            .token_to_id(pad)
+            .ok_or_else(|| TokenizerError::MissingToken {
+                path: path.to_path_buf(),
+                token: pad.into(),
+                model: kind.name(),
+            })?;
+        let len = len.max(2);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: len,
+                ..TruncationParams::default()
+            }))
+            .map_err(|e| TokenizerError::Load {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        inner.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(len),
+            direction: PaddingDirection::Right,
+            pad_id,
+            pad_token: pad.into(),
+            ..PaddingParams::default()
+        }));
+        Ok(Self {
+            kind,
+            inner,
+            len,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Reads the tokenizer beside a diffusers model folder (`<root>/tokenizer_2/tokenizer.json`
+    /// for T5, `<root>/tokenizer/tokenizer.json` for CLIP).
+    pub fn from_model_dir(
+        root: &Path,
+        kind: TokenizerKind,
+        len: usize,
+    ) -> Result<Self, TokenizerError> {
+        Self::from_file(&root.join(kind.folder()).join("tokenizer.json"), kind, len)
+    }
+
+    /// Fails unless every id the tokenizer can produce indexes the model's embedding table.
+    pub fn check_vocab(&self, model_vocab: usize) -> Result<(), TokenizerError> {
+        let found = self.vocab_size();
+        if found > model_vocab {
+            return Err(TokenizerError::VocabMismatch {
+                path: self.path.clone(),
+                model: self.kind.name(),
+                expected: model_vocab,
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of ids (including added special tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Row length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: rows hold at least two ids.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The ids of `prompt`: special tokens added, truncated and padded to [`PromptTokenizer::len`].
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(prompt, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of `ids` without special tokens (for inspection and round-trip checks).
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn special(id: u32, content: &str) -> String {
+        format!(
+            r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
+        )
+    }
+
+    /// A small T5-style unigram tokenizer: `<pad>`=0, `</s>`=1, `<unk>`=2, then pieces.
+    fn t5_json() -> String {
+        let pieces = ["▁", "a", "b", "c", "d", "e", "▁a", "▁ab", "cd", "▁e"];
+        let vocab: Vec<String> = ["<pad>", "</s>", "<unk>"]
+            .iter()
+            .map(|p| format!(r#"["{p}",0.0]"#))
+            .chain(
+                pieces
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| format!(r#"["{p}",{}]"#, -1.0 - i as f64 * 0.1)),
+            )
+            .collect();
+        let meta =
+            r#"{"type":"Metaspace","replacement":"▁","prepend_scheme":"always","split":true}"#;
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{},{},{}],
+            "normalizer":null,"pre_tokenizer":{meta},
+            "post_processor":{{"type":"TemplateProcessing",
+              "single":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"SpecialToken":{{"id":"</s>","type_id":0}}}}],
+              "pair":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"Sequence":{{"id":"B","type_id":0}}}},{{"SpecialToken":{{"id":"</s>","type_id":0}}}}],
+              "special_tokens":{{"</s>":{{"id":"</s>","ids":[1],"tokens":["</s>"]}}}}}},
+            "decoder":{meta},
+            "model":{{"type":"Unigram","unk_id":2,"vocab":[{}],"byte_fallback":false}}}}"#,
+            special(0, "<pad>"),
+            special(1, "</s>"),
+            special(2, "<unk>"),
+            vocab.join(",")
+        )
+    }
+
+    /// A small CLIP-style BPE tokenizer: bos/eos around the text, eos as padding.
+    fn clip_json() -> String {
+        let bos = "<|startoftext|>";
+        let eos = "<|endoftext|>";
+        format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,
+            "added_tokens":[{},{}],
+            "normalizer":{{"type":"Lowercase"}},"pre_tokenizer":{{"type":"Whitespace"}},
+            "post_processor":{{"type":"TemplateProcessing",
+              "single":[{{"SpecialToken":{{"id":"{bos}","type_id":0}}}},{{"Sequence":{{"id":"A","type_id":0}}}},{{"SpecialToken":{{"id":"{eos}","type_id":0}}}}],
+              "pair":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"Sequence":{{"id":"B","type_id":0}}}}],
+              "special_tokens":{{"{bos}":{{"id":"{bos}","ids":[7],"tokens":["{bos}"]}},"{eos}":{{"id":"{eos}","ids":[8],"tokens":["{eos}"]}}}}}},
+            "decoder":null,
+            "model":{{"type":"BPE","dropout":null,"unk_token":"{eos}","continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,
+              "vocab":{{"a":0,"b":1,"c":2,"ab":3,"abc":4,"x":5,"y":6,"{bos}":7,"{eos}":8}},
+              "merges":[["a","b"],["ab","c"]]}}}}"#,
+            special(7, bos),
+            special(8, eos),
+        )
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        // Tests run in parallel: every file gets its own folder.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("flux-tok-{}-{name}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("tokenizer.json");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn t5(len: usize) -> PromptTokenizer {
+        PromptTokenizer::from_file(&write("t5", &t5_json()), TokenizerKind::T5, len).unwrap()
+    }
+
+    #[test]
+    fn t5_ends_with_eos_and_pads_to_length() {
+        let t = t5(8);
+        let ids = t.encode("ab cd").unwrap();
+        assert_eq!(ids.len(), 8);
+        let eos = ids.iter().position(|&i| i == 1).expect("has </s>");
+        assert!(eos >= 2, "{ids:?}");
+        assert!(ids[eos + 1..].iter().all(|&i| i == 0), "{ids:?}");
+        // Empty prompt: just </s> then padding.
+        assert_eq!(t.encode("").unwrap(), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+        // Long prompt: truncated, still ends with </s>.
+        let long = "ab ".repeat(500);
+        let ids = t.encode(&long).unwrap();
+        assert_eq!(ids.len(), 8);
+        assert_eq!(ids[7], 1);
+        assert!(ids[..7].iter().all(|&i| i > 2));
+    }
+
+    #[test]
+    fn clip_wraps_in_bos_eos_and_pads_with_eos() {
+        let p = write("clip", &clip_json());
+        let t = PromptTokenizer::from_file(&p, TokenizerKind::Clip, CLIP_LEN).unwrap();
+        let ids = t.encode("ABC x ab").unwrap();
+        assert_eq!(ids.len(), CLIP_LEN);
+        assert_eq!(&ids[..5], &[7, 4, 5, 3, 8]);
+        assert!(ids[5..].iter().all(|&i| i == 8));
+        let ids = t.encode(&"x ".repeat(300)).unwrap();
+        assert_eq!(ids.len(), CLIP_LEN);
+        assert_eq!((ids[0], ids[76]), (7, 8));
+        assert_eq!(t.encode("").unwrap()[..2], [7, 8]);
+        assert!(t.check_vocab(9).is_ok());
+        let err = t.check_vocab(8).unwrap_err().to_string();
+        assert!(err.contains("9 ids") && err.contains("has 8"), "{err}");
+    }
+
+    #[test]
+    fn bad_files_give_clear_errors() {
+        let missing = std::env::temp_dir().join("flux-no-such-dir/tokenizer.json");
+        let err = PromptTokenizer::from_file(&missing, TokenizerKind::T5, 512).unwrap_err();
+        assert!(err.to_string().contains("tokenizer_2"), "{err}");
+        let p = write("bad", "{ not json");
+        let err = PromptTokenizer::from_file(&p, TokenizerKind::T5, 512).unwrap_err();
+        assert!(matches!(err, TokenizerError::Load { .. }), "{err}");
+        // A CLIP file used for T5 lacks `<pad>`.
+        let p = write("wrong", &clip_json());
+        let err = PromptTokenizer::from_file(&p, TokenizerKind::T5, 512).unwrap_err();
+        assert!(err.to_string().contains("<pad>"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn any_text_gives_a_full_row_of_valid_ids(s in any::<String>()) {
+            let t = t5(16);
+            let ids = t.encode(&s).unwrap();
+            prop_assert_eq!(ids.len(), 16);
+            prop_assert!(ids.iter().all(|&i| (i as usize) < t.vocab_size()));
+            prop_assert!(ids.contains(&1));
+        }
+
+        #[test]
+        fn words_of_the_alphabet_round_trip(words in proptest::collection::vec("[a-e]{1,4}", 0..6)) {
+            let t = t5(64);
+            let text = words.join(" ");
+            let ids = t.encode(&text).unwrap();
+            prop_assert_eq!(t.decode(&ids).unwrap(), text);
+        }
+    }
+}
