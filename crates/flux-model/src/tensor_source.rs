@@ -124,3 +124,45 @@ pub fn detect_prefix<B: Backend>(
         .copied()
         .find(|p| src.contains(&format!("{p}{probe}")))
 }
+
+/// A source of deterministic pseudo-random parameters for `shapes` (benches and tests):
+/// matrices and conv kernels uniform with variance `1/fan_in`, norm weights near 1, other
+/// vectors near 0.
+pub fn random_source<B: Backend>(
+    be: &B,
+    shapes: &[(String, Vec<usize>)],
+    seed: u64,
+    dtype: flux_kernels::DType,
+) -> Result<MapSource<B>, NetError> {
+    let mut state = seed;
+    let mut next = move || {
+        // SplitMix64 to a uniform value in [-1, 1).
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    };
+    let mut src = MapSource::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = if shape.len() >= 2 {
+            let fan_in: usize = shape[1..].iter().product();
+            let a = (3.0 / fan_in.max(1) as f64).sqrt();
+            (0..n).map(|_| a * next()).collect()
+        } else if name.ends_with("norm.weight")
+            || name.contains("norm1.weight")
+            || name.contains("norm2.weight")
+            || name.contains("norm_out.weight")
+            || name.contains("layer_norm")
+        {
+            (0..n).map(|_| 1.0 + 0.1 * next()).collect()
+        } else {
+            (0..n).map(|_| 0.05 * next()).collect()
+        };
+        let t = be.upload(flux_kernels::HostData::F64(&v), shape, dtype)?;
+        src.insert(name.clone(), t);
+    }
+    Ok(src)
+}
