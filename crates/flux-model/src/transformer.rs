@@ -124,7 +124,14 @@ impl FluxConfig {
         let mlp_hidden = if depth > 0 {
             dim2("double_blocks.0.img_mlp.0.weight")?.0
         } else if depth_single > 0 {
-            dim2("single_blocks.0.linear1.weight")?.0 - 3 * hidden
+            dim2("single_blocks.0.linear1.weight")?
+                .0
+                .checked_sub(3 * hidden)
+                .ok_or_else(|| {
+                    WeightError::Config(
+                        "single_blocks.0.linear1.weight is narrower than 3 x hidden".into(),
+                    )
+                })?
         } else {
             4 * hidden
         };
