@@ -1,6 +1,7 @@
 //! `flux`: sampling, parity checks and benchmarks from the command line.
 
 mod bench;
+mod img2img;
 mod parity;
 mod sigmas;
 
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Measure a whole loop and print one `key=value` line.
     Bench(bench::BenchArgs),
+    /// Change an image to match a prompt (img2img); the built-in demo model when none is given.
+    Img2img(Box<img2img::Img2ImgArgs>),
     /// Check every case of a reference directory against the reference outputs.
     Parity(parity::ParityArgs),
     /// List the sigma schedulers.
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
+        Command::Img2img(args) => img2img::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::run(&args),
         Command::Schedulers => Ok(sigmas::list()),
         Command::Sigmas(args) => sigmas::run(&args),

@@ -7,11 +7,12 @@
 
 pub mod data;
 pub mod clip;
+pub mod pipeline;
 pub mod report;
 pub mod rng;
-pub mod transformer;
 pub mod samplers;
 pub mod schedulers;
+pub mod transformer;
 pub mod t5;
 pub mod vae;
 
@@ -74,6 +75,7 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
         "flux-vae" => vae::run(&folder.path, opts),
         "t5-encoder" => t5::run(&folder.path, opts),
         "clip-text" => clip::run(&folder.path, opts),
+        "flux-pipeline-comfy" => pipeline::run_comfy(&folder.path, opts),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),
             &format!("kind '{}' is not checked yet", folder.kind),

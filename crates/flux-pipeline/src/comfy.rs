@@ -55,6 +55,8 @@ pub struct RunTrace {
     pub x_start: Option<HostTensor>,
     /// Every model call.
     pub calls: Vec<CallRecord>,
+    /// Every sampler noise draw with its `(sigma, sigma_next)`.
+    pub noise: Vec<(HostTensor, f64, f64)>,
     /// Sampler return.
     pub out_raw: Option<HostTensor>,
     /// After `process_out`.
@@ -189,13 +191,18 @@ pub fn run<B: Backend>(
             default_noise = DefaultNoise::new(params.seed);
             &mut default_noise
         };
+        let mut recorder = RecordingNoise {
+            inner: noise_source,
+            record,
+            draws: Vec::new(),
+        };
         let x = upload(backend, &x_start, dtype)?;
         let mut cb = |info: &StepInfo<'_, B>| on_step(info.step, info.total);
         let mut ctx = SampleContext {
             backend,
             model: &ms,
             denoiser: &mut denoiser,
-            noise: noise_source,
+            noise: &mut recorder,
             callback: Some(&mut cb),
         };
         let raw = flux_samplers::sample(
@@ -217,6 +224,7 @@ pub fn run<B: Backend>(
         let out = map(&raw, dtype, |v| v * inv);
         if record {
             t.calls = std::mem::take(&mut denoiser.calls);
+            t.noise = std::mem::take(&mut recorder.draws);
             t.out_raw = Some(raw);
         }
         out
@@ -229,6 +237,39 @@ pub fn run<B: Backend>(
         t.decoded = Some(decoded.clone());
     }
     Ok(decoded)
+}
+
+/// Passes draws through, keeping a host copy of each when recording.
+struct RecordingNoise<'a, B: Backend> {
+    inner: &'a mut dyn NoiseSource<B>,
+    record: bool,
+    draws: Vec<(HostTensor, f64, f64)>,
+}
+
+impl<B: Backend> NoiseSource<B> for RecordingNoise<'_, B> {
+    fn sample(
+        &mut self,
+        backend: &B,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> flux_samplers::Result<Tensor<B>> {
+        // ComfyUI latents are float32, so its noise is drawn in float32 whatever precision the
+        // rest of the run uses; wider runs take the same draws widened.
+        let mut t = self
+            .inner
+            .sample(backend, shape, DType::F32, sigma, sigma_next)?;
+        if dtype != DType::F32 {
+            let v = backend.download_f64(&t)?;
+            t = backend.upload(HostData::F64(&v), shape, dtype)?;
+        }
+        if self.record {
+            let host = HostTensor::new(t.shape().to_vec(), backend.download_f64(&t)?);
+            self.draws.push((host, sigma, sigma_next));
+        }
+        Ok(t)
+    }
 }
 
 /// `f(x)` elementwise, rounded to `dtype` (f32 maths for f32 runs).

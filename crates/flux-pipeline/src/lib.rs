@@ -9,8 +9,13 @@
 //! * [`demo`]: a tiny built-in model with deterministic weights, used when none is configured.
 
 pub mod comfy;
+pub mod demo;
 pub mod error;
+pub mod flux;
 pub mod image_io;
 pub mod model;
+pub mod pipeline;
+
+pub use pipeline::{Img2ImgRequest, ModelFiles, Output, Pipeline, Progress};
 
 pub use error::{PipelineError, Result};
