@@ -118,7 +118,7 @@ fn bench_tiny(c: &mut Criterion) {
     let m = FluxTransformer::load(&Cpu, &w, DType::F32).unwrap();
     let case = Case::new(m, 16, 7, 1);
     c.bench_function("cpu_flux_tiny_forward_f32", |b| {
-        b.iter(|| black_box(case.forward()))
+        b.iter(|| black_box(case.forward()));
     });
 }
 

@@ -56,7 +56,8 @@ pub fn run(a: &TransformerBenchArgs) -> Result<ExitCode> {
         "bf16" => DType::BF16,
         other => anyhow::bail!("--weights '{other}': expected f32 or bf16"),
     };
-    if a.heads == 0 || a.hidden % a.heads != 0 || (a.hidden / a.heads) % 2 != 0 {
+    if a.heads == 0 || !a.hidden.is_multiple_of(a.heads) || !(a.hidden / a.heads).is_multiple_of(2)
+    {
         anyhow::bail!(
             "--hidden {} must split into --heads {} of an even head dim",
             a.hidden,
