@@ -35,7 +35,7 @@ impl<B: Backend> Denoiser<B> for HalfModel {
     }
 }
 
-fn latent(backend: &Cpu, shape: &[usize], seed: u64) -> Tensor<Cpu> {
+fn latent(backend: Cpu, shape: &[usize], seed: u64) -> Tensor<Cpu> {
     let noise = randn(shape, seed, DType::F32).expect("valid shape");
     backend
         .upload(noise.as_host(), shape, DType::F32)
@@ -60,7 +60,7 @@ fn sampler_steps(c: &mut Criterion) {
     let mut group = c.benchmark_group("cpu_sampler_step");
     group.sample_size(10);
     for shape in SHAPES {
-        let x0 = latent(&backend, &shape, 1);
+        let x0 = latent(backend, &shape, 1);
         let id_shape = shape.map(|d| d.to_string()).join("x");
         for sampler in families {
             // Two steps of a 20-step schedule from its middle: multistep samplers reach their
@@ -108,7 +108,7 @@ fn lincomb_vs_copy(c: &mut Criterion) {
     for shape in SHAPES {
         let numel: usize = shape.iter().product();
         let id_shape = shape.map(|d| d.to_string()).join("x");
-        let inputs: Vec<Tensor<Cpu>> = (0..4).map(|i| latent(&backend, &shape, i)).collect();
+        let inputs: Vec<Tensor<Cpu>> = (0..4).map(|i| latent(backend, &shape, i)).collect();
         let mut out = backend.zeros(&shape, DType::F32).expect("zeros");
         for terms in [2usize, 3, 4] {
             let bytes = ((terms + 1) * numel * 4) as u64;
@@ -122,7 +122,7 @@ fn lincomb_vs_copy(c: &mut Criterion) {
                 b.iter(|| {
                     backend
                         .lincomb_into(&mut out, black_box(&t))
-                        .expect("lincomb")
+                        .expect("lincomb");
                 });
             });
             // A plain parallel copy of the same number of bytes (half read, half written).

@@ -5,13 +5,13 @@ use crate::{Backend, DType};
 /// A dense, contiguous, row-major tensor living on backend `B`.
 ///
 /// Tensors are not `Clone`: copying device memory is explicit (`SamplerOps::copy`).
-pub struct Tensor<B: Backend + ?Sized> {
+pub struct Tensor<B: Backend> {
     storage: B::Storage,
     shape: Vec<usize>,
     dtype: DType,
 }
 
-impl<B: Backend + ?Sized> Tensor<B> {
+impl<B: Backend> Tensor<B> {
     /// Assembles a tensor from backend storage. Only backends call this; they guarantee that
     /// `storage` holds `shape.iter().product()` elements of `dtype`.
     pub fn from_parts(storage: B::Storage, shape: Vec<usize>, dtype: DType) -> Self {
@@ -67,7 +67,7 @@ impl<B: Backend + ?Sized> Tensor<B> {
     }
 }
 
-impl<B: Backend + ?Sized> std::fmt::Debug for Tensor<B> {
+impl<B: Backend> std::fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tensor")
             .field("shape", &self.shape)

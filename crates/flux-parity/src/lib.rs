@@ -5,15 +5,15 @@
 //! directory recursively, runs every case of every kind it knows, and reports kinds it does not
 //! handle as skipped, never as passed.
 
-pub mod data;
 pub mod clip;
+pub mod data;
 pub mod pipeline;
 pub mod report;
 pub mod rng;
 pub mod samplers;
 pub mod schedulers;
-pub mod transformer;
 pub mod t5;
+pub mod transformer;
 pub mod vae;
 
 pub use report::{CaseResult, Outcome, Summary};

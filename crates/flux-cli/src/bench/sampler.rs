@@ -57,7 +57,7 @@ impl<B: Backend, D: Denoiser<B>> Denoiser<B> for Timed<D> {
 
 /// One timed run: (total seconds, seconds inside the denoiser).
 fn run_once(
-    backend: &Cpu,
+    backend: Cpu,
     sampler: Sampler,
     model: &ModelSampling,
     x0: &Tensor<Cpu>,
@@ -72,7 +72,7 @@ fn run_once(
     let start = Instant::now();
     let x = backend.copy(x0)?;
     let mut ctx = SampleContext {
-        backend,
+        backend: &backend,
         model,
         denoiser: &mut denoiser,
         noise: noise.as_mut(),
@@ -116,11 +116,11 @@ pub fn run(args: &SamplerBenchArgs) -> Result<ExitCode> {
     let noise = randn(&shape, args.seed, dtype)?;
     // sigma_0 is 1 for flux-dev's full schedule, so the start latent is the noise itself.
     let x0 = backend.upload(noise.as_host(), &shape, dtype)?;
-    run_once(&backend, sampler, &model, &x0, &sigmas, args.seed)?;
+    run_once(backend, sampler, &model, &x0, &sigmas, args.seed)?;
     let mut totals = Vec::new();
     let mut overheads = Vec::new();
     for _ in 0..5 {
-        let (total, inside) = run_once(&backend, sampler, &model, &x0, &sigmas, args.seed)?;
+        let (total, inside) = run_once(backend, sampler, &model, &x0, &sigmas, args.seed)?;
         totals.push(total);
         overheads.push((total - inside).max(0.0) / args.steps as f64);
     }

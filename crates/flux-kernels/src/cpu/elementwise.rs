@@ -66,7 +66,7 @@ impl Elem for f32 {
 }
 
 /// One chunk of `out = [a*out +] sum c_k t_k`, with the term count fixed at compile time.
-#[inline(always)]
+#[inline]
 fn chunk<T: Elem, const N: usize>(
     out: &mut [T],
     a: Option<T>,
