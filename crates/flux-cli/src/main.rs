@@ -24,6 +24,8 @@ enum Command {
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Check every case of a reference directory against the reference outputs.
     Parity(parity::ParityArgs),
+    /// List the samplers.
+    Samplers,
     /// List the sigma schedulers.
     Schedulers,
     /// Print the sigma schedule of a scheduler, as ComfyUI's KSampler computes it.
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Img2img(args) => img2img::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::run(&args),
+        Command::Samplers => Ok(sigmas::list_samplers()),
         Command::Schedulers => Ok(sigmas::list()),
         Command::Sigmas(args) => sigmas::run(&args),
     };

@@ -49,6 +49,19 @@ pub fn list() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Prints every sampler name with its one-line description.
+pub fn list_samplers() -> ExitCode {
+    let width = flux_samplers::Sampler::ALL
+        .iter()
+        .map(|s| s.name().len())
+        .max()
+        .unwrap_or(0);
+    for s in flux_samplers::Sampler::ALL {
+        println!("{:width$}  {}", s.name(), s.description());
+    }
+    ExitCode::SUCCESS
+}
+
 fn parse_number(flag: &str, value: &str, what: &str) -> Result<f64> {
     match value.trim().parse::<f64>() {
         Ok(v) if v.is_finite() => Ok(v),

@@ -138,6 +138,64 @@ impl Sampler {
         crate::samplers::implemented(self)
     }
 
+    /// A one-line description (for `flux samplers`).
+    pub const fn description(self) -> &'static str {
+        match self {
+            Sampler::Euler => "first-order Euler step of the probability-flow ODE",
+            Sampler::EulerCfgPp => "Euler with CFG++ (renoises with the unconditional prediction)",
+            Sampler::EulerAncestral => "Euler with ancestral noise (rectified-flow form for Flux)",
+            Sampler::EulerAncestralCfgPp => "ancestral Euler with CFG++",
+            Sampler::Heun => "second-order Heun (two model calls per step)",
+            Sampler::Heunpp2 => "Heun++ with a weighted third-order correction",
+            Sampler::Dpm2 => "DPM-Solver-2 midpoint step (two calls per step)",
+            Sampler::Dpm2Ancestral => "DPM-Solver-2 with ancestral noise",
+            Sampler::Lms => "linear multistep (Adams-Bashforth, order 4)",
+            Sampler::DpmFast => "DPM-Solver fast: fixed orders 3/2/1 over the schedule's range",
+            Sampler::DpmAdaptive => "DPM-Solver with adaptive step size (error control)",
+            Sampler::Dpmpp2sAncestral => "DPM-Solver++(2S) single-step with ancestral noise",
+            Sampler::Dpmpp2sAncestralCfgPp => "DPM-Solver++(2S) ancestral with CFG++",
+            Sampler::DpmppSde => "DPM-Solver++ SDE (two calls per step, Brownian-tree noise)",
+            Sampler::DpmppSdeGpu => "dpmpp_sde; ComfyUI evaluates its Brownian tree on the GPU",
+            Sampler::Dpmpp2m => "DPM-Solver++(2M) multistep",
+            Sampler::Dpmpp2mCfgPp => "DPM-Solver++(2M) with CFG++",
+            Sampler::Dpmpp2mSde => "DPM-Solver++(2M) SDE, midpoint, Brownian-tree noise",
+            Sampler::Dpmpp2mSdeGpu => {
+                "dpmpp_2m_sde; ComfyUI evaluates its Brownian tree on the GPU"
+            }
+            Sampler::Dpmpp3mSde => "DPM-Solver++(3M) SDE, Brownian-tree noise",
+            Sampler::Dpmpp3mSdeGpu => {
+                "dpmpp_3m_sde; ComfyUI evaluates its Brownian tree on the GPU"
+            }
+            Sampler::Ddpm => "ancestral DDPM posterior sampling",
+            Sampler::Lcm => "latent consistency: denoise, then renoise to the next sigma",
+            Sampler::Ipndm => "improved pseudo-numerical multistep (order 4)",
+            Sampler::IpndmV => "iPNDM with variable step sizes",
+            Sampler::Deis => "diffusion exponential integrator sampler (order 3)",
+            Sampler::Ddim => "DDIM; in ComfyUI the same update as euler",
+            Sampler::UniPc => "UniPC predictor-corrector, B(h) = h",
+            Sampler::UniPcBh2 => "UniPC predictor-corrector, B(h) = expm1(h)",
+            Sampler::Dpmpp2mSdeHeun => "DPM-Solver++(2M) SDE with the Heun solver type",
+            Sampler::Dpmpp2mSdeHeunGpu => {
+                "dpmpp_2m_sde_heun; ComfyUI evaluates its Brownian tree on the GPU"
+            }
+            Sampler::ExpHeun2X0 => "exponential Heun, second order, data prediction",
+            Sampler::ExpHeun2X0Sde => "exponential Heun second order with SDE noise",
+            Sampler::ResMultistep => "RES multistep exponential integrator",
+            Sampler::ResMultistepCfgPp => "RES multistep with CFG++",
+            Sampler::ResMultistepAncestral => "RES multistep with ancestral noise",
+            Sampler::ResMultistepAncestralCfgPp => "RES multistep ancestral with CFG++",
+            Sampler::GradientEstimation => {
+                "gradient-estimation sampler (Euler with momentum on the update)"
+            }
+            Sampler::GradientEstimationCfgPp => "gradient estimation with CFG++",
+            Sampler::ErSde => "extended reverse-time SDE solver (stage 3)",
+            Sampler::Seeds2 => "SEEDS-2 exponential SDE solver",
+            Sampler::Seeds3 => "SEEDS-3 exponential SDE solver",
+            Sampler::SaSolver => "SA-Solver stochastic Adams predictor-corrector",
+            Sampler::SaSolverPece => "SA-Solver in PECE mode (extra corrector call)",
+        }
+    }
+
     /// Comma-separated list of every valid name (for error messages).
     pub fn valid_names() -> String {
         Self::ALL
