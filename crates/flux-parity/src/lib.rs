@@ -20,6 +20,17 @@ pub use report::{CaseResult, Outcome, Summary};
 
 use std::path::{Path, PathBuf};
 
+/// The reference folder `sub` (e.g. `samplers`, `flux-tiny/vae`): under the directory named by
+/// `FLUX_REFERENCE_DIR` when that is set, else under the repository's `testdata/`.
+pub fn reference_folder(sub: &str) -> PathBuf {
+    match std::env::var_os("FLUX_REFERENCE_DIR") {
+        Some(dir) => PathBuf::from(dir).join(sub),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(sub),
+    }
+}
+
 /// Options of a parity run.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {

@@ -4,10 +4,7 @@ use flux_parity::{RunOptions, clip};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir).join("flux-tiny/clip"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/flux-tiny/clip"),
-    }
+    flux_parity::reference_folder("flux-tiny/clip")
 }
 
 #[test]

@@ -5,12 +5,7 @@ use flux_parity::{RunOptions, data::read_json, pipeline};
 use std::path::PathBuf;
 
 fn folder(name: &str) -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir).join("flux-tiny").join(name),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../testdata/flux-tiny")
-            .join(name),
-    }
+    flux_parity::reference_folder(&format!("flux-tiny/{name}"))
 }
 
 #[test]

@@ -4,10 +4,7 @@ use flux_parity::{RunOptions, data::read_json, rng};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir).join("rng"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/rng"),
-    }
+    flux_parity::reference_folder("rng")
 }
 
 #[test]
@@ -32,10 +29,7 @@ fn every_rng_case_is_bit_exact() {
 }
 
 fn samplers_folder() -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir).join("samplers"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/samplers"),
-    }
+    flux_parity::reference_folder("samplers")
 }
 
 #[test]

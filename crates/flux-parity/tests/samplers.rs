@@ -7,10 +7,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 fn folder() -> PathBuf {
-    std::env::var_os("FLUX_REFERENCE_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/samplers"),
-        |d| PathBuf::from(d).join("samplers"),
-    )
+    flux_parity::reference_folder("samplers")
 }
 
 /// `(sampler name, case name)` of every manifest case, in manifest order.

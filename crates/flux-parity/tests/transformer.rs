@@ -13,10 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 fn reference_root() -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(d) => PathBuf::from(d).join("flux-tiny"),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/flux-tiny"),
-    }
+    flux_parity::reference_folder("flux-tiny")
 }
 
 fn transformer_folders() -> Vec<PathBuf> {

@@ -5,10 +5,7 @@ use flux_parity::{RunOptions, data::read_json, vae};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
-    match std::env::var_os("FLUX_REFERENCE_DIR") {
-        Some(dir) => PathBuf::from(dir).join("flux-tiny/vae"),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/flux-tiny/vae"),
-    }
+    flux_parity::reference_folder("flux-tiny/vae")
 }
 
 #[test]
