@@ -8,6 +8,7 @@
 
 use crate::{Denoised, Denoiser, Result, SamplerError};
 use flux_kernels::{Backend, HostData, Tensor};
+use rayon::prelude::*;
 
 /// A Gaussian mixture over one scalar: weights, means and standard deviations.
 #[derive(Clone, Debug, PartialEq)]
@@ -197,23 +198,27 @@ impl MixtureDenoiser {
         want_uncond: bool,
     ) -> (Vec<f64>, Option<Vec<f64>>) {
         let a = self.scale(sigma);
-        let cond: Vec<f64> = x
-            .iter()
-            .map(|&v| self.cond.posterior_mean(v, a, sigma))
-            .collect();
+        let cond = map_elements(x, |v| self.cond.posterior_mean(v, a, sigma));
         if self.cfg == 1.0 && !want_uncond {
             return (cond, None);
         }
-        let uncond: Vec<f64> = x
-            .iter()
-            .map(|&v| self.uncond.posterior_mean(v, a, sigma))
-            .collect();
+        let uncond = map_elements(x, |v| self.uncond.posterior_mean(v, a, sigma));
         let guided = cond
             .iter()
             .zip(&uncond)
             .map(|(&c, &u)| u + (c - u) * self.cfg)
             .collect();
         (guided, want_uncond.then_some(uncond))
+    }
+}
+
+/// Applies `f` to every element, on the rayon pool for large latents (the elements are
+/// independent, so the result does not depend on the split).
+fn map_elements(x: &[f64], f: impl Fn(f64) -> f64 + Sync) -> Vec<f64> {
+    if x.len() >= 1 << 15 {
+        x.par_iter().map(|&v| f(v)).collect()
+    } else {
+        x.iter().map(|&v| f(v)).collect()
     }
 }
 
