@@ -16,7 +16,7 @@ pub mod t5;
 pub mod transformer;
 pub mod vae;
 
-pub use report::{CaseResult, Outcome, Summary};
+pub use report::{CaseResult, Outcome, Summary, failure_lines};
 
 use std::path::{Path, PathBuf};
 

@@ -76,6 +76,15 @@ impl fmt::Display for CaseResult {
     }
 }
 
+/// The report lines of every case that did not pass (failed or skipped), for test messages.
+pub fn failure_lines(results: &[CaseResult]) -> Vec<String> {
+    results
+        .iter()
+        .filter(|r| !r.passed())
+        .map(ToString::to_string)
+        .collect()
+}
+
 /// Counts over a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {

@@ -13,11 +13,7 @@ fn every_rng_case_is_bit_exact() {
     let manifest = read_json(&dir.join("manifest.json")).expect("rng manifest readable");
     let listed = manifest["cases"].as_array().map_or(0, Vec::len);
     let results = rng::run(&dir, &RunOptions::default()).expect("rng folder readable");
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(ToString::to_string)
-        .collect();
+    let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
         "{} failed:\n{}",
@@ -44,11 +40,7 @@ fn brownian_tree_draws_match_the_recorded_sde_noise() {
     for r in &results {
         eprintln!("{r}");
     }
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(ToString::to_string)
-        .collect();
+    let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
         "{} failed:\n{}",

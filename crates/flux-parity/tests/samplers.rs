@@ -83,11 +83,7 @@ fn every_sampler_is_implemented() {
 fn every_manifest_case_passes() {
     let results = run_all();
     assert_eq!(results.len(), manifest_cases().len());
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(ToString::to_string)
-        .collect();
+    let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
         "{} cases failed:\n{}",

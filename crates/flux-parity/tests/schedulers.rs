@@ -23,11 +23,7 @@ fn every_scheduler_case_matches_comfyui() {
     let listed = entries + files.len();
     let results =
         schedulers::run(&dir, &RunOptions::default()).expect("schedulers folder readable");
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(ToString::to_string)
-        .collect();
+    let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
         "{} failed:\n{}",

@@ -34,11 +34,7 @@ fn every_case_matches_the_reference() {
         for r in &results {
             println!("{r}");
         }
-        let failed: Vec<String> = results
-            .iter()
-            .filter(|r| !r.passed())
-            .map(ToString::to_string)
-            .collect();
+        let failed = flux_parity::failure_lines(&results);
         assert!(failed.is_empty(), "failed cases:\n{}", failed.join("\n"));
         let names = case_names(&folder).expect("case list");
         assert!(!names.is_empty());

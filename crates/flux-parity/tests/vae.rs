@@ -17,11 +17,7 @@ fn every_vae_case_matches_the_reference() {
     for r in &results {
         eprintln!("{r}");
     }
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|r| !r.passed())
-        .map(ToString::to_string)
-        .collect();
+    let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
         "{} failed:\n{}",
