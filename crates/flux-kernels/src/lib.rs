@@ -7,6 +7,8 @@
 //! supertraits of [`Backend`], so sampler code never changes when they do.
 
 pub mod backend;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod conv_ops;
 pub mod cpu;
 pub mod dtype;
