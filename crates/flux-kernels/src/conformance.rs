@@ -99,15 +99,15 @@ pub fn run_all<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
 /// One `#[test]` per op family of the conformance suite for a backend.
 ///
 /// `$backend` is an expression of type `Option<B>`: `None` means the device is missing and the
-/// test returns early (the caller decides whether that is allowed and says so). Attributes given
-/// before the backend (for example `#[ignore = "..."]`) are put on every test.
+/// test returns early (the caller decides whether that is allowed and says so). Attributes in
+/// brackets before the backend (for example `[#[ignore = "..."]]`) are put on every test.
 ///
 /// ```ignore
 /// flux_kernels::conformance_tests!(Some(flux_kernels::Cpu), flux_kernels::conformance::Tolerances::F32);
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($(#[$attr:meta])* $backend:expr, $tol:expr) => {
+    ([$(#[$attr:meta])*] $backend:expr, $tol:expr) => {
         $crate::conformance_tests!(@each [$(#[$attr])*] ($backend) ($tol);
             memory, dtype_support, lincomb, reductions, weights, linear, matmul, norms,
             modulation, activations, elementwise, softmax, rope, attention, layout, conv2d,
@@ -130,6 +130,9 @@ macro_rules! conformance_tests {
                 failures.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n")
             );
         }
+    };
+    ($backend:expr, $tol:expr) => {
+        $crate::conformance_tests!([] $backend, $tol);
     };
 }
 
