@@ -1,0 +1,330 @@
+//! The device handle: context, stream, compiled kernels, cuBLAS, and the launch helpers the op
+//! implementations share.
+//!
+//! This is the only module (with `blas`) that calls unsafe cudarc functions; each call states
+//! why its arguments are valid.
+#![allow(unsafe_code)]
+
+use crate::kernels;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use flux_kernels::{DType, KernelError, Result, Tensor};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Why a CUDA backend could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// The driver library is not installed.
+    #[error(
+        "no CUDA driver: libcuda.so (the NVIDIA driver library) was not found on the loader path"
+    )]
+    NoDriver,
+    /// The driver works but reports no device.
+    #[error("no CUDA device: the driver reports {0} devices")]
+    NoDevice(i32),
+    /// The requested device does not exist.
+    #[error("CUDA device {ordinal} requested, the driver reports {count} devices")]
+    DeviceOutOfRange { ordinal: usize, count: i32 },
+    /// A run-time library other than the driver is missing.
+    #[error("{library} not found: {hint}")]
+    MissingLibrary {
+        library: &'static str,
+        hint: &'static str,
+    },
+    /// A driver call failed.
+    #[error("CUDA driver error while {during}: {message}")]
+    Driver {
+        during: &'static str,
+        message: String,
+    },
+    /// A kernel file did not compile.
+    #[error("NVRTC could not compile {file}:\n{log}")]
+    Compile { file: &'static str, log: String },
+    /// cuBLAS could not be initialised.
+    #[error("cuBLAS initialisation failed: {0}")]
+    Blas(String),
+    /// A library call panicked (caught; reported instead of unwinding into the caller).
+    #[error("the CUDA libraries failed while {0} (caught a panic)")]
+    Panic(&'static str),
+}
+
+/// Device memory of a tensor: raw bytes of the tensor's dtype, plus the factor that multiplies
+/// a stored weight when it is widened (fp8 checkpoints carry one; 1 otherwise).
+pub struct CudaStorage {
+    pub(crate) buf: CudaSlice<u8>,
+    pub(crate) scale: f32,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaStorage")
+            .field("bytes", &self.buf.len())
+            .field("scale", &self.scale)
+            .finish()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    funcs: HashMap<String, CudaFunction>,
+    pub(crate) blas: Mutex<CudaBlas>,
+    name: String,
+    sm_count: u32,
+}
+
+/// A CUDA device with its stream, kernels and cuBLAS handle. Cheap to clone (shared handle).
+#[derive(Clone)]
+pub struct Cuda {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("device", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn driver_err(during: &'static str) -> impl Fn(cudarc::driver::DriverError) -> CudaError {
+    move |e| CudaError::Driver {
+        during,
+        message: e.to_string(),
+    }
+}
+
+/// Runs `f`, turning a panic inside the CUDA libraries into [`CudaError::Panic`].
+fn guarded<T>(
+    during: &'static str,
+    f: impl FnOnce() -> std::result::Result<T, CudaError>,
+) -> std::result::Result<T, CudaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or(Err(CudaError::Panic(during)))
+}
+
+/// Whether the CUDA driver library (`libcuda`) can be loaded.
+pub fn driver_available() -> bool {
+    library_present(cudarc::driver::sys::is_culib_present)
+}
+
+fn library_present(check: unsafe fn() -> bool) -> bool {
+    // SAFETY: the check only tries to open a shared library; a panic is contained.
+    std::panic::catch_unwind(|| unsafe { check() }).unwrap_or(false)
+}
+
+impl Cuda {
+    /// The first CUDA device, with every kernel compiled for its architecture.
+    ///
+    /// Fails cleanly (no panic) when the driver, a device, NVRTC or cuBLAS is missing.
+    pub fn new() -> std::result::Result<Cuda, CudaError> {
+        Self::with_device(0)
+    }
+
+    /// CUDA device `ordinal`.
+    pub fn with_device(ordinal: usize) -> std::result::Result<Cuda, CudaError> {
+        guarded("opening the device", || Self::open(ordinal))
+    }
+
+    fn open(ordinal: usize) -> std::result::Result<Cuda, CudaError> {
+        if !library_present(cudarc::driver::sys::is_culib_present) {
+            return Err(CudaError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(driver_err("counting devices"))?;
+        if count <= 0 {
+            return Err(CudaError::NoDevice(count));
+        }
+        if ordinal >= count as usize {
+            return Err(CudaError::DeviceOutOfRange { ordinal, count });
+        }
+        if !kernels::nvrtc_available() {
+            return Err(CudaError::MissingLibrary {
+                library: "libnvrtc (NVRTC, the CUDA run-time compiler)",
+                hint: "install the CUDA toolkit or the pip wheel nvidia-cuda-nvrtc-cu12 and put \
+                       its nvidia/cuda_nvrtc/lib folder on LD_LIBRARY_PATH",
+            });
+        }
+        if !library_present(cudarc::cublas::sys::is_culib_present) {
+            return Err(CudaError::MissingLibrary {
+                library: "libcublas (cuBLAS)",
+                hint: "install the CUDA toolkit or the pip wheel nvidia-cublas-cu12 and put its \
+                       nvidia/cublas/lib folder on LD_LIBRARY_PATH",
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("creating the context"))?;
+        // One stream for everything: cudarc's per-buffer events are not needed.
+        // SAFETY: no buffer exists yet, so none depends on event tracking.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver_err("reading the compute capability"))?;
+        let name = ctx.name().map_err(driver_err("reading the device name"))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(driver_err("reading the multiprocessor count"))?;
+        let compiled = kernels::compile_kernels(
+            kernels::arch_for(major, minor),
+            &kernels::include_paths_from_env(),
+        )?;
+        let mut funcs = HashMap::new();
+        for file in compiled {
+            let module = ctx
+                .load_module(file.ptx)
+                .map_err(driver_err("loading a kernel module"))?;
+            for entry in file.entries {
+                let f = module
+                    .load_function(&entry)
+                    .map_err(driver_err("loading a kernel"))?;
+                funcs.insert(entry, f);
+            }
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
+        Ok(Cuda {
+            inner: Arc::new(Inner {
+                ctx,
+                stream,
+                funcs,
+                blas: Mutex::new(blas),
+                name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
+                sm_count: sm_count.max(1) as u32,
+            }),
+        })
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.inner.ctx.mem_get_info().map_err(dev("memory info"))
+    }
+
+    /// The human-readable device name.
+    pub fn device_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Waits until every queued op has finished (for timing; ops never need it).
+    pub fn synchronize(&self) -> Result<()> {
+        self.inner.stream.synchronize().map_err(dev("synchronize"))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    /// Allocates `bytes` bytes (at least one, so empty tensors have a valid pointer).
+    pub(crate) fn alloc_bytes(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: every caller writes the buffer (kernel output, copy or memset) before it is
+        // read; the stream orders those writes before any read.
+        unsafe { self.inner.stream.alloc::<u8>(bytes.max(1)) }.map_err(dev("alloc"))
+    }
+
+    /// A tensor of `shape` and `dtype` whose memory is not yet written.
+    pub(crate) fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Cuda>> {
+        let n: usize = shape.iter().product();
+        let buf = self.alloc_bytes(n * dtype.size_in_bytes())?;
+        Ok(Tensor::from_parts(
+            CudaStorage { buf, scale: 1.0 },
+            shape.to_vec(),
+            dtype,
+        ))
+    }
+
+    /// The raw device address of a buffer (for cuBLAS and pointer offsets).
+    pub(crate) fn ptr(&self, buf: &CudaSlice<u8>) -> u64 {
+        let (p, _sync) = buf.device_ptr(&self.inner.stream);
+        p
+    }
+
+    /// A grid-stride launch configuration for `n` elements.
+    pub(crate) fn cfg_elems(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, self.inner.sm_count as usize * 16);
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of `threads` threads per row.
+    pub(crate) fn cfg_rows(rows: usize, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub(crate) fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg<'_>]) -> Result<()> {
+        if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
+            return Ok(());
+        }
+        let f = self
+            .inner
+            .funcs
+            .get(name)
+            .ok_or_else(|| KernelError::Device(format!("kernel {name} was not compiled")))?;
+        let mut b = self.inner.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Buf(s) => b.arg(*s),
+                Arg::U64(v) => b.arg(v),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::F64(v) => b.arg(v),
+            };
+        }
+        // SAFETY: every kernel in shaders/cuda takes exactly the arguments its callers pass
+        // (buffers as pointers, then the listed scalars), and the callers size every buffer for
+        // the element counts they pass; the kernels bound-check against those counts.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(dev("kernel launch"))
+    }
+}
+
+/// One kernel argument.
+pub(crate) enum Arg<'a> {
+    /// A device buffer (passed as its pointer).
+    Buf(&'a CudaSlice<u8>),
+    /// `unsigned long long`.
+    U64(u64),
+    /// `int`.
+    I32(i32),
+    /// `float`.
+    F32(f32),
+    /// `double`.
+    F64(f64),
+}
+
+/// Maps a driver error to a kernel error naming the operation.
+pub(crate) fn dev(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
+    move |e| KernelError::Device(format!("{op}: {e}"))
+}
+
+/// `_f32` / `_f64` kernel name suffix of a compute dtype.
+pub(crate) fn suffix(op: &'static str, d: DType) -> Result<&'static str> {
+    match d {
+        DType::F32 => Ok("f32"),
+        DType::F64 => Ok("f64"),
+        d => Err(KernelError::InvalidArgument {
+            op,
+            message: format!("activations must be f32 or f64, found {d}"),
+        }),
+    }
+}
+
+/// `u64` argument from a count.
+pub(crate) fn u(n: usize) -> Arg<'static> {
+    Arg::U64(n as u64)
+}
+
+/// `int` flag argument.
+pub(crate) fn flag(b: bool) -> Arg<'static> {
+    Arg::I32(i32::from(b))
+}

@@ -1,0 +1,93 @@
+//! Every kernel file compiles with NVRTC for the architectures the backend targets. NVRTC runs
+//! without a GPU; in CI (or with `FLUX_REQUIRE_NVRTC=1`) a missing NVRTC fails the test, elsewhere
+//! the test is ignored rather than passed.
+
+use flux_cuda::{KERNEL_FILES, compile_kernels, kernels::include_paths_from_env, nvrtc_available};
+
+fn compile_for(arch: &'static str) {
+    assert!(
+        nvrtc_available(),
+        "NVRTC (libnvrtc.so.12) is not on the loader path: install the pip wheel \
+         nvidia-cuda-nvrtc-cu12 and add its nvidia/cuda_nvrtc/lib folder to LD_LIBRARY_PATH"
+    );
+    let compiled = match compile_kernels(arch, &include_paths_from_env()) {
+        Ok(c) => c,
+        Err(e) => panic!("{arch}: {e}"),
+    };
+    assert_eq!(compiled.len(), KERNEL_FILES.len());
+    for file in &compiled {
+        assert!(
+            !file.entries.is_empty(),
+            "{arch}: {} defines no kernel entry point",
+            file.file
+        );
+    }
+    // Spot-check that the families the backend launches are all there, in both precisions.
+    let all: Vec<&str> = compiled
+        .iter()
+        .flat_map(|f| f.entries.iter().map(String::as_str))
+        .collect();
+    for base in [
+        "lincomb",
+        "affine",
+        "binary",
+        "sum_squares",
+        "max_abs",
+        "scaled_error_sq",
+        "layer_norm",
+        "rms_norm",
+        "group_norm",
+        "modulate",
+        "gated_add",
+        "rope",
+        "softmax",
+        "activation",
+        "im2col",
+        "bias_nchw",
+        "upsample2x",
+        "crop",
+        "permute",
+        "copy_rows",
+        "broadcast_rows",
+        "widen_f32",
+        "widen_f64",
+        "widen_bf16",
+        "widen_f16",
+        "dequant_f8e4m3",
+        "attention",
+    ] {
+        for s in ["f32", "f64"] {
+            let name = format!("{base}_{s}");
+            assert!(
+                all.contains(&name.as_str()),
+                "{arch}: kernel {name} missing"
+            );
+        }
+    }
+    for name in [
+        "narrow_f32_to_bf16",
+        "narrow_f32_to_f16",
+        "f8e4m3_to_bf16",
+        "gather_rows_bytes",
+    ] {
+        assert!(all.contains(&name), "{arch}: kernel {name} missing");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(flux_require_nvrtc),
+    ignore = "needs NVRTC: set FLUX_REQUIRE_NVRTC=1 (CI does) with libnvrtc on LD_LIBRARY_PATH"
+)]
+fn every_kernel_compiles_for_compute_80() {
+    compile_for("compute_80");
+}
+
+#[test]
+#[cfg_attr(
+    not(flux_require_nvrtc),
+    ignore = "needs NVRTC: set FLUX_REQUIRE_NVRTC=1 (CI does) with libnvrtc on LD_LIBRARY_PATH"
+)]
+fn every_kernel_compiles_for_compute_90() {
+    compile_for("compute_90");
+}

@@ -1,0 +1,89 @@
+// Normalisations: one block per row (layer / RMS norm) or per group (group norm); statistics
+// accumulate in f64 as on the CPU backend, the normalisation itself runs in T.
+
+template <typename T>
+__device__ void layer_norm(T* out, const T* x, const T* w, const T* b, u64 c, double eps,
+                           int has_w, int has_b) {
+    const T* row = x + (u64)blockIdx.x * c;
+    T* o = out + (u64)blockIdx.x * c;
+    double s = 0.0;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) s += (double)row[j];
+    const double mean = block_sum(s) / (double)c;
+    double v = 0.0;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        double d = (double)row[j] - mean;
+        v += d * d;
+    }
+    const double var = block_sum(v) / (double)c;
+    const T r = (T)(1.0 / sqrt(var + eps));
+    const T m = (T)mean;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        T y = (row[j] - m) * r;
+        if (has_w) y = y * w[j];
+        if (has_b) y = y + b[j];
+        o[j] = y;
+    }
+}
+
+template <typename T>
+__device__ void rms_norm(T* out, const T* x, const T* scale, u64 c, double eps, int has_scale) {
+    const T* row = x + (u64)blockIdx.x * c;
+    T* o = out + (u64)blockIdx.x * c;
+    double s = 0.0;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        double v = (double)row[j];
+        s += v * v;
+    }
+    const double ms = block_sum(s) / (double)c;
+    const T r = (T)(1.0 / sqrt(ms + eps));
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        o[j] = has_scale ? row[j] * r * scale[j] : row[j] * r;
+    }
+}
+
+// One block per (image, group): `glen = cpg * spatial` contiguous elements.
+template <typename T>
+__device__ void group_norm(T* out, const T* x, const T* w, const T* b, u64 spatial, u64 cpg,
+                           u64 groups, double eps, int has_w, int has_b, int swish) {
+    const u64 glen = cpg * spatial;
+    const T* src = x + (u64)blockIdx.x * glen;
+    T* dst = out + (u64)blockIdx.x * glen;
+    double s = 0.0;
+    for (u64 j = threadIdx.x; j < glen; j += blockDim.x) s += (double)src[j];
+    const double mean = block_sum(s) / (double)glen;
+    double v = 0.0;
+    for (u64 j = threadIdx.x; j < glen; j += blockDim.x) {
+        double d = (double)src[j] - mean;
+        v += d * d;
+    }
+    const double rstd = 1.0 / sqrt(block_sum(v) / (double)glen + eps);
+    const u64 c0 = ((u64)blockIdx.x % groups) * cpg;
+    for (u64 j = threadIdx.x; j < glen; j += blockDim.x) {
+        const u64 ch = c0 + j / spatial;
+        const double wv = has_w ? (double)w[ch] : 1.0;
+        const double bv = has_b ? (double)b[ch] : 0.0;
+        // y = x * a + b with the normalisation folded into one multiply-add, as on the CPU.
+        const T a = (T)(rstd * wv);
+        const T bb = (T)(bv - mean * rstd * wv);
+        T y = src[j] * a + bb;
+        if (swish) y = y / ((T)1 + flux_exp((T)0 - y));
+        dst[j] = y;
+    }
+}
+
+#define NORMS(T, S)                                                                           \
+    extern "C" __global__ void layer_norm_##S(T* out, const T* x, const T* w, const T* b,      \
+                                              u64 c, double eps, int has_w, int has_b) {      \
+        layer_norm<T>(out, x, w, b, c, eps, has_w, has_b);                                    \
+    }                                                                                         \
+    extern "C" __global__ void rms_norm_##S(T* out, const T* x, const T* scale, u64 c,         \
+                                            double eps, int has_scale) {                      \
+        rms_norm<T>(out, x, scale, c, eps, has_scale);                                        \
+    }                                                                                         \
+    extern "C" __global__ void group_norm_##S(T* out, const T* x, const T* w, const T* b,      \
+                                              u64 spatial, u64 cpg, u64 groups, double eps,   \
+                                              int has_w, int has_b, int swish) {              \
+        group_norm<T>(out, x, w, b, spatial, cpg, groups, eps, has_w, has_b, swish);          \
+    }
+
+INSTANTIATE_F32_F64(NORMS)
