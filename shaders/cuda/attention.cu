@@ -14,7 +14,7 @@ template <typename T>
 __device__ void attention(T* out, const T* q, const T* k, const T* v, const T* bias,
                           u64 lq, u64 lk, u64 h, u64 d, double scale, int has_bias,
                           u64 bias_b, u64 bias_h, u64 bk) {
-    extern __shared__ unsigned char smem_raw[];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
     T* smem = reinterpret_cast<T*>(smem_raw);
     const u64 kstride = d + 1;  // padding keeps lanes on different banks
     T* ks = smem;                   // [bk, d + 1]

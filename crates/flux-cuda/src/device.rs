@@ -72,6 +72,8 @@ pub(crate) struct Inner {
     pub(crate) stream: Arc<CudaStream>,
     funcs: HashMap<String, CudaFunction>,
     pub(crate) blas: Mutex<CudaBlas>,
+    /// cuBLASLt for GEMMs with a bias epilogue (`None` when the library is missing).
+    pub(crate) lt: Mutex<Option<crate::blas::Lt>>,
     name: String,
     sm_count: u32,
 }
@@ -185,12 +187,14 @@ impl Cuda {
             }
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
+        let stream_for_lt = stream.clone();
         Ok(Cuda {
             inner: Arc::new(Inner {
                 ctx,
                 stream,
                 funcs,
                 blas: Mutex::new(blas),
+                lt: Mutex::new(crate::blas::Lt::new(&stream_for_lt)),
                 name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
                 sm_count: sm_count.max(1) as u32,
             }),

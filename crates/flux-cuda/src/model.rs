@@ -219,6 +219,31 @@ impl Cuda {
             *last = n;
         }
         let out = self.empty(&shape, x.dtype())?;
+        let tensor_cores =
+            x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
+        if tensor_cores
+            && k > 0
+            && m > 0
+            && n > 0
+            && let Some(b) = bias
+        {
+            // bf16 GEMM with the bias added in cuBLASLt's epilogue; on any refusal fall
+            // through to the GEMM plus a separate bias pass.
+            let (xb, _) = self.bf16_operand(x)?;
+            let (wb, scale) = self.bf16_operand(w)?;
+            let bv = self.operand_as(b, DType::F32)?;
+            let fused = self.linear_bf16_bias_lt(
+                (m, n, k),
+                self.ptr(xb.buf()),
+                self.ptr(wb.buf()),
+                self.ptr(bv.buf()),
+                self.ptr(&out.storage().buf),
+                scale,
+            );
+            if fused.is_ok() {
+                return Ok(out);
+            }
+        }
         if let Some(b) = bias {
             let b = self.operand_as(b, x.dtype())?;
             self.launch(
@@ -233,8 +258,6 @@ impl Cuda {
             return Ok(out);
         }
         let beta = if bias.is_some() { 1.0 } else { 0.0 };
-        let tensor_cores =
-            x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
         let (xa, wa, kind, alpha);
         if tensor_cores {
             let (xb, _) = self.bf16_operand(x)?;

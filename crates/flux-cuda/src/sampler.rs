@@ -57,9 +57,14 @@ impl Cuda {
             &widened
         };
         let bytes = n * as_dtype.size_in_bytes();
-        self.stream()
+        let host = self
+            .stream()
             .clone_dtoh(&src.storage().buf.slice(0..bytes))
-            .map_err(dev("download"))
+            .map_err(dev("download"))?;
+        // A copy into pageable memory returns when done; the sync also surfaces any error of
+        // the queued work.
+        self.stream().synchronize().map_err(dev("download"))?;
+        Ok(host)
     }
 
     /// Sums (or maxes) the per-block partial results of a reduction kernel.
@@ -77,6 +82,9 @@ impl Cuda {
         let host = self
             .stream()
             .clone_dtoh(&partial.slice(0..blocks * 8))
+            .map_err(dev("reduction download"))?;
+        self.stream()
+            .synchronize()
             .map_err(dev("reduction download"))?;
         let vals: Vec<f64> = crate::sampler::from_bytes(&host);
         Ok(if max {

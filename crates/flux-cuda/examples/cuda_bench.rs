@@ -1,0 +1,218 @@
+//! GPU benchmarks of the CUDA backend, printed as a table (`scripts/gpu-check.sh` runs it):
+//!
+//! - bf16 linear layers at the Flux shapes (4608 tokens = 4096 image + 512 text at 1024x1024)
+//!   as TFLOP/s and as a fraction of the card's dense bf16 peak (`--peak-tflops`, default 790,
+//!   measured on an H100);
+//! - the attention kernel at 4608 tokens, 24 heads x 128, against its FLOP floor;
+//! - one full flux-dev transformer step at 1024x1024 with random bf16 weights at real sizes
+//!   (`--skip-model` leaves it out; it needs about 24 GB of host and device memory).
+//!
+//! Every figure is the median of several runs after a warm-up, timed around a device sync.
+
+use flux_cuda::Cuda;
+use flux_kernels::{ByteView, DType, HostData, ModelOps, SamplerOps, Tensor};
+use flux_model::random::random_weights;
+use flux_model::transformer::{FluxConfig, FluxInputs, FluxTransformer};
+use std::process::ExitCode;
+use std::time::Instant;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Median seconds of `f` over `iters` runs after one warm-up, each run ending in a sync.
+fn time(
+    cuda: &Cuda,
+    iters: usize,
+    mut f: impl FnMut() -> flux_kernels::Result<()>,
+) -> Result<f64, String> {
+    f().map_err(|e| e.to_string())?;
+    cuda.synchronize().map_err(|e| e.to_string())?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f().map_err(|e| e.to_string())?;
+        cuda.synchronize().map_err(|e| e.to_string())?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(median(times))
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn bf16_weight(cuda: &Cuda, n: usize, k: usize) -> Result<Tensor<Cuda>, String> {
+    let bytes: Vec<u8> = pseudo_random(n * k, 3)
+        .into_iter()
+        .flat_map(|v| half::bf16::from_f32(v * 0.02).to_le_bytes())
+        .collect();
+    cuda.upload_weight(ByteView::from_vec(bytes), &[n, k], DType::BF16, None)
+        .map_err(|e| e.to_string())
+}
+
+fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
+    let m = 4608;
+    println!("| bf16 linear (M=4608) | N x K | ms | TFLOP/s | of peak |");
+    println!("|---|---|---|---|---|");
+    for (name, n, k) in [
+        ("double qkv", 9216, 3072),
+        ("double proj", 3072, 3072),
+        ("double mlp up", 12288, 3072),
+        ("double mlp down", 3072, 12288),
+        ("single linear1", 21504, 3072),
+        ("single linear2", 3072, 15360),
+    ] {
+        let w = bf16_weight(cuda, n, k)?;
+        let x = cuda
+            .upload(HostData::F32(&pseudo_random(m * k, 5)), &[m, k], DType::F32)
+            .map_err(|e| e.to_string())?;
+        let s = time(cuda, 10, || cuda.linear(&x, &w, None).map(drop))?;
+        let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+        println!(
+            "| {name} | {n} x {k} | {:.3} | {tflops:.1} | {:.1}% |",
+            s * 1e3,
+            100.0 * tflops / peak
+        );
+    }
+    Ok(())
+}
+
+fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
+    let (l, h, d) = (4608usize, 24usize, 128usize);
+    let mk = |seed| {
+        cuda.upload(
+            HostData::F32(&pseudo_random(l * h * d, seed)),
+            &[1, l, h, d],
+            DType::F32,
+        )
+        .map_err(|e| e.to_string())
+    };
+    let (q, k, v) = (mk(11)?, mk(12)?, mk(13)?);
+    let s = time(cuda, 5, || cuda.attention(&q, &k, &v, None, None).map(drop))?;
+    let flops = 4.0 * (l * l * d * h) as f64;
+    // Floor: the FLOPs at the bf16 tensor-core peak, or moving q, k, v and out once (f32).
+    let floor = (flops / (peak * 1e12)).max(4.0 * (l * h * d * 4) as f64 / 3.0e12);
+    println!();
+    println!("| attention 4608 tok, 24x128 | ms | TFLOP/s | floor ms | floor / time |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| f32 in, f32 accum | {:.3} | {:.1} | {:.3} | {:.1}% |",
+        s * 1e3,
+        flops / s / 1e12,
+        floor * 1e3,
+        100.0 * floor / s
+    );
+    Ok(())
+}
+
+fn model_step(cuda: &Cuda) -> Result<(), String> {
+    let cfg = FluxConfig::dev();
+    let t0 = Instant::now();
+    let w = random_weights(&cfg, DType::BF16, 7).map_err(|e| e.to_string())?;
+    let model = FluxTransformer::load_with_config(cuda, &w, cfg.clone(), DType::F32)
+        .map_err(|e| e.to_string())?;
+    drop(w);
+    eprintln!(
+        "random flux-dev weights built and uploaded in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let (li, lt) = (4096usize, 512usize);
+    let up = |v: Vec<f32>, shape: &[usize]| {
+        cuda.upload(HostData::F32(&v), shape, DType::F32)
+            .map_err(|e| e.to_string())
+    };
+    let img = up(pseudo_random(li * 64, 21), &[1, li, 64])?;
+    let txt = up(pseudo_random(lt * 4096, 22), &[1, lt, 4096])?;
+    let y = up(pseudo_random(768, 23), &[1, 768])?;
+    let img_ids: Vec<f64> = (0..li)
+        .flat_map(|t| [0.0, (t / 64) as f64, (t % 64) as f64])
+        .collect();
+    let txt_ids = vec![0.0; lt * 3];
+    let inp = FluxInputs {
+        img: &img,
+        img_ids: &img_ids,
+        txt: &txt,
+        txt_ids: &txt_ids,
+        timesteps: &[0.5],
+        y: &y,
+        guidance: Some(&[3.5]),
+    };
+    let s = time(cuda, 3, || {
+        model
+            .forward(cuda, &inp)
+            .map(drop)
+            .map_err(|e| flux_kernels::KernelError::Device(e.to_string()))
+    })?;
+    let (hd, l) = (3072.0f64, (li + lt) as f64);
+    let flops = 2.0 * 57.0 * (12.0 * hd * hd * l + 2.0 * l * l * hd);
+    println!();
+    println!("| flux-dev step 1024x1024 (bf16 weights) | ms | TFLOP/s | target |");
+    println!("|---|---|---|---|");
+    println!(
+        "| 19 double + 38 single blocks, 4608 tokens | {:.1} | {:.1} | <= 120 ms (H100) |",
+        s * 1e3,
+        flops / s / 1e12
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut peak = 790.0;
+    let mut skip_model = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--skip-model" => skip_model = true,
+            "--peak-tflops" => match it.next().and_then(|v| v.parse::<f64>().ok()) {
+                Some(p) if p > 0.0 => peak = p,
+                _ => {
+                    eprintln!("--peak-tflops needs a positive number");
+                    return ExitCode::from(2);
+                }
+            },
+            other => {
+                eprintln!("unknown argument '{other}' (known: --skip-model, --peak-tflops X)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cuda = match Cuda::new() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cuda_bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "device: {} (peak for the fractions: {peak} TFLOP/s)",
+        cuda.name()
+    );
+    let mut ok = true;
+    let mut report = |what: &str, r: Result<(), String>| {
+        if let Err(e) = r {
+            eprintln!("{what} failed: {e}");
+            ok = false;
+        }
+    };
+    report("GEMM bench", gemms(&cuda, peak));
+    report("attention bench", attention(&cuda, peak));
+    if !skip_model {
+        report("transformer step", model_step(&cuda));
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

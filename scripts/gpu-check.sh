@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# CUDA checks on a GPU machine, from the files scripts/build-gpu-carry.sh put in gpu-carry/:
+#   1. the flux-cuda tests, the GPU ones included (backend conformance against the CPU, every
+#      sampler on the device against the CPU, bf16 linear at a Flux shape, the NVRTC compile),
+#   2. `flux parity --backend cuda` over the reference data (sampler and tiny-model cases),
+#   3. the benches: bf16 GEMM at the Flux shapes as a fraction of peak, attention at 4608
+#      tokens 24x128, one flux-dev transformer step at 1024x1024 with random bf16 weights.
+# Ends with a table of the steps; exits non-zero when any step failed.
+# Usage: scripts/gpu-check.sh [CARRY_DIR] [-- cuda_bench args]   (CARRY_DIR: gpu-carry)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+CARRY="gpu-carry"
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then CARRY="$1"; shift; fi
+[ "${1:-}" = "--" ] && shift
+BENCH_ARGS=("$@")
+
+if [ ! -d "$CARRY" ]; then
+    echo "no $CARRY/: run scripts/build-gpu-carry.sh on a CPU machine first" >&2
+    exit 2
+fi
+
+# The backend loads libcuda, libnvrtc and libcublas by their unversioned names (or .so.12):
+# collect the CUDA library folders (toolkit, pip wheels) and give each library that name.
+LIBDIRS=()
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/nvidia/lib64; do
+    [ -d "$d" ] && LIBDIRS+=("$d")
+done
+if command -v python3 >/dev/null 2>&1; then
+    while IFS= read -r d; do [ -n "$d" ] && LIBDIRS+=("$d"); done < <(python3 - <<'PY' 2>/dev/null
+import glob, site, sys
+roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+seen = set()
+for r in roots:
+    for d in glob.glob(r + "/nvidia/*/lib") + glob.glob(r + "/nvidia/cu*/lib"):
+        if d not in seen:
+            seen.add(d)
+            print(d)
+PY
+)
+fi
+SHIM="$(mktemp -d)"
+for name in nvrtc cublas cublasLt; do
+    found=""
+    for d in "${LIBDIRS[@]}"; do
+        for f in "$d/lib$name.so" "$d"/lib"$name".so.1[0-9]*; do
+            if [ -e "$f" ]; then found="$f"; break 2; fi
+        done
+    done
+    if [ -n "$found" ]; then
+        ln -sf "$found" "$SHIM/lib$name.so"
+        echo "lib$name: $found"
+    else
+        echo "lib$name: not found in ${LIBDIRS[*]:-no CUDA library folder} (ldconfig may still have it)"
+    fi
+done
+LD_LIBRARY_PATH="$SHIM$(printf ':%s' "${LIBDIRS[@]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH
+for d in /usr/local/cuda/include "${LIBDIRS[@]/%\/lib/\/include}"; do
+    if [ -f "$d/cuda_bf16.h" ]; then export FLUX_CUDA_INCLUDE="$d"; break; fi
+done
+
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
+
+declare -a STEPS RESULTS
+record() { STEPS+=("$1"); RESULTS+=("$2"); }
+
+echo
+echo "== 1. flux-cuda tests, GPU tests included"
+if [ -x "$CARRY/cargo-nextest" ] && [ -f "$CARRY/flux-cuda-tests.tar.zst" ]; then
+    if "$CARRY/cargo-nextest" nextest run --archive-file "$CARRY/flux-cuda-tests.tar.zst" \
+        --workspace-remap . --run-ignored all --no-fail-fast; then
+        record "tests (--run-ignored all)" "pass"
+    else
+        record "tests (--run-ignored all)" "FAIL"
+    fi
+else
+    record "tests (--run-ignored all)" "FAIL: $CARRY/cargo-nextest or the archive missing"
+fi
+
+echo
+echo "== 2. flux parity --backend cuda testdata"
+if [ -x "$CARRY/flux" ]; then
+    if "$CARRY/flux" parity --backend cuda testdata; then
+        record "flux parity --backend cuda" "pass"
+    else
+        record "flux parity --backend cuda" "FAIL"
+    fi
+else
+    record "flux parity --backend cuda" "not run: no $CARRY/flux (flux-cli built without cuda)"
+fi
+
+echo
+echo "== 3. benches"
+if [ -x "$CARRY/cuda_bench" ]; then
+    if "$CARRY/cuda_bench" "${BENCH_ARGS[@]}"; then
+        record "cuda_bench" "pass (table above)"
+    else
+        record "cuda_bench" "FAIL"
+    fi
+else
+    record "cuda_bench" "FAIL: no $CARRY/cuda_bench"
+fi
+
+echo
+echo "| step | result |"
+echo "|---|---|"
+status=0
+for i in "${!STEPS[@]}"; do
+    echo "| ${STEPS[$i]} | ${RESULTS[$i]} |"
+    case "${RESULTS[$i]}" in FAIL*) status=1 ;; esac
+done
+rm -rf "$SHIM"
+exit "$status"
