@@ -96,6 +96,11 @@ impl Cuda {
                 std::ptr::from_ref(&beta32).cast(),
             )
         };
+        // cuBLAS works on the calling thread's current context.
+        self.inner
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| KernelError::Device(format!("gemm: {e}")))?;
         let blas = self
             .inner
             .blas
@@ -216,6 +221,7 @@ impl Cuda {
     ) -> std::result::Result<(), String> {
         use cudarc::cublaslt::result as r;
         use cudarc::cublaslt::sys as s;
+        self.inner.ctx.bind_to_thread().map_err(|e| e.to_string())?;
         let mut lt = self
             .inner
             .lt
