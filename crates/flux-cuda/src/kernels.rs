@@ -126,36 +126,51 @@ pub fn compile_kernels(
                    nvidia/cuda_nvrtc/lib folder on LD_LIBRARY_PATH",
         });
     }
-    KERNEL_FILES
-        .iter()
-        .map(|&(file, src)| {
-            let source = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
-            let opts = CompileOptions {
-                arch: Some(arch),
-                include_paths: include_paths.to_vec(),
-                name: Some(file.to_string()),
-                options: vec!["--std=c++17".into()],
-                ..Default::default()
-            };
-            let ptx =
-                std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(source, opts))
-                    .map_err(|_| CudaError::Compile {
+    // One NVRTC program per file, compiled in parallel (NVRTC is thread-safe across programs).
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = KERNEL_FILES
+            .iter()
+            .map(|&(file, src)| scope.spawn(move || compile_file(file, src, arch, include_paths)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(KERNEL_FILES)
+            .map(|(h, &(file, _))| {
+                h.join().unwrap_or_else(|_| {
+                    Err(CudaError::Compile {
                         file,
                         log: "NVRTC panicked".into(),
-                    })?
-                    .map_err(|e| CudaError::Compile {
-                        file,
-                        log: match e {
-                            CompileError::CompileError { log, .. } => {
-                                log.to_string_lossy().into_owned()
-                            }
-                            other => other.to_string(),
-                        },
-                    })?;
-            let entries = entries(&ptx.to_src());
-            Ok(CompiledFile { file, ptx, entries })
-        })
-        .collect()
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+fn compile_file(
+    file: &'static str,
+    src: &str,
+    arch: &'static str,
+    include_paths: &[String],
+) -> Result<CompiledFile, CudaError> {
+    let source = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: include_paths.to_vec(),
+        name: Some(file.to_string()),
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| CudaError::Compile {
+            file,
+            log: match e {
+                CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                other => other.to_string(),
+            },
+        })?;
+    let entries = entries(&ptx.to_src());
+    Ok(CompiledFile { file, ptx, entries })
 }
 
 #[cfg(test)]
@@ -167,6 +182,23 @@ mod tests {
         let ptx = ".version 8.7\n.visible .entry lincomb_f32(\n\t.param .u64 a\n)\n\
                    .entry helper_f64(\n";
         assert_eq!(entries(ptx), vec!["lincomb_f32", "helper_f64"]);
+    }
+
+    #[test]
+    #[cfg_attr(
+        not(flux_require_nvrtc),
+        ignore = "needs NVRTC: set FLUX_REQUIRE_NVRTC=1 (CI does) with libnvrtc on LD_LIBRARY_PATH"
+    )]
+    fn a_kernel_that_does_not_compile_reports_the_nvrtc_log() {
+        assert!(nvrtc_available(), "NVRTC is not on the loader path");
+        let src = "extern \"C\" __global__ void k(float* x) { x[0] = undefined_helper(); }";
+        match compile_file("broken.cu", src, "compute_80", &[]) {
+            Err(CudaError::Compile { file, log }) => {
+                assert_eq!(file, "broken.cu");
+                assert!(log.contains("undefined_helper"), "log: {log}");
+            }
+            other => panic!("expected a compile error, got {other:?}"),
+        }
     }
 
     #[test]
