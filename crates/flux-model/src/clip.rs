@@ -224,7 +224,7 @@ impl<B: Backend> ClipTextModel<B> {
                 mask[i * len + j] = f64::NEG_INFINITY;
             }
         }
-        let mask = be.upload(HostData::F64(&mask), &[1, 1, len, len], dtype)?;
+        let mask = be.upload(HostData::F64(&mask), &[len, len], dtype)?;
         let eps = self.cfg.eps;
         let linear = |x: &Tensor<B>, l: &Linear<B>| be.linear(x, &l.w, Some(&l.b));
         for (i, l) in self.layers.iter().enumerate() {
@@ -233,7 +233,7 @@ impl<B: Backend> ClipTextModel<B> {
                 Ok(linear(&x, p)?.reshape(&[batch, len, nh, c / nh])?)
             };
             let (q, k, v) = (heads(&l.q)?, heads(&l.k)?, heads(&l.v)?);
-            let a = be.attention(&q, &k, &v, Some(&mask), None)?;
+            let a = eager_attention(be, &q, &k, &v, &mask)?;
             let a = linear(&a.reshape(&[batch, len, c])?, &l.out)?;
             be.lincomb_inplace(&mut h, 1.0, &[(1.0, &a)])?;
             let x = be.layer_norm(&h, Some(&l.ln2.w), Some(&l.ln2.b), eps)?;
@@ -268,6 +268,38 @@ impl<B: Backend> ClipTextModel<B> {
     ) -> Result<ClipOutput<B>, NetError> {
         self.forward_traced(be, ids, batch, dtype, &mut |_, _| {})
     }
+}
+
+/// Masked self-attention as the reference's eager CLIP attention computes it:
+/// `softmax(q k^T * scale + mask)` with the softmax **in float32** whatever the compute dtype
+/// (transformers calls `softmax(..., dtype=torch.float32)` and casts the weights back), then the
+/// weighted sum of `v` in the compute dtype. `q`, `k`, `v` are `[B, L, H, D]`, `mask [L, L]`;
+/// the result is `[B, L, H, D]`. CLIP sequences are short (77 tokens), so the whole score
+/// matrix is formed.
+fn eager_attention<B: Backend>(
+    be: &B,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    mask: &Tensor<B>,
+) -> Result<Tensor<B>, NetError> {
+    let dtype = q.dtype();
+    let head_dim = q.shape().last().copied().unwrap_or(1);
+    let heads_first = |t: &Tensor<B>| be.permute(t, &[0, 2, 1, 3]);
+    let (qh, kh, vh) = (heads_first(q)?, heads_first(k)?, heads_first(v)?);
+    // The reference multiplies the product by the scale (not q before the product).
+    let scores = be.affine(
+        &be.matmul(&qh, &kh, true)?,
+        (head_dim as f64).powf(-0.5),
+        0.0,
+    )?;
+    let scores = be.binary(&scores, mask, BinaryOp::Add)?;
+    let weights = if dtype == DType::F32 {
+        be.softmax(&scores)?
+    } else {
+        be.cast(&be.softmax(&be.cast(&scores, DType::F32)?)?, dtype)?
+    };
+    Ok(be.permute(&be.matmul(&weights, &vh, false)?, &[0, 2, 1, 3])?)
 }
 
 /// Index of the first occurrence of the largest id (`argmax` as torch returns it).
