@@ -3,6 +3,7 @@
 mod bench;
 mod img2img;
 mod parity;
+mod serve;
 mod sigmas;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Check every case of a reference directory against the reference outputs.
     Parity(parity::ParityArgs),
+    /// Serve the img2img job API over HTTP (compatible with the hosted API's clients).
+    Serve(Box<serve::ServeArgs>),
     /// List the samplers.
     Samplers,
     /// List the sigma schedulers.
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args),
         Command::Img2img(args) => img2img::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::run(&args),
+        Command::Serve(args) => serve::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Samplers => Ok(sigmas::list_samplers()),
         Command::Schedulers => Ok(sigmas::list()),
         Command::Sigmas(args) => sigmas::run(&args),

@@ -1,7 +1,9 @@
 //! Reading input images and writing output images.
 //!
-//! Input: a file path, an `http(s)://` URL, a `data:` URI or raw base64, holding PNG, JPEG or
-//! WebP. The decoded image is converted to RGB (alpha dropped), resized by [`SizeRule`] so both
+//! Input: a file path, an `http(s)://` URL, a `data:` URI, raw base64 or bytes in memory, holding
+//! PNG, JPEG or WebP. URLs are fetched under a [`FetchPolicy`] (timeout, size cap, and by default
+//! no loopback, private, link-local or cloud-metadata addresses, so a server taking URLs from
+//! the public cannot be used as a proxy into its own network). The decoded image is converted to RGB (alpha dropped), resized by [`SizeRule`] so both
 //! sides are multiples of 16, and scaled to `[-1, 1]` as a `[1, 3, H, W]` tensor (row-major).
 //!
 //! Output: a decoded `[1, 3, H, W]` tensor in `[-1, 1]` becomes `clamp((x + 1) / 2, 0, 1)`,
@@ -13,6 +15,7 @@ use image::imageops::FilterType;
 use image::{ImageFormat, RgbImage};
 use std::fmt;
 use std::io::Read as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -30,9 +33,15 @@ pub enum ImageError {
     /// The file could not be read.
     #[error("cannot read image {path}: {message}")]
     Read { path: PathBuf, message: String },
-    /// The download failed.
+    /// The download failed: host unknown or unreachable, connection broken, or an HTTP error.
     #[error("cannot download image {url}: {message}")]
     Download { url: String, message: String },
+    /// The download did not finish within the policy's timeout.
+    #[error("timed out downloading image {url}: {message}")]
+    DownloadTimeout { url: String, message: String },
+    /// The URL is not allowed by the fetch policy (scheme, or an address that is not public).
+    #[error("image URL {url} refused: {message}")]
+    UrlRefused { url: String, message: String },
     /// A data URI or base64 payload could not be decoded.
     #[error("invalid {what}: {message}")]
     Base64 { what: String, message: String },
@@ -67,6 +76,8 @@ pub enum ImageSource {
     DataUri(String),
     /// Raw standard base64 (no prefix).
     Base64(String),
+    /// Encoded image bytes already in memory.
+    Bytes(Vec<u8>),
 }
 
 impl ImageSource {
@@ -95,19 +106,249 @@ impl ImageSource {
             Self::Url(u) => u.clone(),
             Self::DataUri(d) => format!("data URI ({} characters)", d.len()),
             Self::Base64(b) => format!("base64 input ({} characters)", b.len()),
+            Self::Bytes(b) => format!("image data ({} bytes)", b.len()),
         }
     }
 
-    /// Reads the encoded image bytes (downloads URLs with [`DOWNLOAD_TIMEOUT`] and
-    /// [`MAX_INPUT_BYTES`]).
+    /// Reads the encoded image bytes. URLs are fetched with [`FetchPolicy::trusted`]: the
+    /// caller chose the URL (command line, library use), so local addresses are allowed. A
+    /// server taking URLs from others uses [`ImageSource::read_bytes_with`] and the default
+    /// policy instead.
     pub fn read_bytes(&self) -> Result<Vec<u8>, ImageError> {
+        self.read_bytes_with(&FetchPolicy::trusted())
+    }
+
+    /// Reads the encoded image bytes, fetching URLs under `policy`.
+    pub fn read_bytes_with(&self, policy: &FetchPolicy) -> Result<Vec<u8>, ImageError> {
         match self {
             Self::Path(p) => read_file(p),
-            Self::Url(u) => download(u),
+            Self::Url(u) => fetch_url(u, policy),
             Self::DataUri(d) => decode_data_uri(d),
             Self::Base64(b) => decode_base64(b, "base64 image"),
+            Self::Bytes(b) => Ok(b.clone()),
         }
     }
+}
+
+/// How image URLs are fetched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// Time allowed for the whole download, name resolution and connection included.
+    pub timeout: Duration,
+    /// Most bytes the response body may have.
+    pub max_bytes: u64,
+    /// Whether hosts resolving to loopback, private, link-local, cloud-metadata and other
+    /// non-public addresses may be fetched.
+    pub allow_private: bool,
+    /// Most redirects followed (each target is checked like the first URL).
+    pub max_redirects: u32,
+}
+
+impl Default for FetchPolicy {
+    /// The policy for URLs from untrusted callers: [`DOWNLOAD_TIMEOUT`], [`MAX_INPUT_BYTES`],
+    /// public addresses only, at most 5 redirects.
+    fn default() -> Self {
+        Self {
+            timeout: DOWNLOAD_TIMEOUT,
+            max_bytes: MAX_INPUT_BYTES,
+            allow_private: false,
+            max_redirects: 5,
+        }
+    }
+}
+
+impl FetchPolicy {
+    /// The default limits with local and private addresses allowed (for URLs the user chose).
+    pub fn trusted() -> Self {
+        Self {
+            allow_private: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// Whether `ip` is an ordinary public unicast address: not loopback, private, link-local
+/// (which holds the 169.254.169.254 metadata service), shared (CGNAT, 100.64.0.0/10), unique
+/// local (fc00::/7, which holds fd00:ec2::254), multicast, documentation, benchmarking,
+/// reserved or unspecified. IPv4 addresses embedded in IPv6 (mapped, compatible, NAT64, 6to4)
+/// are judged as the IPv4 address they carry.
+pub fn is_public_ip(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_public_v4(v4),
+        IpAddr::V6(v6) => is_public_v6(v6),
+    }
+}
+
+fn is_public_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, c, _] = ip.octets();
+    let blocked = ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || ip.is_documentation()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && c == 0)
+        || (a == 198 && (b == 18 || b == 19))
+        || a >= 240;
+    !blocked
+}
+
+fn is_public_v6(ip: Ipv6Addr) -> bool {
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_public_v4(v4);
+    }
+    let seg = ip.segments();
+    // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::/96) carry the IPv4 address at the end.
+    if seg[..6] == [0, 0, 0, 0, 0, 0] || seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        if ip.is_unspecified() || ip.is_loopback() {
+            return false;
+        }
+        let v4 = Ipv4Addr::new(
+            (seg[6] >> 8) as u8,
+            seg[6] as u8,
+            (seg[7] >> 8) as u8,
+            seg[7] as u8,
+        );
+        return is_public_v4(v4);
+    }
+    // 6to4 (2002::/16) carries it in the second and third segments.
+    if seg[0] == 0x2002 {
+        let v4 = Ipv4Addr::new(
+            (seg[1] >> 8) as u8,
+            seg[1] as u8,
+            (seg[2] >> 8) as u8,
+            seg[2] as u8,
+        );
+        return is_public_v4(v4);
+    }
+    let blocked = ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || (seg[0] & 0xfe00) == 0xfc00
+        || (seg[0] & 0xffc0) == 0xfe80
+        || (seg[0] & 0xffc0) == 0xfec0
+        || (seg[0] == 0x2001 && seg[1] == 0x0db8)
+        || (seg[0] == 0x0100 && seg[1..4] == [0, 0, 0]);
+    !blocked
+}
+
+/// The resolver of guarded downloads: resolves like ureq's default, then refuses the host if
+/// any address is not public. Checking here (rather than before the request) covers redirects
+/// and leaves no window for the name to resolve differently between check and connect.
+#[derive(Debug)]
+struct PublicOnlyResolver;
+
+/// The reason a guarded resolver refused a host.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
+impl ureq::unversioned::resolver::Resolver for PublicOnlyResolver {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let addrs = ureq::unversioned::resolver::DefaultResolver::default()
+            .resolve(uri, config, timeout)?;
+        if let Some(bad) = addrs.iter().find(|a| !is_public_ip(a.ip())) {
+            return Err(ureq::Error::Other(Box::new(Refused(format!(
+                "host {} resolves to {}, which is not a public address (loopback, private, link-local and metadata addresses are refused)",
+                uri.host().unwrap_or("?"),
+                bad.ip()
+            )))));
+        }
+        Ok(addrs)
+    }
+}
+
+/// Downloads `url` under `policy`. Errors: [`ImageError::UrlRefused`] for a scheme other than
+/// http(s) or a non-public address, [`ImageError::DownloadTimeout`] when the timeout runs out,
+/// [`ImageError::TooLarge`] above the size cap, [`ImageError::Download`] otherwise.
+pub fn fetch_url(url: &str, policy: &FetchPolicy) -> Result<Vec<u8>, ImageError> {
+    let refused = |message: String| ImageError::UrlRefused {
+        url: url.to_string(),
+        message,
+    };
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("http" | "https")) {
+        return Err(refused(
+            "only http:// and https:// URLs can be fetched".into(),
+        ));
+    }
+    let config = ureq::Agent::config_builder()
+        .timeout_global(Some(policy.timeout))
+        .max_redirects(policy.max_redirects)
+        .proxy(None)
+        .build();
+    let agent = if policy.allow_private {
+        ureq::Agent::new_with_config(config)
+    } else {
+        ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            PublicOnlyResolver,
+        )
+    };
+    let err = |e: ureq::Error| match e {
+        ureq::Error::Other(inner) if inner.downcast_ref::<Refused>().is_some() => {
+            refused(inner.to_string())
+        }
+        ureq::Error::BadUri(m) => refused(format!("not a valid URL: {m}")),
+        ureq::Error::Timeout(t) => ImageError::DownloadTimeout {
+            url: url.to_string(),
+            message: format!("no complete answer within {:?} ({t})", policy.timeout),
+        },
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+            ImageError::DownloadTimeout {
+                url: url.to_string(),
+                message: format!("no complete answer within {:?} ({io})", policy.timeout),
+            }
+        }
+        ureq::Error::StatusCode(code) => ImageError::Download {
+            url: url.to_string(),
+            message: format!("the server answered HTTP {code}"),
+        },
+        other => ImageError::Download {
+            url: url.to_string(),
+            message: other.to_string(),
+        },
+    };
+    let mut response = agent.get(url).call().map_err(err)?;
+    let mut bytes = Vec::new();
+    response
+        .body_mut()
+        .as_reader()
+        .take(policy.max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| {
+            // ureq reports its own errors (a timeout among them) through the reader wrapped in
+            // an io::Error.
+            match e.downcast::<ureq::Error>() {
+                Ok(u) => err(u),
+                Err(io) if io.kind() == std::io::ErrorKind::TimedOut => {
+                    ImageError::DownloadTimeout {
+                        url: url.to_string(),
+                        message: io.to_string(),
+                    }
+                }
+                Err(io) => ImageError::Download {
+                    url: url.to_string(),
+                    message: io.to_string(),
+                },
+            }
+        })?;
+    if bytes.len() as u64 > policy.max_bytes {
+        return Err(ImageError::TooLarge {
+            input: url.to_string(),
+            message: format!("more than {} bytes", policy.max_bytes),
+        });
+    }
+    Ok(bytes)
 }
 
 fn looks_like_base64(s: &str) -> bool {
@@ -132,32 +373,6 @@ fn read_file(path: &Path) -> Result<Vec<u8>, ImageError> {
         });
     }
     std::fs::read(path).map_err(|e| err(e.to_string()))
-}
-
-fn download(url: &str) -> Result<Vec<u8>, ImageError> {
-    let err = |message: String| ImageError::Download {
-        url: url.to_string(),
-        message,
-    };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(DOWNLOAD_TIMEOUT))
-        .build()
-        .into();
-    let mut response = agent.get(url).call().map_err(|e| err(e.to_string()))?;
-    let mut bytes = Vec::new();
-    response
-        .body_mut()
-        .as_reader()
-        .take(MAX_INPUT_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| err(e.to_string()))?;
-    if bytes.len() as u64 > MAX_INPUT_BYTES {
-        return Err(ImageError::TooLarge {
-            input: url.to_string(),
-            message: format!("more than {MAX_INPUT_BYTES} bytes"),
-        });
-    }
-    Ok(bytes)
 }
 
 fn decode_data_uri(uri: &str) -> Result<Vec<u8>, ImageError> {
@@ -191,6 +406,39 @@ fn decode_base64(payload: &str, what: &str) -> Result<Vec<u8>, ImageError> {
             what: what.into(),
             message: e.to_string(),
         })
+}
+
+/// Checks that `bytes` start like a PNG, JPEG or WebP image and returns its size, without
+/// decoding the pixels (cheap enough to run on every request; a corrupt body still fails
+/// later, in [`decode_rgb`]).
+pub fn probe(bytes: &[u8], input: &str) -> Result<(u32, u32), ImageError> {
+    let decode_err = |message: String| ImageError::Decode {
+        input: input.into(),
+        message,
+    };
+    let format = image::guess_format(bytes)
+        .map_err(|_| decode_err("not a PNG, JPEG or WebP image".into()))?;
+    if !matches!(
+        format,
+        ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP
+    ) {
+        return Err(decode_err(format!(
+            "{format:?} images are not supported (PNG, JPEG or WebP)"
+        )));
+    }
+    let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| decode_err(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(decode_err("the image is empty".into()));
+    }
+    if u64::from(w) * u64::from(h) > MAX_INPUT_PIXELS {
+        return Err(ImageError::TooLarge {
+            input: input.into(),
+            message: format!("{w}x{h} pixels, at most {MAX_INPUT_PIXELS} allowed"),
+        });
+    }
+    Ok((w, h))
 }
 
 /// Decodes PNG, JPEG or WebP bytes into an RGB image (alpha dropped).

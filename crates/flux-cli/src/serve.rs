@@ -1,0 +1,96 @@
+//! `flux serve`: the HTTP job API (see the flux-api crate).
+
+use crate::img2img::{ModelArgs, load_pipeline};
+use anyhow::{Context, Result};
+use clap::Args;
+use flux_api::keys::{KeyConfig, load_keys_file, parse_key_line};
+use flux_api::{Config, PipelineFactory, Server};
+use flux_pipeline::image_io::FetchPolicy;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Arguments of `flux serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (HOST:PORT; port 0 picks a free one).
+    #[arg(long, env = "FLUX_ADDR", default_value = "127.0.0.1:8000")]
+    pub addr: SocketAddr,
+    /// Folder of the job database (created if missing).
+    #[arg(long, env = "FLUX_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Worker threads, each with its own loaded model.
+    #[arg(long, env = "FLUX_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+    /// An accepted API key, optionally with limits: `KEY [quota=N] [rate=N/s]` (repeatable;
+    /// the environment variable takes a comma-separated list).
+    #[arg(long = "api-key", env = "FLUX_API_KEY", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// A file with one key per line: `KEY [quota=N] [rate=N/s] [models=a,b]`; `#` comments.
+    #[arg(long, env = "FLUX_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Base URL used in status_url, response_url and output URLs (default: from the request's
+    /// Host header).
+    #[arg(long, env = "FLUX_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// How long finished jobs and their images are kept, in seconds.
+    #[arg(long, env = "FLUX_RETENTION_SECS", default_value_t = 3600)]
+    pub retention_secs: u64,
+    /// Accept requests without an API key.
+    #[arg(long, env = "FLUX_NO_AUTH")]
+    pub no_auth: bool,
+    /// Allow image URLs that resolve to loopback, private or link-local addresses (for local
+    /// use only: a public server must not fetch from its own network).
+    #[arg(long, env = "FLUX_ALLOW_PRIVATE_URLS")]
+    pub allow_private_urls: bool,
+    /// Most queued jobs before submissions are answered 429.
+    #[arg(long, env = "FLUX_MAX_QUEUE", default_value_t = 1000)]
+    pub max_queue: u64,
+    /// Largest request body, in bytes.
+    #[arg(long, env = "FLUX_MAX_BODY_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Timeout of image URL downloads, in seconds.
+    #[arg(long, env = "FLUX_FETCH_TIMEOUT_SECS", default_value_t = 30)]
+    pub fetch_timeout_secs: u64,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let mut keys: Vec<KeyConfig> = Vec::new();
+    for k in &args.api_keys {
+        keys.push(parse_key_line(k).map_err(|e| anyhow::anyhow!("--api-key: {e}"))?);
+    }
+    if let Some(f) = &args.api_keys_file {
+        keys.extend(load_keys_file(f)?);
+    }
+    let mut config = Config::new(args.addr, args.data_dir.clone());
+    config.workers = args.workers.max(1);
+    config.keys = keys;
+    config.no_auth = args.no_auth;
+    config.public_url.clone_from(&args.public_url);
+    config.retention = Duration::from_secs(args.retention_secs);
+    config.fetch = FetchPolicy {
+        timeout: Duration::from_secs(args.fetch_timeout_secs.max(1)),
+        allow_private: args.allow_private_urls,
+        ..FetchPolicy::default()
+    };
+    config.max_queue = args.max_queue;
+    config.max_body_bytes = args.max_body_bytes;
+    let model = args.model.clone();
+    let factory: PipelineFactory =
+        Arc::new(move || load_pipeline(&model).map_err(|e| format!("{e:#}")));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let server = Server::start(config, factory).await?;
+        // Printed on stdout so scripts (and tests) can read the bound port.
+        println!("listening on http://{}", server.addr);
+        server.run(flux_api::shutdown_signal()).await
+    })?;
+    Ok(())
+}
