@@ -1,7 +1,9 @@
 //! `flux img2img`: one image through the pipeline, with a progress bar and a one-line summary.
 
+use crate::backend::{BackendKind, Job, run_on};
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use flux_kernels::Backend;
 use flux_pipeline::image_io::{ImageSource, OutputFormat};
 use flux_pipeline::{Img2ImgRequest, ModelFiles, Pipeline};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -77,18 +79,23 @@ pub struct ModelArgs {
     #[arg(long)]
     pub clip_tokenizer: Option<PathBuf>,
     /// Compute backend.
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
 }
 
-/// Loads the pipeline the arguments name.
+/// Loads the pipeline the arguments name on the CPU (the only backend this entry point serves).
 pub fn load_pipeline(m: &ModelArgs) -> Result<Pipeline> {
-    if m.backend != "cpu" {
+    if m.backend != BackendKind::Cpu {
         bail!(
-            "backend '{}' is not available in this build\nhint: use --backend cpu",
+            "backend '{}' is not available here\nhint: use --backend cpu",
             m.backend
         );
     }
+    load_pipeline_on(&flux_kernels::Cpu, m)
+}
+
+/// Loads the pipeline the arguments name on `be`.
+pub fn load_pipeline_on<B: Backend>(be: &B, m: &ModelArgs) -> Result<Pipeline<B>> {
     let explicit = [&m.transformer, &m.vae, &m.t5, &m.clip];
     let files = if let Some(dir) = &m.model_dir {
         Some(ModelFiles::from_models_dir(dir)?)
@@ -112,7 +119,7 @@ pub fn load_pipeline(m: &ModelArgs) -> Result<Pipeline> {
             eprintln!(
                 "note: no model configured: using the built-in demo model (random weights; images are labelled as demo output)"
             );
-            Ok(Pipeline::demo()?)
+            Ok(Pipeline::demo_on(be)?)
         }
         Some(files) => {
             let (Some(t5), Some(clip)) = (&m.t5_tokenizer, &m.clip_tokenizer) else {
@@ -126,7 +133,7 @@ pub fn load_pipeline(m: &ModelArgs) -> Result<Pipeline> {
                 flux_model::tokenizer::T5_LEN_DEV
             };
             let tok = flux_pipeline::pipeline::FileTokenizer::load(t5, clip, t5_len)?;
-            Ok(Pipeline::from_files(&files, Box::new(tok))?)
+            Ok(Pipeline::from_files_on(be, &files, Box::new(tok))?)
         }
     }
 }
@@ -182,16 +189,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Runs `flux img2img`.
+/// Runs `flux img2img` on the backend `--backend` names.
 pub fn run(args: &Img2ImgArgs) -> Result<()> {
     let req = request(args)?;
-    let pipeline = load_pipeline(&args.model)?;
+    run_on(args.model.backend, Img2ImgJob { args, req: &req })
+}
+
+struct Img2ImgJob<'a> {
+    args: &'a Img2ImgArgs,
+    req: &'a Img2ImgRequest,
+}
+
+impl Job for Img2ImgJob<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, be: &B) -> Result<()> {
+        run_with(be, self.args, self.req)
+    }
+}
+
+fn run_with<B: Backend>(be: &B, args: &Img2ImgArgs, req: &Img2ImgRequest) -> Result<()> {
+    let pipeline = load_pipeline_on(be, &args.model)?;
     let bar = ProgressBar::new(req.steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {elapsed_precise} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let out = pipeline.img2img(&req, &mut |p| {
+    let out = pipeline.img2img(req, &mut |p| {
         bar.set_length(p.total as u64);
         bar.set_position(p.step as u64);
         true

@@ -1,6 +1,8 @@
 //! `flux`: sampling, parity checks and benchmarks from the command line.
 
+mod backend;
 mod bench;
+mod compare;
 mod img2img;
 mod parity;
 mod serve;
@@ -21,6 +23,8 @@ struct Cli {
 enum Command {
     /// Measure a whole loop and print one `key=value` line.
     Bench(bench::BenchArgs),
+    /// Compare two images: PSNR and largest difference, exit code by a threshold.
+    Compare(compare::CompareArgs),
     /// Change an image to match a prompt (img2img); the built-in demo model when none is given.
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Check every case of a reference directory against the reference outputs.
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args),
+        Command::Compare(args) => compare::run(&args),
         Command::Img2img(args) => img2img::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Parity(args) => parity::run(&args),
         Command::Serve(args) => serve::run(&args).map(|()| ExitCode::SUCCESS),

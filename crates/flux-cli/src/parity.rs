@@ -1,9 +1,12 @@
-//! `flux parity DIR`: one line per case, then `parity: N passed, M failed`.
+//! `flux parity DIR [--backend B]`: one line per case, skipped cases counted on their own line,
+//! then `parity: N passed, M failed` as the last line.
 
+use crate::backend::{BackendKind, Job, run_on};
 use anyhow::Result;
 use clap::Args;
-use flux_parity::{RunOptions, Summary};
-use std::path::PathBuf;
+use flux_kernels::Backend;
+use flux_parity::Summary;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Arguments of `flux parity`.
@@ -11,17 +14,26 @@ use std::process::ExitCode;
 pub struct ParityArgs {
     /// A reference folder (with a manifest.json) or a parent of several, walked recursively.
     pub dir: PathBuf,
-    /// Backend to run the cases on.
-    #[arg(long, default_value = "cpu")]
-    pub backend: String,
+    /// Backend to run the cases on (the CPU f64 goldens stay the reference).
+    #[arg(long, value_enum, default_value_t = BackendKind::Cpu)]
+    pub backend: BackendKind,
+}
+
+struct ParityJob<'a> {
+    dir: &'a Path,
+}
+
+impl Job for ParityJob<'_> {
+    type Output = Vec<flux_parity::CaseResult>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
+        eprintln!("parity on backend {}", be.name());
+        Ok(flux_parity::run_dir(be, self.dir)?)
+    }
 }
 
 /// Runs the parity cases and prints the report; exit code 1 on any failure.
 pub fn run(args: &ParityArgs) -> Result<ExitCode> {
-    let opts = RunOptions {
-        backend: Some(args.backend.clone()),
-    };
-    let results = flux_parity::run_dir(&args.dir, &opts)?;
+    let results = run_on(args.backend, ParityJob { dir: &args.dir })?;
     for r in &results {
         println!("{r}");
     }

@@ -2,7 +2,6 @@
 //! against the f64 goldens (outputs ~1e-10, intermediates at f32 rounding), the pooled row's
 //! index, and a float32 run within the README's tolerance.
 
-use crate::RunOptions;
 use crate::data::{DataError, GoldenFile};
 use crate::report::{CaseResult, ErrorStats};
 use crate::t5::{F32_REL_L2, token_ids};
@@ -10,7 +9,7 @@ use crate::vae::{
     check_rel_l2, compare_acts, compare_scaled, f64_field, open_folder, read_weights, source,
     usize_field,
 };
-use flux_kernels::{Cpu, DType, SamplerOps, Tensor};
+use flux_kernels::{Backend, DType, Tensor};
 use flux_model::clip::{ClipConfig, ClipTextModel, end_token_index};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -47,14 +46,9 @@ fn check_eos(stats: &mut ErrorStats, golden: &GoldenFile, ids: &[u32], batch: us
     }
 }
 
-/// Runs the case of a `clip-text` folder.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    if let Some(b) = opts.backend.as_deref().filter(|b| *b != "cpu") {
-        return Ok(vec![CaseResult::skipped(
-            &folder.display().to_string(),
-            &format!("backend {b} is not available for CLIP"),
-        )]);
-    }
+/// Runs the case of a `clip-text` folder on `be`: one result with the f64 and f32 checks, or,
+/// on a backend without f64, a skipped f64 result and the f32 result.
+pub fn run<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let mf = open_folder(folder)?;
     let cfg = clip_config(&mf.config, &folder.join("config.json"))?;
     let weights = read_weights(&mf.weights)?;
@@ -63,9 +57,8 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
         .first()
         .cloned()
         .unwrap_or_else(|| folder.to_path_buf());
-    let be = Cpu;
-    let build = |dtype| -> Result<ClipTextModel<Cpu>, DataError> {
-        let mut src = source(&weights, dtype, &wpath)?;
+    let build = |dtype| -> Result<ClipTextModel<B>, DataError> {
+        let mut src = source(be, &weights, dtype, &wpath)?;
         ClipTextModel::load(cfg.clone(), &mut src)
             .map_err(|e| DataError::format(&wpath, e.to_string()))
     };
@@ -73,42 +66,52 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
     let (ids, batch) = token_ids(golden, "in.input_ids")?;
     let kerr =
         |e: flux_model::tensor_source::NetError| DataError::format(golden.path(), e.to_string());
-    let dl = |t: &Tensor<Cpu>| be.download_f64(t).map_err(|e| kerr(e.into()));
+    let dl = |t: &Tensor<B>| be.download_f64(t).map_err(|e| kerr(e.into()));
+    let want_h = &golden.get("f64.last_hidden_state")?.data;
+    let want_p = &golden.get("f64.pooler_output")?.data;
     let mut stats = ErrorStats::default();
     check_eos(&mut stats, golden, &ids, batch);
 
-    let m64 = build(DType::F64)?;
-    let mut acts = BTreeMap::new();
-    let out = m64
-        .forward_traced(&be, &ids, batch, DType::F64, &mut |n, t| {
-            if let Ok(v) = be.download_f64(t) {
-                acts.insert(n.to_string(), v);
-            }
-        })
-        .map_err(kerr)?;
-    let want_h = &golden.get("f64.last_hidden_state")?.data;
-    let want_p = &golden.get("f64.pooler_output")?.data;
-    compare_scaled(
-        &mut stats,
-        "f64.last_hidden_state",
-        &dl(&out.last_hidden_state)?,
-        want_h,
-        F64_REL_CLIP,
-    );
-    compare_scaled(
-        &mut stats,
-        "f64.pooler_output",
-        &dl(&out.pooled)?,
-        want_p,
-        F64_REL_CLIP,
-    );
-    let n_acts = compare_acts(&mut stats, golden, "", &acts);
-    if n_acts == 0 {
-        stats.violation("no intermediate activation was compared".into());
+    let mut out = Vec::new();
+    let mut n_acts = None;
+    if be.supports_dtype(DType::F64) {
+        let m64 = build(DType::F64)?;
+        let mut acts = BTreeMap::new();
+        let o64 = m64
+            .forward_traced(be, &ids, batch, DType::F64, &mut |n, t| {
+                if let Ok(v) = be.download_f64(t) {
+                    acts.insert(n.to_string(), v);
+                }
+            })
+            .map_err(kerr)?;
+        compare_scaled(
+            &mut stats,
+            "f64.last_hidden_state",
+            &dl(&o64.last_hidden_state)?,
+            want_h,
+            F64_REL_CLIP,
+        );
+        compare_scaled(
+            &mut stats,
+            "f64.pooler_output",
+            &dl(&o64.pooled)?,
+            want_p,
+            F64_REL_CLIP,
+        );
+        let n = compare_acts(&mut stats, golden, "", &acts);
+        if n == 0 {
+            stats.violation("no intermediate activation was compared".into());
+        }
+        n_acts = Some(n);
+    } else {
+        out.push(CaseResult::skipped(
+            "clip/text_model f64",
+            &format!("needs f64; backend {} has no f64", be.name()),
+        ));
     }
 
     let m32 = build(DType::F32)?;
-    let o32 = m32.forward(&be, &ids, batch, DType::F32).map_err(kerr)?;
+    let o32 = m32.forward(be, &ids, batch, DType::F32).map_err(kerr)?;
     let eh = check_rel_l2(
         &mut stats,
         "f32 last_hidden_state",
@@ -123,9 +126,19 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
         want_p,
         F32_REL_L2,
     );
-    let mut r = stats.finish("clip/text_model");
+    let label = if n_acts.is_some() {
+        "clip/text_model"
+    } else {
+        "clip/text_model f32"
+    };
+    let mut r = stats.finish(label);
     if r.passed() {
-        r.detail = format!("{n_acts} intermediates; f32 rel_l2 hidden {eh:.2e}, pooled {ep:.2e}");
+        let f32 = format!("f32 rel_l2 hidden {eh:.2e}, pooled {ep:.2e}");
+        r.detail = match n_acts {
+            Some(n) => format!("{n} intermediates; {f32}"),
+            None => f32,
+        };
     }
-    Ok(vec![r])
+    out.push(r);
+    Ok(out)
 }

@@ -5,6 +5,7 @@
 //! directory recursively, runs every case of every kind it knows, and reports kinds it does not
 //! handle as skipped, never as passed.
 
+pub mod bfl;
 pub mod clip;
 pub mod data;
 pub mod pipeline;
@@ -18,6 +19,7 @@ pub mod vae;
 
 pub use report::{CaseResult, Outcome, Summary, failure_lines};
 
+use flux_kernels::Backend;
 use std::path::{Path, PathBuf};
 
 /// The reference folder `sub` (e.g. `samplers`, `flux-tiny/vae`): under the directory named by
@@ -29,13 +31,6 @@ pub fn reference_folder(sub: &str) -> PathBuf {
             .join("../../testdata")
             .join(sub),
     }
-}
-
-/// Options of a parity run.
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    /// Backend to run on (`cpu` when `None`).
-    pub backend: Option<String>,
 }
 
 /// One reference folder found by the walk.
@@ -75,18 +70,19 @@ fn walk(dir: &Path, out: &mut Vec<Folder>) -> Result<(), data::DataError> {
     Ok(())
 }
 
-/// Runs every case of one folder. Kinds without a checker yield one skipped result.
-pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
-    let _ = opts;
+/// Runs every case of one folder on `be`. Kinds without a checker yield one skipped result;
+/// cases that need f64 on a backend without it are reported as skipped.
+pub fn run_folder<B: Backend>(be: &B, folder: &Folder) -> Vec<CaseResult> {
     let result = match folder.kind.as_str() {
-        "rng" => rng::run(&folder.path, opts),
-        "flux-transformer" => transformer::run(&folder.path, opts),
-        "samplers" => samplers::run(&folder.path, opts),
-        "schedulers" => schedulers::run(&folder.path, opts),
-        "flux-vae" => vae::run(&folder.path, opts),
-        "t5-encoder" => t5::run(&folder.path, opts),
-        "clip-text" => clip::run(&folder.path, opts),
-        "flux-pipeline-comfy" => pipeline::run_comfy(&folder.path, opts),
+        "rng" => rng::run(&folder.path),
+        "flux-transformer" => transformer::run(be, &folder.path),
+        "samplers" => samplers::run(be, &folder.path),
+        "schedulers" => schedulers::run(&folder.path),
+        "flux-vae" => vae::run(be, &folder.path),
+        "t5-encoder" => t5::run(be, &folder.path),
+        "clip-text" => clip::run(be, &folder.path),
+        "flux-pipeline-comfy" => pipeline::run_comfy(be, &folder.path),
+        "flux-pipeline" => bfl::run(be, &folder.path),
         _ => Ok(vec![CaseResult::skipped(
             &folder.path.display().to_string(),
             &format!("kind '{}' is not checked yet", folder.kind),
@@ -100,8 +96,8 @@ pub fn run_folder(folder: &Folder, opts: &RunOptions) -> Vec<CaseResult> {
     })
 }
 
-/// Runs every folder under `root`.
-pub fn run_dir(root: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, data::DataError> {
+/// Runs every folder under `root` on `be`.
+pub fn run_dir<B: Backend>(be: &B, root: &Path) -> Result<Vec<CaseResult>, data::DataError> {
     let folders = find_folders(root)?;
     if folders.is_empty() {
         return Err(data::DataError::Format {
@@ -109,5 +105,5 @@ pub fn run_dir(root: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, data::
             message: "no reference folder (manifest.json or schedulers_*.safetensors) found".into(),
         });
     }
-    Ok(folders.iter().flat_map(|f| run_folder(f, opts)).collect())
+    Ok(folders.iter().flat_map(|f| run_folder(be, f)).collect())
 }

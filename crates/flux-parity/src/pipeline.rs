@@ -6,10 +6,9 @@
 //! float32 tolerances (schedule and noise bit-exact; `x0_latent` rel_l2 <= 2e-5; latents and the
 //! decoded image rel_l2 <= 1e-4).
 
-use crate::RunOptions;
 use crate::data::{DataError, Golden, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
-use flux_kernels::{Cpu, DType};
+use flux_kernels::{Backend, DType};
 use flux_model::Weights;
 use flux_pipeline::comfy::{self, RunModels, RunParams, RunTrace};
 use flux_pipeline::flux::{FluxNet, TextNets, VaeNet, sibling_config};
@@ -28,10 +27,10 @@ const F32_REL_L2: f64 = 1e-4;
 /// rel_l2 bound of f32 runs for the encoded latent.
 const F32_X0_REL_L2: f64 = 2e-5;
 
-struct Stack {
-    transformer: FluxNet<Cpu>,
-    vae: VaeNet<Cpu>,
-    text: TextNets<Cpu>,
+struct Stack<B: Backend> {
+    transformer: FluxNet<B>,
+    vae: VaeNet<B>,
+    text: TextNets<B>,
 }
 
 fn open_weights(dir: &Path) -> Result<(Weights, Option<Value>), DataError> {
@@ -43,7 +42,12 @@ fn open_weights(dir: &Path) -> Result<(Weights, Option<Value>), DataError> {
 
 /// Loads transformer, VAE, T5 and CLIP from the folders `weights_from` names (the transformer
 /// folder is the one whose name starts with `transformer`).
-fn load_stack(base: &Path, weights_from: &[PathBuf], dtype: DType) -> Result<Stack, DataError> {
+fn load_stack<B: Backend>(
+    be: &B,
+    base: &Path,
+    weights_from: &[PathBuf],
+    dtype: DType,
+) -> Result<Stack<B>, DataError> {
     let find = |prefix: &str| {
         weights_from
             .iter()
@@ -57,19 +61,18 @@ fn load_stack(base: &Path, weights_from: &[PathBuf], dtype: DType) -> Result<Sta
                 DataError::format(base, format!("weights_from lists no {prefix}* folder"))
             })
     };
-    let be = Cpu;
     let err = |p: &Path, e: flux_pipeline::PipelineError| DataError::format(p, e.to_string());
     let tdir = find("transformer")?;
     let (tw, tj) = open_weights(&tdir)?;
-    let transformer = FluxNet::load(&be, &tw, tj.as_ref(), dtype).map_err(|e| err(&tdir, e))?;
+    let transformer = FluxNet::load(be, &tw, tj.as_ref(), dtype).map_err(|e| err(&tdir, e))?;
     let vdir = find("vae")?;
     let (vw, vj) = open_weights(&vdir)?;
-    let vae = VaeNet::load(&be, &vw, vj.as_ref(), dtype).map_err(|e| err(&vdir, e))?;
+    let vae = VaeNet::load(be, &vw, vj.as_ref(), dtype).map_err(|e| err(&vdir, e))?;
     let t5dir = find("t5")?;
     let (t5w, t5j) = open_weights(&t5dir)?;
     let cdir = find("clip")?;
     let (cw, cj) = open_weights(&cdir)?;
-    let text = TextNets::load(&be, &t5w, t5j.as_ref(), &cw, cj.as_ref(), dtype)
+    let text = TextNets::load(be, &t5w, t5j.as_ref(), &cw, cj.as_ref(), dtype)
         .map_err(|e| err(&cdir, e))?;
     Ok(Stack {
         transformer,
@@ -207,9 +210,9 @@ fn parse_case(folder: &Path, manifest: &Path, c: &Value) -> Result<ComfyCase, Da
     })
 }
 
-/// Runs every case of a `flux-pipeline-comfy` folder.
-pub fn run_comfy(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    let _ = opts;
+/// Runs every case of a `flux-pipeline-comfy` folder on `be` (the f64 runs are reported as
+/// skipped on a backend without f64).
+pub fn run_comfy<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let cases = manifest
@@ -217,18 +220,25 @@ pub fn run_comfy(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, Da
         .and_then(Value::as_array)
         .ok_or_else(|| DataError::format(&manifest_path, "no `cases` array"))?;
     let mut out = Vec::new();
-    let mut stacks: Vec<(Vec<PathBuf>, DType, Stack)> = Vec::new();
+    let mut stacks: Vec<(Vec<PathBuf>, DType, Stack<B>)> = Vec::new();
     for c in cases {
         let case = parse_case(folder, &manifest_path, c)?;
         let golden = GoldenFile::open(&case.file)?;
         for dtype in [DType::F64, DType::F32] {
             let label = format!("flux-pipeline-comfy/{}/{}", case.name, dtype);
+            if !be.supports_dtype(dtype) {
+                out.push(CaseResult::skipped(
+                    &label,
+                    &format!("needs {dtype}; backend {} has no {dtype}", be.name()),
+                ));
+                continue;
+            }
             let idx = match stacks
                 .iter()
                 .position(|(w, d, _)| *w == case.weights_from && *d == dtype)
             {
                 Some(i) => i,
-                None => match load_stack(folder, &case.weights_from, dtype) {
+                None => match load_stack(be, folder, &case.weights_from, dtype) {
                     Ok(s) => {
                         stacks.push((case.weights_from.clone(), dtype, s));
                         stacks.len() - 1
@@ -240,7 +250,7 @@ pub fn run_comfy(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, Da
                 },
             };
             let stack = &stacks[idx].2;
-            let result = check_comfy_case(stack, &case, &golden, dtype).unwrap_or_else(|e| {
+            let result = check_comfy_case(be, stack, &case, &golden, dtype).unwrap_or_else(|e| {
                 let mut s = ErrorStats::default();
                 s.violation(e);
                 s
@@ -251,8 +261,9 @@ pub fn run_comfy(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, Da
     Ok(out)
 }
 
-fn check_comfy_case(
-    stack: &Stack,
+fn check_comfy_case<B: Backend>(
+    be: &B,
+    stack: &Stack<B>,
     case: &ComfyCase,
     g: &GoldenFile,
     dtype: DType,
@@ -288,7 +299,7 @@ fn check_comfy_case(
     };
     let mut trace = RunTrace::default();
     comfy::run(
-        &Cpu,
+        be,
         &models,
         &image,
         &txt,

@@ -2,7 +2,6 @@
 //! (`torch.randn(shape, generator=torch.manual_seed(seed))`) and successive draws of
 //! ComfyUI's `default_noise_sampler`, compared bit for bit with the stored tensors.
 
-use crate::RunOptions;
 use crate::data::{DataError, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
 use flux_kernels::DType;
@@ -76,8 +75,7 @@ fn parse_case(v: &Value, i: usize, path: &Path) -> Result<Case, DataError> {
 }
 
 /// Runs every case of an `rng` folder.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    let _ = opts;
+pub fn run(folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let file = manifest
@@ -147,8 +145,7 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
 /// must be what [`BrownianTreeNoise`] draws for the recorded `noise_sigma.NNN`, with the tree
 /// over the schedule's smallest positive and largest sigma and entropy
 /// `noise_seed_used.brownian_tree`. Values must agree to two ulps of the case's dtype.
-pub fn run_brownian(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    let _ = opts;
+pub fn run_brownian(folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let cases = manifest

@@ -24,10 +24,9 @@
 //! - Every option of `extra_options` is mapped onto [`SamplerOptions`]; an option that cannot
 //!   be mapped fails the case with its name and value.
 
-use crate::RunOptions;
 use crate::data::{DataError, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
-use flux_kernels::{Backend, Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_kernels::{Backend, DType, HostData, Tensor};
 use flux_samplers::noise::{RecordedDraw, ReplayNoise};
 use flux_samplers::toy::{Mixture, MixtureDenoiser};
 use flux_samplers::{Denoised, Denoiser, SampleContext, Sampler, SamplerError, SamplerOptions};
@@ -57,29 +56,31 @@ impl Tol {
     }
 }
 
-/// Runs every case listed in `folder/manifest.json`.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
+/// Runs every case listed in `folder/manifest.json` on `be`. f64 cases on a backend without
+/// f64 are reported as skipped.
+pub fn run<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let cases = manifest
         .get("cases")
         .and_then(Value::as_array)
         .ok_or_else(|| DataError::format(&manifest_path, "`cases` must be an array"))?;
-    let backend = opts.backend.as_deref().unwrap_or("cpu");
+    let has_f64 = be.supports_dtype(DType::F64);
     let mut out = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {
         let name = case
             .get("name")
             .and_then(Value::as_str)
             .map_or_else(|| format!("samplers case {i}"), str::to_string);
-        if backend != "cpu" {
+        let f64_case = case.get("dtype").and_then(Value::as_str).unwrap_or("f64") == "f64";
+        if f64_case && !has_f64 {
             out.push(CaseResult::skipped(
                 &name,
-                &format!("sampler parity runs on the cpu backend only, not '{backend}'"),
+                &format!("f64 case; backend {} has no f64", be.name()),
             ));
             continue;
         }
-        out.push(match run_case(folder, case, &name) {
+        out.push(match run_case(be, folder, case, &name) {
             Ok(r) => r,
             Err(msg) => CaseResult::failed(&name, &msg),
         });
@@ -300,14 +301,14 @@ impl Checked<'_> {
     }
 }
 
-impl Denoiser<Cpu> for Checked<'_> {
+impl<B: Backend> Denoiser<B> for Checked<'_> {
     fn denoise(
         &mut self,
-        backend: &Cpu,
-        x: &Tensor<Cpu>,
+        backend: &B,
+        x: &Tensor<B>,
         sigma: f64,
         want_uncond: bool,
-    ) -> flux_samplers::Result<Denoised<Cpu>> {
+    ) -> flux_samplers::Result<Denoised<B>> {
         let i = self.calls;
         self.calls += 1;
         let p = format!("call.{i:03}");
@@ -375,7 +376,12 @@ fn recorded_draws(file: &GoldenFile) -> Result<Vec<RecordedDraw>, String> {
     Ok(draws)
 }
 
-fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, String> {
+fn run_case<B: Backend>(
+    be: &B,
+    folder: &Path,
+    case: &Value,
+    name: &str,
+) -> Result<CaseResult, String> {
     let sampler_name = str_field(case, "sampler")?;
     let sampler = Sampler::from_str(sampler_name).map_err(|e| e.to_string())?;
     if !sampler.is_implemented() {
@@ -404,8 +410,7 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
     let options = sampler_options(sampler, case.get("extra_options").unwrap_or(&Value::Null))?;
     let x_init = get("x_init")?;
     let shape = x_init.shape.clone();
-    let cpu = Cpu::new();
-    let x = cpu
+    let x = be
         .upload(HostData::F64(&x_init.data), &shape, dtype)
         .map_err(|e| e.to_string())?;
 
@@ -484,7 +489,7 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
     };
     let result = {
         let mut ctx = SampleContext {
-            backend: &cpu,
+            backend: be,
             model: &model,
             denoiser: &mut den,
             noise: &mut noise,
@@ -513,13 +518,13 @@ fn run_case(folder: &Path, case: &Value, name: &str) -> Result<CaseResult, Strin
             noise.consumed()
         ));
     }
-    let raw = cpu.download_f64(&out_raw).map_err(|e| e.to_string())?;
+    let raw = be.download_f64(&out_raw).map_err(|e| e.to_string())?;
     out_tol.compare(&mut stats, "out_raw", &raw, &get("out_raw")?.data);
     let inv_sigma = f64_field(case, "inverse_noise_scaling_sigma")?;
     let c = model.inverse_noise_scaling_coeff(inv_sigma);
-    let out = cpu
+    let out = be
         .lincomb(&[(c, &out_raw)])
-        .and_then(|t| cpu.download_f64(&t))
+        .and_then(|t| be.download_f64(&t))
         .map_err(|e| e.to_string())?;
     out_tol.compare(&mut stats, "out", &out, &get("out")?.data);
     Ok(stats.finish(name))

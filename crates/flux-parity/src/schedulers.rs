@@ -7,7 +7,6 @@
 //! `sgm_uniform` on a discrete model) may differ by up to 2 ulps (see the `flux-schedulers`
 //! crate docs). NaN matches NaN only (`kl_optimal` with one step is `[NaN, 0]` in ComfyUI).
 
-use crate::RunOptions;
 use crate::data::{DataError, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
 use flux_samplers::Sampler;
@@ -216,8 +215,7 @@ fn compare(name: &str, actual: &[f32], reference: &[f64], ulps: u32) -> CaseResu
 }
 
 /// Runs every case of a `schedulers` folder.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    let _ = opts;
+pub fn run(folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
     let cases = manifest

@@ -3,10 +3,9 @@
 //! (against `f64.out`, relative L2) and with the bf16 weights where the folder has them (against
 //! `bf16w_f64.out`).
 
-use crate::RunOptions;
 use crate::data::{DataError, Golden, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
-use flux_kernels::{Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_kernels::{Backend, DType, HostData, Tensor};
 use flux_model::transformer::{FluxInputs, FluxTransformer};
 use flux_model::weights::Weights;
 use serde_json::Value;
@@ -68,9 +67,9 @@ fn weight_files(folder: &Path) -> Result<Vec<String>, DataError> {
         .collect())
 }
 
-fn load(path: &Path, dtype: DType) -> Result<FluxTransformer<Cpu>, DataError> {
+fn load<B: Backend>(be: &B, path: &Path, dtype: DType) -> Result<FluxTransformer<B>, DataError> {
     let w = Weights::open(path).map_err(|e| DataError::format(path, e.to_string()))?;
-    FluxTransformer::load(&Cpu, &w, dtype).map_err(|e| DataError::format(path, e.to_string()))
+    FluxTransformer::load(be, &w, dtype).map_err(|e| DataError::format(path, e.to_string()))
 }
 
 /// Inputs of one case, uploaded in `dtype`.
@@ -99,8 +98,8 @@ fn inputs(g: &GoldenFile, case: &str) -> Result<CaseInputs, DataError> {
     })
 }
 
-fn up(t: &Golden, dtype: DType) -> Result<Tensor<Cpu>, DataError> {
-    Cpu.upload(HostData::F64(&t.data), &t.shape, dtype)
+fn up<B: Backend>(be: &B, t: &Golden, dtype: DType) -> Result<Tensor<B>, DataError> {
+    be.upload(HostData::F64(&t.data), &t.shape, dtype)
         .map_err(|e| DataError::Format {
             path: "input".into(),
             message: e.to_string(),
@@ -111,14 +110,19 @@ fn up(t: &Golden, dtype: DType) -> Result<Tensor<Cpu>, DataError> {
 pub type RunOutput = (Vec<f64>, HashMap<String, Vec<f64>>);
 
 /// Runs `model` on a case; returns the output and the tapped intermediates (as f64).
-pub fn run_model(
-    model: &FluxTransformer<Cpu>,
+pub fn run_model<B: Backend>(
+    be: &B,
+    model: &FluxTransformer<B>,
     g: &GoldenFile,
     case: &str,
 ) -> Result<RunOutput, DataError> {
     let ci = inputs(g, case)?;
     let dt = model.dtype();
-    let (img, txt, y) = (up(&ci.img, dt)?, up(&ci.txt, dt)?, up(&ci.y, dt)?);
+    let (img, txt, y) = (
+        up(be, &ci.img, dt)?,
+        up(be, &ci.txt, dt)?,
+        up(be, &ci.y, dt)?,
+    );
     let inp = FluxInputs {
         img: &img,
         img_ids: &ci.img_ids,
@@ -130,13 +134,13 @@ pub fn run_model(
     };
     let mut acts = HashMap::new();
     let out = model
-        .forward_tapped(&Cpu, &inp, &mut |name, t| {
-            if let Ok(v) = Cpu.download_f64(t) {
+        .forward_tapped(be, &inp, &mut |name, t| {
+            if let Ok(v) = be.download_f64(t) {
                 acts.insert(name.to_string(), v);
             }
         })
         .map_err(|e| DataError::format(g.path(), format!("{case}: forward failed: {e}")))?;
-    let v = Cpu
+    let v = be
         .download_f64(&out)
         .map_err(|e| DataError::format(g.path(), e.to_string()))?;
     Ok((v, acts))
@@ -149,12 +153,13 @@ fn pe_as_matrices(cs: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-fn check_f64(
-    model: &FluxTransformer<Cpu>,
+fn check_f64<B: Backend>(
+    be: &B,
+    model: &FluxTransformer<B>,
     g: &GoldenFile,
     case: &str,
 ) -> Result<CaseResult, DataError> {
-    let (out, acts) = run_model(model, g, case)?;
+    let (out, acts) = run_model(be, model, g, case)?;
     let mut st = ErrorStats::default();
     st.compare(
         "out",
@@ -199,15 +204,16 @@ fn check_f64(
     Ok(st.finish(&format!("{case} f64 (out + {n_acts} intermediates)")))
 }
 
-fn check_rel_l2(
-    model: &FluxTransformer<Cpu>,
+fn check_rel_l2<B: Backend>(
+    be: &B,
+    model: &FluxTransformer<B>,
     g: &GoldenFile,
     case: &str,
     golden: &str,
     label: &str,
     tol: f64,
 ) -> Result<CaseResult, DataError> {
-    let (out, _) = run_model(model, g, case)?;
+    let (out, _) = run_model(be, model, g, case)?;
     let reference = &g.get(&format!("{case}.{golden}"))?.data;
     let mut st = ErrorStats::default();
     // Elementwise stats for the report; the pass criterion is the relative L2 error.
@@ -223,14 +229,9 @@ fn check_rel_l2(
     Ok(st.finish(&format!("{case} {label} rel_l2={r:.2e}")))
 }
 
-/// Runs every case of a `flux-transformer` folder.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    if let Some(b) = opts.backend.as_deref().filter(|b| *b != "cpu") {
-        return Ok(vec![CaseResult::skipped(
-            &folder.display().to_string(),
-            &format!("backend {b} has no transformer yet"),
-        )]);
-    }
+/// Runs every case of a `flux-transformer` folder on `be`. The f64 runs are reported as
+/// skipped on a backend without f64.
+pub fn run<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let label = folder
         .file_name()
         .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -246,12 +247,22 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
         .find(|f| !f.contains("bf16"))
         .ok_or_else(|| DataError::format(&folder.join("manifest.json"), "no f32 weights listed"))?;
     let bf16 = files.iter().find(|f| f.contains("bf16"));
-    let m64 = load(&folder.join(main), DType::F64)?;
-    let m32 = load(&folder.join(main), DType::F32)?;
+    let has_f64 = be.supports_dtype(DType::F64);
+    let no_f64 = format!("needs f64; backend {} has no f64", be.name());
+    let m64 = if has_f64 {
+        Some(load(be, &folder.join(main), DType::F64)?)
+    } else {
+        None
+    };
+    let m32 = load(be, &folder.join(main), DType::F32)?;
     let mb = match bf16 {
         Some(f) => Some((
-            load(&folder.join(f), DType::F64)?,
-            load(&folder.join(f), DType::F32)?,
+            if has_f64 {
+                Some(load(be, &folder.join(f), DType::F64)?)
+            } else {
+                None
+            },
+            load(be, &folder.join(f), DType::F32)?,
         )),
         None => None,
     };
@@ -263,20 +274,28 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
             r.name = format!("{label}/{}", r.name);
             out.push(r);
         };
-        push(check_f64(&m64, &g, &case), "f64");
+        let skipped = |what: &str| Ok(CaseResult::skipped(&format!("{case} {what}"), &no_f64));
         push(
-            check_rel_l2(&m32, &g, &case, "f64.out", "f32", F32_REL_L2),
+            m64.as_ref()
+                .map_or_else(|| skipped("f64"), |m| check_f64(be, m, &g, &case)),
+            "f64",
+        );
+        push(
+            check_rel_l2(be, &m32, &g, &case, "f64.out", "f32", F32_REL_L2),
             "f32",
         );
         if let Some((b64, b32)) = &mb
             && g.try_get(&format!("{case}.bf16w_f64.out")).is_some()
         {
             push(
-                check_rel_l2(b64, &g, &case, "bf16w_f64.out", "bf16w-f64", 1e-10),
+                b64.as_ref().map_or_else(
+                    || skipped("bf16w-f64"),
+                    |m| check_rel_l2(be, m, &g, &case, "bf16w_f64.out", "bf16w-f64", 1e-10),
+                ),
                 "bf16w-f64",
             );
             push(
-                check_rel_l2(b32, &g, &case, "bf16w_f64.out", "bf16w-f32", F32_REL_L2),
+                check_rel_l2(be, b32, &g, &case, "bf16w_f64.out", "bf16w-f32", F32_REL_L2),
                 "bf16w-f32",
             );
         }

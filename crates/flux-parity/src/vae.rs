@@ -2,10 +2,9 @@
 //! float64 run against the f64 goldens (outputs ~1e-10, intermediates at f32 rounding) and a
 //! float32 run against the same goldens within the README's tolerance.
 
-use crate::RunOptions;
 use crate::data::{DataError, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
-use flux_kernels::{Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_kernels::{Backend, DType, HostData, Tensor};
 use flux_model::tensor_source::MapSource;
 use flux_model::vae::{Vae, VaeConfig};
 use serde_json::Value;
@@ -72,14 +71,15 @@ pub(crate) fn read_weights(files: &[PathBuf]) -> Result<Vec<HostTensor>, DataErr
 }
 
 /// The weights uploaded as `dtype` tensors.
-pub(crate) fn source(
+pub(crate) fn source<B: Backend>(
+    be: &B,
     weights: &[HostTensor],
     dtype: DType,
     path: &Path,
-) -> Result<MapSource<Cpu>, DataError> {
+) -> Result<MapSource<B>, DataError> {
     let mut s = MapSource::new();
     for (name, shape, data) in weights {
-        let t = Cpu
+        let t = be
             .upload(HostData::F64(data), shape, dtype)
             .map_err(|e| DataError::format(path, format!("tensor {name}: {e}")))?;
         s.insert(name.clone(), t);
@@ -169,8 +169,8 @@ pub fn vae_config(cfg: &Value, path: &Path) -> Result<VaeConfig, DataError> {
 
 type Acts = BTreeMap<String, Vec<f64>>;
 
-fn recorder<'a>(be: &'a Cpu, acts: &'a mut Acts) -> impl FnMut(&str, &Tensor<Cpu>) + 'a {
-    move |name: &str, t: &Tensor<Cpu>| {
+fn recorder<'a, B: Backend>(be: &'a B, acts: &'a mut Acts) -> impl FnMut(&str, &Tensor<B>) + 'a {
+    move |name: &str, t: &Tensor<B>| {
         if let Ok(v) = be.download_f64(t) {
             acts.insert(name.to_string(), v);
         }
@@ -194,20 +194,21 @@ pub(crate) fn compare_acts(
     n
 }
 
-fn run_image(
+/// The float64 checks of one image: encoder with its intermediates, decoder from the golden
+/// latent. Returns the number of intermediates compared.
+fn check_image_f64<B: Backend>(
+    be: &B,
     name: &str,
     golden: &GoldenFile,
-    vae64: &Vae<Cpu>,
-    vae32: &Vae<Cpu>,
-) -> Result<CaseResult, DataError> {
-    let be = Cpu;
+    vae64: &Vae<B>,
+    stats: &mut ErrorStats,
+) -> Result<usize, DataError> {
     let p = format!("{name}.");
     let get = |k: &str| golden.get(&format!("{p}{k}"));
     let kerr = |e: flux_model::tensor_source::NetError| {
         DataError::format(golden.path(), format!("{name}: {e}"))
     };
     let image = get("in.image")?;
-    let mut stats = ErrorStats::default();
 
     // float64: encoder with its intermediates.
     let x64 = be
@@ -215,28 +216,22 @@ fn run_image(
         .map_err(|e| kerr(e.into()))?;
     let mut acts = Acts::new();
     let enc = vae64
-        .encode_dist(&be, &x64, &mut recorder(&be, &mut acts))
+        .encode_dist(be, &x64, &mut recorder(be, &mut acts))
         .map_err(kerr)?;
-    let dl = |t: &Tensor<Cpu>| be.download_f64(t).map_err(|e| kerr(e.into()));
+    let dl = |t: &Tensor<B>| be.download_f64(t).map_err(|e| kerr(e.into()));
     let mean = dl(&enc.mean)?;
     let logvar = dl(&enc.logvar)?;
+    compare_scaled(stats, "f64.mean", &mean, &get("f64.mean")?.data, F64_REL);
     compare_scaled(
-        &mut stats,
-        "f64.mean",
-        &mean,
-        &get("f64.mean")?.data,
-        F64_REL,
-    );
-    compare_scaled(
-        &mut stats,
+        stats,
         "f64.logvar",
         &logvar,
         &get("f64.logvar")?.data,
         F64_REL,
     );
-    let z = dl(&vae64.scale_latent(&be, &enc.mean).map_err(kerr)?)?;
+    let z = dl(&vae64.scale_latent(be, &enc.mean).map_err(kerr)?)?;
     compare_scaled(
-        &mut stats,
+        stats,
         "f64.z_scaled",
         &z,
         &get("f64.z_scaled")?.data,
@@ -257,7 +252,7 @@ fn run_image(
             .map(|s| cfg.scale_factor * (s - cfg.shift_factor))
             .collect();
         if let Some(g) = golden.try_get(&format!("{p}f64.z_sample_scaled")) {
-            compare_scaled(&mut stats, "f64.z_sample_scaled", &scaled, &g.data, F64_REL);
+            compare_scaled(stats, "f64.z_sample_scaled", &scaled, &g.data, F64_REL);
         }
     }
 
@@ -267,44 +262,105 @@ fn run_image(
         .upload(HostData::F64(&zg.data), &zg.shape, DType::F64)
         .map_err(|e| kerr(e.into()))?;
     let dec = vae64
-        .decode_traced(&be, &z64, &mut recorder(&be, &mut acts))
+        .decode_traced(be, &z64, &mut recorder(be, &mut acts))
         .map_err(kerr)?;
     compare_scaled(
-        &mut stats,
+        stats,
         "f64.decoded",
         &dl(&dec)?,
         &get("f64.decoded")?.data,
         F64_REL,
     );
-    let n_acts = compare_acts(&mut stats, golden, &p, &acts);
+    let n_acts = compare_acts(stats, golden, &p, &acts);
     if n_acts == 0 {
         stats.violation(format!("{name}: no intermediate activation was compared"));
     }
 
-    // float32 against the f64 goldens.
+    Ok(n_acts)
+}
+
+/// The float32 checks of one image against the f64 goldens; returns the rel_l2 of the encoded
+/// latent and of the decoded image.
+fn check_image_f32<B: Backend>(
+    be: &B,
+    name: &str,
+    golden: &GoldenFile,
+    vae32: &Vae<B>,
+    stats: &mut ErrorStats,
+) -> Result<(f64, f64), DataError> {
+    let p = format!("{name}.");
+    let get = |k: &str| golden.get(&format!("{p}{k}"));
+    let kerr = |e: flux_model::tensor_source::NetError| {
+        DataError::format(golden.path(), format!("{name}: {e}"))
+    };
+    let dl = |t: &Tensor<B>| be.download_f64(t).map_err(|e| kerr(e.into()));
+    let image = get("in.image")?;
+    let zg = get("f64.z_scaled")?;
     let x32 = be
         .upload(HostData::F64(&image.data), &image.shape, DType::F32)
         .map_err(|e| kerr(e.into()))?;
-    let z32 = dl(&vae32.encode(&be, &x32).map_err(kerr)?)?;
-    let e_z = check_rel_l2(&mut stats, "f32 z_scaled", &z32, &zg.data, F32_REL_L2);
+    let z32 = dl(&vae32.encode(be, &x32).map_err(kerr)?)?;
+    let e_z = check_rel_l2(stats, "f32 z_scaled", &z32, &zg.data, F32_REL_L2);
     let zin = be
         .upload(HostData::F64(&zg.data), &zg.shape, DType::F32)
         .map_err(|e| kerr(e.into()))?;
-    let d32 = dl(&vae32.decode(&be, &zin).map_err(kerr)?)?;
+    let d32 = dl(&vae32.decode(be, &zin).map_err(kerr)?)?;
     let e_d = check_rel_l2(
-        &mut stats,
+        stats,
         "f32 decoded",
         &d32,
         &get("f64.decoded")?.data,
         F32_REL_L2,
     );
+    Ok((e_z, e_d))
+}
 
-    let mut r = stats.finish(&format!("vae/{name}"));
+/// One image: a single result with the f64 and f32 checks where the backend has f64; else a
+/// skipped f64 result and the f32 result on their own.
+fn run_image<B: Backend>(
+    be: &B,
+    name: &str,
+    golden: &GoldenFile,
+    vae64: Option<&Vae<B>>,
+    vae32: &Vae<B>,
+) -> Vec<CaseResult> {
+    let label = format!("vae/{name}");
+    let fail = |e: DataError| CaseResult::failed(&label, &e.to_string());
+    let Some(vae64) = vae64 else {
+        let mut stats = ErrorStats::default();
+        let f32 = match check_image_f32(be, name, golden, vae32, &mut stats) {
+            Ok((e_z, e_d)) => {
+                let mut r = stats.finish(&format!("{label} f32"));
+                if r.passed() {
+                    r.detail = format!("f32 rel_l2 z_scaled {e_z:.2e}, decoded {e_d:.2e}");
+                }
+                r
+            }
+            Err(e) => CaseResult::failed(&format!("{label} f32"), &e.to_string()),
+        };
+        return vec![
+            CaseResult::skipped(
+                &format!("{label} f64"),
+                &format!("needs f64; backend {} has no f64", be.name()),
+            ),
+            f32,
+        ];
+    };
+    let mut stats = ErrorStats::default();
+    let n_acts = match check_image_f64(be, name, golden, vae64, &mut stats) {
+        Ok(n) => n,
+        Err(e) => return vec![fail(e)],
+    };
+    let (e_z, e_d) = match check_image_f32(be, name, golden, vae32, &mut stats) {
+        Ok(v) => v,
+        Err(e) => return vec![fail(e)],
+    };
+    let mut r = stats.finish(&label);
     if r.passed() {
         r.detail =
             format!("{n_acts} intermediates; f32 rel_l2 z_scaled {e_z:.2e}, decoded {e_d:.2e}");
     }
-    Ok(r)
+    vec![r]
 }
 
 /// The image cases `config.json` lists (their names).
@@ -323,14 +379,9 @@ pub fn case_names(config: &Value, path: &Path) -> Result<Vec<String>, DataError>
         .collect()
 }
 
-/// Runs every image case of a `flux-vae` folder.
-pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataError> {
-    if let Some(b) = opts.backend.as_deref().filter(|b| *b != "cpu") {
-        return Ok(vec![CaseResult::skipped(
-            &folder.display().to_string(),
-            &format!("backend {b} is not available for the autoencoder"),
-        )]);
-    }
+/// Runs every image case of a `flux-vae` folder on `be` (the f64 checks are reported as skipped
+/// on a backend without f64).
+pub fn run<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let mf = open_folder(folder)?;
     let cpath = folder.join("config.json");
     let cfg = vae_config(&mf.config, &cpath)?;
@@ -340,18 +391,20 @@ pub fn run(folder: &Path, opts: &RunOptions) -> Result<Vec<CaseResult>, DataErro
         .first()
         .cloned()
         .unwrap_or_else(|| folder.to_path_buf());
-    let build = |dtype| -> Result<Vae<Cpu>, DataError> {
-        let mut src = source(&weights, dtype, &wpath)?;
+    let build = |dtype| -> Result<Vae<B>, DataError> {
+        let mut src = source(be, &weights, dtype, &wpath)?;
         Vae::load(cfg.clone(), &mut src).map_err(|e| DataError::format(&wpath, e.to_string()))
     };
-    let (vae64, vae32) = (build(DType::F64)?, build(DType::F32)?);
+    let vae64 = if be.supports_dtype(DType::F64) {
+        Some(build(DType::F64)?)
+    } else {
+        None
+    };
+    let vae32 = build(DType::F32)?;
     let names = case_names(&mf.config, &cpath)?;
     Ok(names
         .iter()
-        .map(|n| {
-            run_image(n, &mf.golden, &vae64, &vae32)
-                .unwrap_or_else(|e| CaseResult::failed(&format!("vae/{n}"), &e.to_string()))
-        })
+        .flat_map(|n| run_image(be, n, &mf.golden, vae64.as_ref(), &vae32))
         .collect())
 }
 

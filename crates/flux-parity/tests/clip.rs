@@ -1,6 +1,7 @@
 //! The CLIP encoder against the `flux-tiny/clip` reference folder (or `$FLUX_REFERENCE_DIR`).
 
-use flux_parity::{RunOptions, clip};
+use flux_kernels::Cpu;
+use flux_parity::clip;
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
@@ -9,7 +10,7 @@ fn folder() -> PathBuf {
 
 #[test]
 fn the_clip_case_matches_the_reference() {
-    let results = clip::run(&folder(), &RunOptions::default()).expect("clip folder readable");
+    let results = clip::run(&Cpu, &folder()).expect("clip folder readable");
     for r in &results {
         eprintln!("{r}");
     }

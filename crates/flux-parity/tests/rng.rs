@@ -1,6 +1,6 @@
 //! The torch-compatible generator against the `rng` reference folder: every case bit-exact.
 
-use flux_parity::{RunOptions, data::read_json, rng};
+use flux_parity::{data::read_json, rng};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
@@ -12,7 +12,7 @@ fn every_rng_case_is_bit_exact() {
     let dir = folder();
     let manifest = read_json(&dir.join("manifest.json")).expect("rng manifest readable");
     let listed = manifest["cases"].as_array().map_or(0, Vec::len);
-    let results = rng::run(&dir, &RunOptions::default()).expect("rng folder readable");
+    let results = rng::run(&dir).expect("rng folder readable");
     let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),
@@ -35,8 +35,7 @@ fn brownian_tree_draws_match_the_recorded_sde_noise() {
     let listed = manifest["cases"].as_array().map_or(0, |c| {
         c.iter().filter(|c| rng::uses_only_brownian(c)).count()
     });
-    let results =
-        rng::run_brownian(&dir, &RunOptions::default()).expect("samplers folder readable");
+    let results = rng::run_brownian(&dir).expect("samplers folder readable");
     for r in &results {
         eprintln!("{r}");
     }

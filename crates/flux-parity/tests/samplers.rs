@@ -1,7 +1,8 @@
 //! Sampler parity against the reference data (`$FLUX_REFERENCE_DIR/samplers`, else the repo's
 //! `testdata/samplers`): the same checks as `flux parity`.
 
-use flux_parity::{CaseResult, RunOptions, samplers};
+use flux_kernels::Cpu;
+use flux_parity::{CaseResult, samplers};
 use flux_samplers::Sampler;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -33,7 +34,7 @@ fn manifest_cases() -> Vec<(String, String)> {
 }
 
 fn run_all() -> Vec<CaseResult> {
-    samplers::run(&folder(), &RunOptions::default()).expect("sampler reference folder readable")
+    samplers::run(&Cpu, &folder()).expect("sampler reference folder readable")
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The sigma schedulers against the `schedulers` reference folder: every listed tensor (and each
 //! file's model sigma table) within the allowance of its scheduler.
 
-use flux_parity::{RunOptions, data::read_json, schedulers};
+use flux_parity::{data::read_json, schedulers};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
@@ -21,8 +21,7 @@ fn every_scheduler_case_matches_comfyui() {
         .sum();
     // One case per listed tensor plus one per file for its `model_sampling.sigmas` table.
     let listed = entries + files.len();
-    let results =
-        schedulers::run(&dir, &RunOptions::default()).expect("schedulers folder readable");
+    let results = schedulers::run(&dir).expect("schedulers folder readable");
     let failed = flux_parity::failure_lines(&results);
     assert!(
         failed.is_empty(),

@@ -1,6 +1,7 @@
 //! The T5 encoder against the `flux-tiny/t5` reference folder (or `$FLUX_REFERENCE_DIR`).
 
-use flux_parity::{RunOptions, t5};
+use flux_kernels::Cpu;
+use flux_parity::t5;
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
@@ -9,7 +10,7 @@ fn folder() -> PathBuf {
 
 #[test]
 fn the_t5_case_matches_the_reference() {
-    let results = t5::run(&folder(), &RunOptions::default()).expect("t5 folder readable");
+    let results = t5::run(&Cpu, &folder()).expect("t5 folder readable");
     for r in &results {
         eprintln!("{r}");
     }

@@ -5,8 +5,8 @@ use flux_kernels::{Cpu, DType, SamplerOps};
 use flux_model::transformer::FluxTransformer;
 use flux_model::weights::{WeightError, Weights};
 use flux_parity::data::GoldenFile;
+use flux_parity::find_folders;
 use flux_parity::transformer::{case_names, run, run_model};
-use flux_parity::{RunOptions, find_folders};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
@@ -30,7 +30,7 @@ fn transformer_folders() -> Vec<PathBuf> {
 #[test]
 fn every_case_matches_the_reference() {
     for folder in transformer_folders() {
-        let results = run(&folder, &RunOptions::default()).expect("folder runs");
+        let results = run(&Cpu, &folder).expect("folder runs");
         for r in &results {
             println!("{r}");
         }
@@ -222,7 +222,7 @@ fn comfy_and_diffusers_layouts_give_identical_outputs() {
     let g = GoldenFile::open(&folder.join("golden.safetensors")).unwrap();
     let case = case_names(&folder).unwrap().remove(0);
     let base = FluxTransformer::load(&Cpu, &Weights::open(&weights).unwrap(), DType::F64).unwrap();
-    let (reference, _) = run_model(&base, &g, &case).unwrap();
+    let (reference, _) = run_model(&Cpu, &base, &g, &case).unwrap();
     let hidden = base.config().hidden_size;
     let raw = read_raw(&weights);
 
@@ -257,7 +257,7 @@ fn comfy_and_diffusers_layouts_give_identical_outputs() {
         let w = Weights::open(&path).unwrap();
         let m = FluxTransformer::load(&Cpu, &w, DType::F64).unwrap();
         assert_eq!(m.config(), base.config(), "{label}: config differs");
-        let (out, _) = run_model(&m, &g, &case).unwrap();
+        let (out, _) = run_model(&Cpu, &m, &g, &case).unwrap();
         assert_eq!(out, reference, "{label}: output differs");
     }
     let _ = std::fs::remove_dir_all(comfy_dir);

@@ -1,7 +1,8 @@
 //! The autoencoder against the `flux-tiny/vae` reference folder (or `$FLUX_REFERENCE_DIR`):
 //! every image case, float64 and float32.
 
-use flux_parity::{RunOptions, data::read_json, vae};
+use flux_kernels::Cpu;
+use flux_parity::{data::read_json, vae};
 use std::path::PathBuf;
 
 fn folder() -> PathBuf {
@@ -13,7 +14,7 @@ fn every_vae_case_matches_the_reference() {
     let dir = folder();
     let config = read_json(&dir.join("config.json")).expect("vae config readable");
     let listed = vae::case_names(&config, &dir.join("config.json")).expect("images listed");
-    let results = vae::run(&dir, &RunOptions::default()).expect("vae folder readable");
+    let results = vae::run(&Cpu, &dir).expect("vae folder readable");
     for r in &results {
         eprintln!("{r}");
     }

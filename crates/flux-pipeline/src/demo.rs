@@ -144,6 +144,98 @@ pub fn weights() -> Result<(Weights, Weights, Weights, Weights)> {
     Ok((transformer, vae, t5, clip))
 }
 
+/// One demo weight set written out as a file: what it is, its safetensors bytes, and the
+/// `config.json` keys the loaders need beside it (head counts and the like, which the tensor
+/// shapes do not tell).
+#[derive(Clone, Debug)]
+pub struct DemoFile {
+    /// `transformer`, `vae`, `t5` or `clip`.
+    pub role: &'static str,
+    /// The safetensors file (f32 tensors, the same values as [`weights`]).
+    pub bytes: Vec<u8>,
+    /// Keys for a `config.json` in the same folder.
+    pub config: serde_json::Value,
+}
+
+/// The demo model as safetensors files, so the file loaders (ComfyUI folders, explicit paths)
+/// can be exercised without a download: transformer, autoencoder, T5, CLIP. The config keys of
+/// the four do not collide, so files that share a folder can share one merged `config.json`.
+pub fn files() -> Result<Vec<DemoFile>> {
+    let (tw, vw, t5w, cw) = weights()?;
+    let tc = transformer_config();
+    let t5c = t5_config();
+    let cc = clip_config();
+    let vc = vae_config();
+    let configs = [
+        (
+            "transformer",
+            &tw,
+            serde_json::json!({"num_heads": tc.num_heads, "axes_dim": tc.axes_dim, "theta": tc.theta}),
+        ),
+        (
+            "vae",
+            &vw,
+            serde_json::json!({"scale_factor": vc.scale_factor, "shift_factor": vc.shift_factor,
+                "groupnorm_groups": vc.groups, "groupnorm_eps": vc.eps}),
+        ),
+        (
+            "t5",
+            &t5w,
+            serde_json::json!({"relative_attention_max_distance": t5c.max_distance,
+                "layer_norm_epsilon": t5c.eps}),
+        ),
+        (
+            "clip",
+            &cw,
+            serde_json::json!({"num_attention_heads": cc.num_heads, "layer_norm_eps": cc.eps}),
+        ),
+    ];
+    configs
+        .into_iter()
+        .map(|(role, w, config)| {
+            Ok(DemoFile {
+                role,
+                bytes: to_safetensors(w, role)?,
+                config,
+            })
+        })
+        .collect()
+}
+
+/// `w` as f32 safetensors bytes, tensors in name order.
+fn to_safetensors(w: &Weights, what: &str) -> Result<Vec<u8>> {
+    use flux_kernels::{Cpu, SamplerOps};
+    let err = |e: String| PipelineError::Model(format!("demo {what}: {e}"));
+    let mut names = w.names();
+    names.sort_unstable();
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    for name in names {
+        let shape = w.shape(name).map(<[usize]>::to_vec).unwrap_or_default();
+        let t = w
+            .get_as(&Cpu, name, &shape, DType::F32)
+            .map_err(|e| err(e.to_string()))?;
+        let values = Cpu.download_f32(&t).map_err(|e| err(e.to_string()))?;
+        let start = data.len();
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + data.len());
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&data);
+    Ok(out)
+}
+
 /// Byte-level tokenizer of the demo model: T5 ids are `byte + 2`, then `</s>` = 1, padded
 /// with 0 to [`T5_LEN`]; CLIP ids are bos = 256, `byte`, eos = 257, padded with eos to 77.
 #[derive(Clone, Copy, Debug, Default)]

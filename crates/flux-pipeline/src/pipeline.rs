@@ -6,7 +6,7 @@ use crate::flux::{FluxNet, TextNets, VaeNet, sibling_config};
 use crate::image_io::{self, ImageSource, OutputFormat, SizeRule};
 use crate::model::{HostTensor, PromptTokenizer, TextEncoders};
 use crate::{PipelineError, Result};
-use flux_kernels::{Cpu, DType};
+use flux_kernels::{Backend, Cpu, DType};
 use flux_model::Weights;
 use flux_samplers::Sampler;
 use flux_schedulers::Scheduler;
@@ -193,18 +193,20 @@ impl ModelFiles {
     }
 }
 
-/// Models loaded once, reused by every request.
-pub struct Pipeline {
-    transformer: FluxNet<Cpu>,
-    vae: VaeNet<Cpu>,
-    text: TextNets<Cpu>,
+/// Models loaded once on a backend (the CPU by default), reused by every request.
+pub struct Pipeline<B: Backend = Cpu> {
+    be: B,
+    transformer: FluxNet<B>,
+    vae: VaeNet<B>,
+    text: TextNets<B>,
     tokenizer: Box<dyn PromptTokenizer>,
     demo: bool,
 }
 
-impl std::fmt::Debug for Pipeline {
+impl<B: Backend> std::fmt::Debug for Pipeline<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pipeline")
+            .field("backend", &self.be.name())
             .field("demo", &self.demo)
             .field("dev", &self.is_dev())
             .finish_non_exhaustive()
@@ -215,28 +217,43 @@ fn open(path: &Path, what: &str) -> Result<Weights> {
     Weights::open(path).map_err(|e| PipelineError::Model(format!("{what} {}: {e}", path.display())))
 }
 
-impl Pipeline {
-    /// The built-in demo model.
+impl Pipeline<Cpu> {
+    /// The built-in demo model on the CPU.
     pub fn demo() -> Result<Self> {
+        Self::demo_on(&Cpu)
+    }
+
+    /// Loads model files with a prompt tokenizer, on the CPU.
+    pub fn from_files(files: &ModelFiles, tokenizer: Box<dyn PromptTokenizer>) -> Result<Self> {
+        Self::from_files_on(&Cpu, files, tokenizer)
+    }
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// The built-in demo model on `be`.
+    pub fn demo_on(be: &B) -> Result<Self> {
         let (tw, vw, t5w, cw) = demo::weights()?;
-        let be = Cpu;
         Ok(Self {
+            be: be.clone(),
             transformer: FluxNet::load_with_config(
-                &be,
+                be,
                 &tw,
                 demo::transformer_config(),
                 DType::F32,
             )?,
-            vae: VaeNet::load(&be, &vw, None, DType::F32)?,
-            text: TextNets::load(&be, &t5w, None, &cw, None, DType::F32)?,
+            vae: VaeNet::load(be, &vw, None, DType::F32)?,
+            text: TextNets::load(be, &t5w, None, &cw, None, DType::F32)?,
             tokenizer: Box::new(demo::ByteTokenizer),
             demo: true,
         })
     }
 
-    /// Loads model files with a prompt tokenizer.
-    pub fn from_files(files: &ModelFiles, tokenizer: Box<dyn PromptTokenizer>) -> Result<Self> {
-        let be = Cpu;
+    /// Loads model files with a prompt tokenizer, on `be`.
+    pub fn from_files_on(
+        be: &B,
+        files: &ModelFiles,
+        tokenizer: Box<dyn PromptTokenizer>,
+    ) -> Result<Self> {
         let tw = open(&files.transformer, "transformer")?;
         let vw = open(&files.vae, "autoencoder")?;
         let t5w = open(&files.t5, "T5 encoder")?;
@@ -246,12 +263,13 @@ impl Pipeline {
             PipelineError::Model(format!("{what} {}: {e}", p.display()))
         };
         Ok(Self {
-            transformer: FluxNet::load(&be, &tw, tj.as_ref(), DType::F32)
+            be: be.clone(),
+            transformer: FluxNet::load(be, &tw, tj.as_ref(), DType::F32)
                 .map_err(|e| ctx("transformer", &files.transformer, e))?,
-            vae: VaeNet::load(&be, &vw, sibling_config(&vw).as_ref(), DType::F32)
+            vae: VaeNet::load(be, &vw, sibling_config(&vw).as_ref(), DType::F32)
                 .map_err(|e| ctx("autoencoder", &files.vae, e))?,
             text: TextNets::load(
-                &be,
+                be,
                 &t5w,
                 sibling_config(&t5w).as_ref(),
                 &cw,
@@ -262,6 +280,11 @@ impl Pipeline {
             tokenizer,
             demo: false,
         })
+    }
+
+    /// The backend the models run on.
+    pub fn backend(&self) -> &B {
+        &self.be
     }
 
     /// Whether this is the demo model.
@@ -336,7 +359,7 @@ impl Pipeline {
             })
         };
         let decoded = comfy::run(
-            &Cpu,
+            &self.be,
             &models,
             &image,
             &txt,

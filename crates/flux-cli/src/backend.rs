@@ -1,0 +1,122 @@
+//! `--backend cpu|wgpu|cuda`: picks the compute device and runs a generic job on it.
+//!
+//! Commands write their work once as a [`Job`] (a method generic over the backend); [`run_on`]
+//! creates the device the user asked for and calls it. Backends are optional cargo features of
+//! this crate (`wgpu`, `cuda`), so a CPU-only build never compiles their dependencies; asking for
+//! one that is not compiled in, or not available on this machine, is an error naming it.
+
+use anyhow::Result;
+use clap::ValueEnum;
+use flux_kernels::{Backend, Cpu};
+
+/// The compute backends the command line knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// The CPU (f32 and f64; the reference for the others).
+    #[default]
+    Cpu,
+    /// wgpu compute shaders (Vulkan, Metal, DX12); needs the `wgpu` feature.
+    Wgpu,
+    /// NVIDIA GPUs through CUDA; needs the `cuda` feature.
+    Cuda,
+}
+
+impl BackendKind {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Wgpu => "wgpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Work written once for every backend.
+pub trait Job {
+    /// What the job returns.
+    type Output;
+    /// Runs the job on `be`.
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
+}
+
+/// Creates the backend `kind` names and runs `job` on it.
+pub fn run_on<J: Job>(kind: BackendKind, job: J) -> Result<J::Output> {
+    match kind {
+        BackendKind::Cpu => job.run(&Cpu),
+        BackendKind::Wgpu => run_wgpu(job),
+        BackendKind::Cuda => run_cuda(job),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
+    let be = flux_wgpu::Wgpu::new()
+        .map_err(|e| anyhow::anyhow!("backend 'wgpu' is not available on this machine: {e}"))?;
+    job.run(&be)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
+    drop(job);
+    Err(not_compiled(BackendKind::Wgpu))
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<J: Job>(job: J) -> Result<J::Output> {
+    let be = flux_cuda::Cuda::new()
+        .map_err(|e| anyhow::anyhow!("backend 'cuda' is not available on this machine: {e}"))?;
+    job.run(&be)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<J: Job>(job: J) -> Result<J::Output> {
+    drop(job);
+    Err(not_compiled(BackendKind::Cuda))
+}
+
+#[cfg(not(all(feature = "wgpu", feature = "cuda")))]
+fn not_compiled(kind: BackendKind) -> anyhow::Error {
+    anyhow::anyhow!(
+        "backend '{kind}' is not compiled into this binary\nhint: rebuild with `cargo build -p flux-cli --features {kind}`, or use --backend cpu"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{BackendKind, Job, run_on};
+    use flux_kernels::Backend;
+
+    struct Name;
+    impl Job for Name {
+        type Output = String;
+        fn run<B: Backend>(self, be: &B) -> anyhow::Result<String> {
+            Ok(be.name())
+        }
+    }
+
+    #[test]
+    fn cpu_runs_the_job_on_the_cpu() {
+        assert_eq!(run_on(BackendKind::Cpu, Name).unwrap(), "cpu");
+    }
+
+    #[cfg(not(feature = "wgpu"))]
+    #[test]
+    fn a_backend_not_compiled_in_is_an_error_naming_it() {
+        let e = run_on(BackendKind::Wgpu, Name).unwrap_err().to_string();
+        assert!(e.contains("'wgpu'") && e.contains("not compiled"), "{e}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_not_compiled_in_is_an_error_naming_it() {
+        let e = run_on(BackendKind::Cuda, Name).unwrap_err().to_string();
+        assert!(e.contains("'cuda'") && e.contains("not compiled"), "{e}");
+    }
+}
