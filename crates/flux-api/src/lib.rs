@@ -12,6 +12,7 @@ pub mod keys;
 pub mod log;
 pub mod metrics;
 pub mod openapi;
+pub mod postgres;
 pub mod request;
 pub mod server;
 pub mod sqlite;
