@@ -303,7 +303,7 @@ fn broken_checkpoints_fail_cleanly_without_output() {
     );
     let wrong_vae = write(
         "wrong-vae",
-        &with_wrong_shape(vae, "decoder.conv_out.weight"),
+        &with_wrong_shape(vae, "decoder.norm_out.weight"),
     );
     let missing = set.path("no-such-file.safetensors");
 
@@ -330,7 +330,7 @@ fn broken_checkpoints_fail_cleanly_without_output() {
         (
             "vae",
             &wrong_vae,
-            vec!["wrong-vae.safetensors", "decoder.conv_out.weight"],
+            vec!["wrong-vae.safetensors", "decoder.norm_out.weight"],
         ),
         ("vae", &missing, vec!["no-such-file.safetensors"]),
         // A CLIP file where the T5 file belongs.

@@ -16,11 +16,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Tolerance of the float64 outputs, relative to the tensor's largest value. Looser than the
-/// other models' 1e-10: the stored f64 goldens are not float64-exact in the attention (the first
-/// token, which attends only to itself, matches to 1e-15; later tokens differ by up to ~1e-7,
-/// while an independent numpy float64 derivation from the same weights agrees with this
-/// implementation to 1e-15), so only f32-level agreement can be asked of them.
-pub const F64_REL_CLIP: f64 = 5e-7;
+/// other models' 1e-10 because the reference computes the attention softmax in float32 even in
+/// its float64 run (transformers' eager attention: `softmax(..., dtype=float32)`), which the model
+/// reproduces; what remains is ulp-level float32 rounding inside that softmax (measured
+/// 7.2e-8 on the hidden state, 6.6e-9 on the pooled vector).
+pub const F64_REL_CLIP: f64 = 1.5e-7;
 
 /// The text-model configuration from a reference `config.json`.
 pub fn clip_config(cfg: &Value, path: &Path) -> Result<ClipConfig, DataError> {
