@@ -89,7 +89,10 @@ proptest! {
         let b = ksampler_sigmas(s, model, steps, hi, discard).unwrap();
         prop_assert!(a.len() <= steps + 1 && b.len() <= steps + 1);
         prop_assert_eq!(*a.last().unwrap(), 0.0);
-        if !a[0].is_nan() && !b[0].is_nan() {
+        // linear_quadratic is exempt: its linear part spans `total // 2` steps, so the schedule
+        // for the larger total that a lower denoise uses can start (slightly) higher, e.g. 3 steps
+        // at denoise 0.254 (total 11) against 0.276 (total 10). ComfyUI computes it the same way.
+        if s != Scheduler::LinearQuadratic && !a[0].is_nan() && !b[0].is_nan() {
             prop_assert!(a[0] <= b[0], "denoise {} starts at {}, denoise {} at {}", lo, a[0], hi, b[0]);
         }
     }
