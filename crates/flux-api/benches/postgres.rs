@@ -2,16 +2,22 @@
 //! (tokio tasks, one store) claim and complete a batch of queued jobs until none is left.
 //! Criterion reports jobs per second.
 //!
+//! Then submission latency with 2 API nodes (`Role::Api` servers on their own runtimes, one
+//! store each) under 200 concurrent HTTP clients on loopback, each submitting in turn to
+//! both nodes: HTTP request to durable QUEUED job, printed as median and p99.
+//!
 //! The server is a throw-away PostgreSQL on loopback with its default durability settings
 //! (fsync on), or `FLUX_TEST_PG_URL`. Without PostgreSQL the bench prints a note and skips.
 
 #[path = "../tests/postgres_support/mod.rs"]
 mod postgres_support;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use flux_api::JobParams;
+use flux_api::keys::KeyConfig;
 use flux_api::postgres::{PostgresOptions, PostgresStore};
 use flux_api::store::{JobStore, NewJob, RunMetrics};
+use flux_api::{Config, Role, Server, StoreChoice};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -126,5 +132,119 @@ fn claim_complete(c: &mut Criterion) {
     group.finish();
 }
 
+const CLIENTS: usize = 200;
+const PER_CLIENT: usize = 10;
+const KEY: &str = "bench-key";
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Starts an API-only node on `url` on its own runtime thread; returns its address.
+fn api_node(url: &str) -> std::net::SocketAddr {
+    let mut cfg = Config::new(
+        "127.0.0.1:0".parse().expect("address"),
+        std::path::PathBuf::from("."),
+    );
+    cfg.store = StoreChoice::Postgres {
+        url: url.to_string(),
+        options: PostgresOptions {
+            pool_size: 16,
+            ..PostgresOptions::default()
+        },
+    };
+    cfg.role = Role::Api;
+    cfg.keys = vec![KeyConfig::unlimited(KEY)];
+    cfg.max_queue = u64::MAX / 2;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let factory: flux_api::PipelineFactory =
+                Arc::new(|| Err("an API node loads no model".to_string()));
+            let server = Server::start(cfg, factory).await.expect("API node starts");
+            tx.send(server.addr).expect("send address");
+            server
+                .run(std::future::pending())
+                .await
+                .expect("API node runs");
+        });
+    });
+    rx.recv().expect("API node address")
+}
+
+fn submission_latency() {
+    if !have_postgres() {
+        return;
+    }
+    let server = postgres_support::PgServer::start_with(true);
+    let nodes = [api_node(server.url()), api_node(server.url())];
+    let png = {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| {
+            image::Rgb([(x * 9) as u8, (y * 5) as u8, 128])
+        });
+        flux_pipeline::image_io::encode_image(&img, flux_pipeline::image_io::OutputFormat::Png, &[])
+            .expect("png")
+    };
+    let body = serde_json::json!({
+        "prompt": "bench",
+        "image": flux_pipeline::image_io::to_base64(&png),
+        "steps": 1,
+    })
+    .to_string();
+    let barrier = std::sync::Barrier::new(CLIENTS);
+    let start = Instant::now();
+    let mut lat: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (barrier, body, nodes) = (&barrier, &body, &nodes);
+                s.spawn(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .http_status_as_error(false)
+                        .build()
+                        .into();
+                    barrier.wait();
+                    let mut out = Vec::with_capacity(PER_CLIENT);
+                    for i in 0..PER_CLIENT {
+                        let addr = nodes[(c + i) % 2];
+                        let t = Instant::now();
+                        let r = agent
+                            .post(format!("http://{addr}/v2/flux-img2img"))
+                            .header("x-api-key", KEY)
+                            .header("content-type", "application/json")
+                            .send(body.as_bytes())
+                            .expect("submit");
+                        out.push(t.elapsed().as_secs_f64() * 1e3);
+                        assert_eq!(r.status().as_u16(), 200, "submission answered");
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client"))
+            .collect()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "postgres/submit_2_api_nodes_{CLIENTS}_clients: n={} median={:.3}ms p99={:.3}ms ({:.0} submissions/s)",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.len() as f64 / secs
+    );
+}
+
 criterion_group!(benches, claim_complete);
-criterion_main!(benches);
+
+fn main() {
+    benches();
+    submission_latency();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -21,7 +21,7 @@ pub mod worker;
 
 pub use error::ApiError;
 pub use request::{ImageInput, JobParams, ValidatedRequest, parse_request};
-pub use server::{Config, MODEL, ServeError, Server, shutdown_signal};
+pub use server::{Config, MODEL, Role, ServeError, Server, StoreChoice, shutdown_signal};
 pub use sqlite::SqliteStore;
 pub use store::{JobStatus, JobStore};
-pub use worker::PipelineFactory;
+pub use worker::{PipelineFactory, run_node};

@@ -12,27 +12,38 @@
 //!   nodes. The retention purge runs on one node at a time (advisory lock).
 //! * Connections come from a pool; a lost connection (database restart, failover) is retried
 //!   with back-off for a configurable time before the error reaches the caller.
+//! * State changes send `NOTIFY` (`flux_queued` on submission and re-queue, `flux_done` with the
+//!   id on completion and failure); one extra connection per store `LISTEN`s and feeds
+//!   [`Changes`], which wakes idle workers and synchronous requests on any node.
+//! * Per-key rate limits are token buckets in the database (`flux_rate`, refilled on the
+//!   database clock), so a key's limit holds across all API nodes together.
 
 use crate::request::JobParams;
 use crate::store::{
-    JobRecord, JobStatus, JobStore, NewJob, RunMetrics, StateCounts, StoreError, StoreFuture,
+    Changes, JobRecord, JobStatus, JobStore, NewJob, RunMetrics, StateCounts, StoreError,
+    StoreFuture,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::{AsyncMessage, NoTls};
 
 /// Advisory lock keys (one namespace: "flux" in the high bytes).
 const LOCK_MIGRATE: i64 = 0x666c_7578_0001;
-const LOCK_SUBMIT: i64 = 0x666c_7578_0002;
 const LOCK_PURGE: i64 = 0x666c_7578_0003;
 
+/// Notification channels.
+const CHANNEL_QUEUED: &str = "flux_queued";
+const CHANNEL_DONE: &str = "flux_done";
+
 /// Schema migrations, applied in order; each runs once per database.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "
 CREATE TABLE flux_jobs (
     seq BIGSERIAL PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -65,7 +76,18 @@ CREATE TABLE flux_credits (
     used BIGINT NOT NULL
 );
 ",
-)];
+    ),
+    (
+        2,
+        "
+CREATE TABLE flux_rate (
+    key TEXT PRIMARY KEY,
+    tokens DOUBLE PRECISION NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+);
+",
+    ),
+];
 
 const COLUMNS: &str = "id, status, key, params, created_at, started_at, finished_at, step, total, \
                        error, inference_time, attempts, demo";
@@ -107,6 +129,53 @@ pub struct PostgresStore {
     /// Milliseconds after `epoch` of the last sweep for expired leases.
     last_reap_ms: AtomicU64,
     epoch: Instant,
+    changes: Arc<Changes>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// Keeps one connection `LISTEN`ing on the notification channels and forwards what arrives
+/// to `changes`; reconnects with back-off, and after each (re)connect asks every waiter to
+/// look at the database again, since notices sent meanwhile are lost.
+async fn listen(config: tokio_postgres::Config, changes: Arc<Changes>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if let Ok((client, mut conn)) = config.connect(NoTls).await {
+            let mut drive = std::pin::pin!(async {
+                while let Some(Ok(msg)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    if let AsyncMessage::Notification(n) = msg {
+                        if n.channel() == CHANNEL_DONE {
+                            changes.job_finished(n.payload().to_string());
+                        } else {
+                            changes.bump_queued();
+                        }
+                    }
+                }
+            });
+            let sql = format!("LISTEN {CHANNEL_QUEUED}; LISTEN {CHANNEL_DONE}");
+            let subscribe = client.batch_execute(&sql);
+            tokio::select! {
+                r = subscribe => {
+                    if r.is_ok() {
+                        backoff = Duration::from_millis(50);
+                        changes.resync();
+                        drive.await;
+                    }
+                }
+                () = &mut drive => {}
+            }
+            drop(client);
+        }
+        // The connection is gone: waiters fall back to polling until it is back.
+        changes.resync();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -286,6 +355,8 @@ impl PostgresStore {
                 "max attempts must be at least 1".into(),
             ));
         }
+        let changes = Arc::new(Changes::default());
+        let listener = tokio::spawn(listen(config.clone(), Arc::clone(&changes)));
         let manager = Manager::from_config(
             config,
             NoTls,
@@ -306,6 +377,8 @@ impl PostgresStore {
             options,
             last_reap_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            changes,
+            listener,
         };
         retrying!(store, |_attempt| store.migrate_once()).map_err(Failure::into_store)?;
         Ok(store)
@@ -402,7 +475,10 @@ impl PostgresStore {
                      finished_at = CASE WHEN j.attempts >= $1::bigint THEN $2::float8 ELSE j.finished_at END, \
                      claim = CASE WHEN j.attempts >= $1::bigint THEN j.claim END, \
                      lease_until = NULL, step = 0, total = 0 \
-                 FROM expired e WHERE j.seq = e.seq"
+                 FROM expired e WHERE j.seq = e.seq \
+                 RETURNING CASE WHEN j.status = 'FAILED' \
+                     THEN pg_notify('{CHANNEL_DONE}', j.id) \
+                     ELSE pg_notify('{CHANNEL_QUEUED}', '') END"
             ))
             .await?;
         let n = client
@@ -432,29 +508,43 @@ impl PostgresStore {
     ) -> Result<(), Failure> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        // One submitter at a time checks the queue length, so the limit holds across nodes.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_SUBMIT])
-            .await?;
-        let queued: i64 = tx
-            .query_one(
-                "SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED'",
-                &[],
-            )
-            .await?
-            .try_get(0)?;
-        if queued >= to_i64(max_queued) {
-            return Err(StoreError::QueueFull(queued.unsigned_abs()).into());
-        }
+        // The queue length is checked without a lock, so that submitters on many nodes never
+        // wait on each other: concurrent submissions can pass the limit by at most their
+        // number, a small price for a soft back-pressure limit.
         let insert = tx
             .prepare_cached(
                 "INSERT INTO flux_jobs (id, status, key, params, created_at) \
-                 VALUES ($1, 'QUEUED', $2, $3, $4)",
+                 SELECT $1, 'QUEUED', $2, $3, $4 \
+                 WHERE (SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED') < $5",
             )
             .await?;
-        tx.execute(&insert, &[&job.id, &job.key, &params, &job.created_at])
+        let n = tx
+            .execute(
+                &insert,
+                &[
+                    &job.id,
+                    &job.key,
+                    &params,
+                    &job.created_at,
+                    &to_i64(max_queued),
+                ],
+            )
             .await?;
+        if n == 0 {
+            let queued: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED'",
+                    &[],
+                )
+                .await?
+                .try_get(0)?;
+            return Err(StoreError::QueueFull(queued.unsigned_abs()).into());
+        }
         let blob = tx
-            .prepare_cached("INSERT INTO flux_blobs (job_id, kind, data) VALUES ($1, 'input', $2)")
+            .prepare_cached(
+                "WITH b AS (INSERT INTO flux_blobs (job_id, kind, data) VALUES ($1, 'input', $2)) \
+                 SELECT pg_notify('flux_queued', '')",
+            )
             .await?;
         tx.execute(&blob, &[&job.id, &job.image]).await?;
         tx.commit().await?;
@@ -573,7 +663,7 @@ impl PostgresStore {
                      UPDATE flux_jobs SET status = 'COMPLETED', finished_at = $3, \
                          inference_time = $4, demo = $5, step = total, lease_until = NULL \
                      WHERE id = $1 AND claim = $2 AND status = 'PROCESSING' \
-                     RETURNING id) \
+                     RETURNING id, pg_notify('flux_done', id)::text AS notified) \
                  INSERT INTO flux_blobs (job_id, kind, data) \
                  SELECT id, 'output', $6 FROM done \
                  ON CONFLICT (job_id, kind) DO UPDATE SET data = EXCLUDED.data \
@@ -614,7 +704,8 @@ impl PostgresStore {
             .prepare_cached(
                 "UPDATE flux_jobs SET status = 'FAILED', finished_at = $3, error = $4, \
                      lease_until = NULL \
-                 WHERE id = $1 AND claim = $2 AND status = 'PROCESSING'",
+                 WHERE id = $1 AND claim = $2 AND status = 'PROCESSING' \
+                 RETURNING pg_notify('flux_done', id)",
             )
             .await?;
         let n = client
@@ -635,7 +726,8 @@ impl PostgresStore {
             .prepare_cached(
                 "UPDATE flux_jobs SET status = 'QUEUED', claim = NULL, lease_until = NULL, \
                      step = 0, total = 0 \
-                 WHERE id = $1 AND claim = $2 AND status = 'PROCESSING'",
+                 WHERE id = $1 AND claim = $2 AND status = 'PROCESSING' \
+                 RETURNING pg_notify('flux_queued', '')",
             )
             .await?;
         Ok(client.execute(&stmt, &[&id, &claim]).await? > 0)
@@ -705,6 +797,44 @@ impl PostgresStore {
             }
             None => Ok(None),
         }
+    }
+
+    async fn rate_once(&self, key: &str, rate: f64) -> Result<Result<(), u64>, Failure> {
+        let burst = rate.max(1.0);
+        let client = self.pool.get().await?;
+        // One statement refills the bucket on the database clock and takes a token only when
+        // one is there, so API nodes never race each other for the same key.
+        let take = client
+            .prepare_cached(&format!(
+                "INSERT INTO flux_rate AS r (key, tokens, updated) \
+                 VALUES ($1::text, $3::float8 - 1, {DB_NOW}) \
+                 ON CONFLICT (key) DO UPDATE SET \
+                     tokens = LEAST($3::float8, \
+                         r.tokens + GREATEST({DB_NOW} - r.updated, 0) * $2::float8) - 1, \
+                     updated = {DB_NOW} \
+                 WHERE LEAST($3::float8, \
+                     r.tokens + GREATEST({DB_NOW} - r.updated, 0) * $2::float8) >= 1 \
+                 RETURNING r.tokens"
+            ))
+            .await?;
+        if client
+            .query_opt(&take, &[&key, &rate, &burst])
+            .await?
+            .is_some()
+        {
+            return Ok(Ok(()));
+        }
+        let level = client
+            .prepare_cached(&format!(
+                "SELECT LEAST($3::float8, tokens + GREATEST({DB_NOW} - updated, 0) * $2::float8) \
+                 FROM flux_rate WHERE key = $1::text"
+            ))
+            .await?;
+        let tokens: f64 = match client.query_opt(&level, &[&key, &rate, &burst]).await? {
+            Some(row) => row.try_get(0)?,
+            None => 0.0,
+        };
+        Ok(Err(((1.0 - tokens) / rate).ceil().max(1.0) as u64))
     }
 
     async fn credits_left_once(&self, key: &str, quota: u64) -> Result<u64, Failure> {
@@ -843,5 +973,34 @@ impl JobStore for PostgresStore {
             retrying!(self, |_attempt| self.credits_left_once(&key, quota))
                 .map_err(Failure::into_store)
         })
+    }
+
+    fn heartbeat(&self, id: &str, claim: &str) -> StoreFuture<'_, bool> {
+        let (id, claim) = (id.to_string(), claim.to_string());
+        Box::pin(async move { Self::heartbeat(self, &id, &claim).await })
+    }
+
+    fn lease(&self) -> Option<Duration> {
+        Some(self.options.lease)
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn take_rate_token(&self, key: &str, rate: f64) -> StoreFuture<'_, Result<(), u64>> {
+        let key = key.to_string();
+        Box::pin(async move {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(StoreError::Backend(format!(
+                    "rate limit of key must be a positive number per second, not {rate}"
+                )));
+            }
+            retrying!(self, |_attempt| self.rate_once(&key, rate)).map_err(Failure::into_store)
+        })
+    }
+
+    fn changes(&self) -> Option<&Changes> {
+        Some(self.changes.as_ref())
     }
 }

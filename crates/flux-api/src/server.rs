@@ -5,6 +5,7 @@ use crate::error::ApiError;
 use crate::keys::{KeyConfig, RateLimiter};
 use crate::log;
 use crate::metrics::Metrics;
+use crate::postgres::{PostgresOptions, PostgresStore};
 use crate::request::{ImageInput, parse_request};
 use crate::sqlite::SqliteStore;
 use crate::store::{JobRecord, JobStatus, JobStore, NewJob, StoreError};
@@ -29,14 +30,122 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// The one model this server serves.
 pub const MODEL: &str = "flux-img2img";
 
+/// Where jobs are kept.
+#[derive(Clone, Debug, Default)]
+pub enum StoreChoice {
+    /// The embedded SQLite database `jobs.sqlite3` in the data dir (one machine).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by any number of API nodes and workers.
+    Postgres {
+        /// Connection URL (`postgres://user@host:port/db`).
+        url: String,
+        /// Pool size, lease, attempts, reconnect time.
+        options: PostgresOptions,
+    },
+}
+
+impl StoreChoice {
+    /// Reads `--store`: `sqlite` (or empty) or a `postgres://` / `postgresql://` URL.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() || s.eq_ignore_ascii_case("sqlite") {
+            Ok(Self::Sqlite)
+        } else if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            Ok(Self::Postgres {
+                url: s.to_string(),
+                options: PostgresOptions::default(),
+            })
+        } else {
+            Err(format!(
+                "store '{s}': expected 'sqlite' or a PostgreSQL URL (postgres://user@host:port/database)"
+            ))
+        }
+    }
+
+    /// Whether several nodes can share it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+
+    /// A name for logs, without credentials.
+    pub fn describe(&self, data_dir: &std::path::Path) -> String {
+        match self {
+            Self::Sqlite => format!("SQLite in {}", data_dir.display()),
+            Self::Postgres { url, .. } => {
+                let host = url
+                    .split_once('@')
+                    .map_or(url.as_str(), |(_, rest)| rest)
+                    .trim_start_matches("postgres://")
+                    .trim_start_matches("postgresql://");
+                format!("PostgreSQL at {host}")
+            }
+        }
+    }
+
+    /// Opens the store (creating the data dir or running the migrations).
+    pub async fn open(&self, data_dir: &std::path::Path) -> Result<Arc<dyn JobStore>, ServeError> {
+        match self {
+            Self::Sqlite => {
+                std::fs::create_dir_all(data_dir).map_err(|e| {
+                    ServeError::Config(format!(
+                        "cannot create data dir {}: {e}",
+                        data_dir.display()
+                    ))
+                })?;
+                let db = data_dir.join("jobs.sqlite3");
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+                    .await
+                    .map_err(|e| ServeError::Config(e.to_string()))??;
+                Ok(Arc::new(store))
+            }
+            Self::Postgres { url, options } => Ok(Arc::new(
+                PostgresStore::connect_with(url, options.clone()).await?,
+            )),
+        }
+    }
+}
+
+/// What a `flux serve` node does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// HTTP and workers in one process (one machine).
+    #[default]
+    All,
+    /// HTTP only; `flux worker` processes run the jobs (needs a shared store).
+    Api,
+}
+
+impl Role {
+    /// Reads `--role`: `all` or `api`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Self::All),
+            "api" => Ok(Self::Api),
+            other => Err(format!(
+                "role '{other}': expected 'all' (HTTP and workers) or 'api' (HTTP only)"
+            )),
+        }
+    }
+}
+
+/// Why a role needs a shared store.
+pub(crate) const SHARED_STORE_NEEDED: &str = "the SQLite store belongs to one machine (one file \
+     that one process opens), so separate API and worker processes need the PostgreSQL store: \
+     give --store postgres://user@host:port/database (or FLUX_STORE)";
+
 /// Server settings.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address to listen on.
     pub addr: SocketAddr,
-    /// Folder of the job database.
+    /// Folder of the job database (the SQLite store).
     pub data_dir: PathBuf,
-    /// Worker threads (each with its own loaded model).
+    /// Where jobs are kept.
+    pub store: StoreChoice,
+    /// HTTP and workers, or HTTP only.
+    pub role: Role,
+    /// Worker threads (each with its own loaded model); none in the `api` role.
     pub workers: usize,
     /// Accepted API keys.
     pub keys: Vec<KeyConfig>,
@@ -63,6 +172,8 @@ impl Config {
         Self {
             addr,
             data_dir,
+            store: StoreChoice::Sqlite,
+            role: Role::All,
             workers: 1,
             keys: Vec::new(),
             no_auth: false,
@@ -107,6 +218,7 @@ struct App {
     metrics: Arc<Metrics>,
     workers: usize,
     demo: bool,
+    role: Role,
 }
 
 /// Who is calling, and the credits header to send back.
@@ -155,14 +267,6 @@ impl App {
             }
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API key"));
         };
-        if let Some(rate) = cfg.rate
-            && let Err(secs) = self.limiter.check(key, rate)
-        {
-            return Err(ApiError::too_many(
-                format!("rate limit of {rate} requests per second exceeded"),
-                secs,
-            ));
-        }
         let remaining = match cfg.quota {
             Some(q) => Some(
                 self.store
@@ -177,6 +281,92 @@ impl App {
             quota: cfg.quota,
             remaining,
         })
+    }
+
+    /// Takes a request token of the caller's key: in the shared store when there is one (so
+    /// the limit holds across API nodes), else in this process's memory.
+    async fn rate_limit(&self, caller: &Caller) -> Result<(), ApiError> {
+        let Some((key, rate)) = caller
+            .key
+            .as_ref()
+            .and_then(|k| Some((k, self.keys.get(k)?.rate?)))
+        else {
+            return Ok(());
+        };
+        let taken = if self.store.shared() {
+            self.store
+                .take_rate_token(key, rate)
+                .await
+                .map_err(|e| store_error(&e))?
+        } else {
+            self.limiter.check(key, rate)
+        };
+        taken.map_err(|secs| {
+            ApiError::too_many(
+                format!("rate limit of {rate} requests per second exceeded"),
+                secs,
+            )
+        })
+    }
+
+    /// Waits until job `id` leaves QUEUED/PROCESSING, or `sync_timeout` passes (`false`).
+    async fn wait_finished(&self, caller: &Caller, id: &str) -> Result<bool, ApiError> {
+        let Some(changes) = self.store.changes() else {
+            // One process: its own workers say when the job is done.
+            let rx = self.events.watch(id);
+            // The job may have finished before the watch was registered.
+            let rec = self.job_for(caller, id).await?;
+            if !matches!(rec.status, JobStatus::Queued | JobStatus::Processing) {
+                self.events.unwatch(id);
+                return Ok(true);
+            }
+            let waited = tokio::time::timeout(self.sync_timeout, async {
+                tokio::select! {
+                    _ = rx => {},
+                    () = self.events.stopped() => {},
+                }
+            })
+            .await;
+            self.events.unwatch(id);
+            return Ok(waited.is_ok());
+        };
+        // A shared store: a worker anywhere finishes the job. Wake on its notice, and poll
+        // with back-off in case a notice is lost (listener reconnecting).
+        let mut finished = changes.finished();
+        let deadline = tokio::time::Instant::now() + self.sync_timeout;
+        let mut poll = Duration::from_millis(100);
+        loop {
+            let rec = self.job_for(caller, id).await?;
+            if !matches!(rec.status, JobStatus::Queued | JobStatus::Processing) {
+                return Ok(true);
+            }
+            if self.events.is_shutting_down() {
+                return Ok(true);
+            }
+            let until = (tokio::time::Instant::now() + poll).min(deadline);
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            let notice = async {
+                loop {
+                    match finished.recv().await {
+                        Ok(done) if done == id || done.is_empty() => break,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = notice => {},
+                () = tokio::time::sleep_until(until) => {
+                    poll = (poll * 2).min(Duration::from_secs(2));
+                },
+                () = self.events.stopped() => {},
+            }
+        }
     }
 
     fn check_model(&self, caller: &Caller, model: &str) -> Result<(), ApiError> {
@@ -340,6 +530,7 @@ async fn submit_v2(
         Err(e) => return e.into_response(),
     };
     let result = async {
+        app.rate_limit(&caller).await?;
         app.check_model(&caller, &model)?;
         let id = app.submit(&mut caller, body).await?;
         let base = app.base_url(&headers);
@@ -366,28 +557,14 @@ async fn run_v1(
         Err(e) => return e.into_response(),
     };
     let result = async {
+        app.rate_limit(&caller).await?;
         app.check_model(&caller, &model)?;
         let id = app.submit(&mut caller, body).await?;
-        let rx = app.events.watch(&id);
-        // The job may have finished before the watch was registered.
-        let rec = app.job_for(&caller, &id).await?;
-        if matches!(rec.status, JobStatus::Queued | JobStatus::Processing) {
-            let waited = tokio::time::timeout(app.sync_timeout, async {
-                tokio::select! {
-                    _ = rx => {},
-                    () = app.events.stopped() => {},
-                }
-            })
-            .await;
-            app.events.unwatch(&id);
-            if waited.is_err() {
-                return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!("the job did not finish within {:?}; it continues as request {id} (GET /v2/requests/{id})", app.sync_timeout),
-                ));
-            }
-        } else {
-            app.events.unwatch(&id);
+        if !app.wait_finished(&caller, &id).await? {
+            return Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the job did not finish within {:?}; it continues as request {id} (GET /v2/requests/{id})", app.sync_timeout),
+            ));
         }
         let rec = app.job_for(&caller, &id).await?;
         match rec.status {
@@ -438,6 +615,7 @@ async fn status(
         Err(e) => return e.into_response(),
     };
     let result = async {
+        app.rate_limit(&caller).await?;
         let rec = app.job_for(&caller, &id).await?;
         let mut body = json!({ "request_id": rec.id, "status": rec.status.name() });
         match rec.status {
@@ -470,6 +648,7 @@ async fn result(
         Err(e) => return e.into_response(),
     };
     let result = async {
+        app.rate_limit(&caller).await?;
         let rec = app.job_for(&caller, &id).await?;
         match rec.status {
             JobStatus::Completed => {
@@ -532,6 +711,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     match app.store.counts().await {
         Ok(c) => axum::Json(json!({
             "status": "ok",
+            "role": match app.role { Role::All => "all", Role::Api => "api" },
             "workers": app.workers,
             "demo_model": app.demo,
             "queue_depth": c.queued,
@@ -589,7 +769,7 @@ pub struct Server {
     pub addr: SocketAddr,
     app: Arc<App>,
     listener: tokio::net::TcpListener,
-    workers: Workers,
+    workers: Option<Workers>,
     retention: Duration,
 }
 
@@ -603,51 +783,45 @@ impl std::fmt::Debug for Server {
 }
 
 impl Server {
-    /// Opens the store in `config.data_dir`, re-queues jobs left PROCESSING by a previous run,
-    /// loads the workers' models and binds the address. Must run inside a tokio runtime.
+    /// Opens the store (`config.store`), re-queues jobs left PROCESSING by a previous run
+    /// (SQLite) or whose lease ran out (PostgreSQL), loads the workers' models (`all` role)
+    /// and binds the address. Must run inside a tokio runtime.
     pub async fn start(config: Config, factory: PipelineFactory) -> Result<Self, ServeError> {
         if config.keys.is_empty() && !config.no_auth {
             return Err(ServeError::Config(
                 "no API key configured: give --api-key, --api-keys-file or FLUX_API_KEY, or --no-auth to accept requests without one".into(),
             ));
         }
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            ServeError::Config(format!(
-                "cannot create data dir {}: {e}",
-                config.data_dir.display()
-            ))
-        })?;
-        let db = config.data_dir.join("jobs.sqlite3");
-        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
-            .await
-            .map_err(|e| ServeError::Config(e.to_string()))??;
-        let store: Arc<dyn JobStore> = Arc::new(store);
+        if config.role == Role::Api && !config.store.is_shared() {
+            return Err(ServeError::Config(format!(
+                "--role api serves HTTP only, with `flux worker` processes running the jobs; {SHARED_STORE_NEEDED}"
+            )));
+        }
+        let store = config.store.open(&config.data_dir).await?;
+        log::line(&format!(
+            "job store: {}",
+            config.store.describe(&config.data_dir)
+        ));
         let requeued = store.recover().await?;
         if requeued > 0 {
             log::line(&format!(
-                "re-queued {requeued} job(s) left PROCESSING by the previous run"
+                "re-queued {requeued} job(s) left PROCESSING by a stopped worker"
             ));
         }
         let events = Arc::new(Events::default());
         let metrics = Arc::new(Metrics::default());
-        let rt = tokio::runtime::Handle::current();
-        let (w_store, w_events, w_metrics) = (
-            Arc::clone(&store),
-            Arc::clone(&events),
-            Arc::clone(&metrics),
-        );
-        let n = config.workers;
-        let workers = tokio::task::spawn_blocking(move || {
-            Workers::start(n, &factory, &w_store, &w_events, &w_metrics, &rt)
-        })
-        .await
-        .map_err(|e| ServeError::Model(e.to_string()))?
-        .map_err(ServeError::Model)?;
-        if workers.demo {
-            log::line(
-                "no model configured: serving the built-in DEMO model (generated weights, not a real Flux model); results say so in their metadata",
-            );
-        }
+        let workers = if config.role == Role::All {
+            let workers =
+                Workers::spawn(config.workers, factory, &store, &events, &metrics).await?;
+            if workers.demo {
+                log::line(
+                    "no model configured: serving the built-in DEMO model (generated weights, not a real Flux model); results say so in their metadata",
+                );
+            }
+            Some(workers)
+        } else {
+            None
+        };
         let listener = tokio::net::TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let mut keys = HashMap::new();
@@ -666,8 +840,9 @@ impl Server {
             sync_timeout: config.sync_timeout,
             events,
             metrics,
-            workers: workers.len(),
-            demo: workers.demo,
+            workers: workers.as_ref().map_or(0, Workers::len),
+            demo: workers.as_ref().is_some_and(|w| w.demo),
+            role: config.role,
         });
         Ok(Self {
             addr,
@@ -739,8 +914,9 @@ impl Server {
             .await;
         purger.abort();
         app.events.shutdown();
-        let workers = self.workers;
-        let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+        if let Some(workers) = self.workers {
+            let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+        }
         log::line("stopped");
         served.map_err(ServeError::Io)
     }

@@ -8,6 +8,7 @@
 use crate::request::JobParams;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 /// A boxed future returned by store methods.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -174,4 +175,84 @@ pub trait JobStore: Send + Sync + 'static {
     fn charge(&self, key: &str, quota: u64) -> StoreFuture<'_, Option<u64>>;
     /// Credits left to `key`.
     fn credits_left(&self, key: &str, quota: u64) -> StoreFuture<'_, u64>;
+
+    /// Extends the lease of a claimed job; `false` when the claim no longer holds (the job was
+    /// claimed again or finished), so its worker should stop. A store without leases (one
+    /// machine, where a crash is recovered at start-up) keeps the default: always `true`.
+    fn heartbeat(&self, id: &str, claim: &str) -> StoreFuture<'_, bool> {
+        let _ = (id, claim);
+        Box::pin(async { Ok(true) })
+    }
+
+    /// How long a claim holds without a heartbeat; `None` when claims do not expire.
+    fn lease(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Whether several nodes share this store. Rate limits are then kept in the store
+    /// ([`JobStore::take_rate_token`]) and waits go through [`JobStore::changes`], since other
+    /// processes submit and finish the jobs.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Takes one request token of `key` (a bucket refilled at `rate` per second, holding at
+    /// most `max(rate, 1)`), across every node: `Err(seconds)` to wait while none is left. The
+    /// default allows everything: single-node stores leave rate limits to the server's memory.
+    fn take_rate_token(&self, key: &str, rate: f64) -> StoreFuture<'_, Result<(), u64>> {
+        let _ = (key, rate);
+        Box::pin(async { Ok(Ok(())) })
+    }
+
+    /// Notifications of jobs queued and finished by any node, where the store has them.
+    fn changes(&self) -> Option<&Changes> {
+        None
+    }
+}
+
+/// Signals of a shared store: a counter bumped whenever a job may have been queued, and the
+/// ids of jobs that finished (COMPLETED or FAILED). Both are hints: a listener that lost its
+/// connection bumps the counter and cannot replay finished ids, so waiters also poll.
+#[derive(Debug)]
+pub struct Changes {
+    queued: tokio::sync::watch::Sender<u64>,
+    finished: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Self {
+            queued: tokio::sync::watch::Sender::new(0),
+            finished: tokio::sync::broadcast::Sender::new(1024),
+        }
+    }
+}
+
+impl Changes {
+    /// A receiver whose value changes when a job may have been queued.
+    pub fn queued(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queued.subscribe()
+    }
+
+    /// A receiver of finished job ids.
+    pub fn finished(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.finished.subscribe()
+    }
+
+    /// A job may have been queued (also called after a reconnect, when notices may be lost).
+    pub fn bump_queued(&self) {
+        self.queued.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Job `id` finished.
+    pub fn job_finished(&self, id: String) {
+        let _ = self.finished.send(id);
+    }
+
+    /// Notices may have been missed (the listening connection was lost): every waiter should
+    /// look at the store again. Finished-id receivers get an empty id.
+    pub fn resync(&self) {
+        self.bump_queued();
+        let _ = self.finished.send(String::new());
+    }
 }

@@ -1,7 +1,12 @@
 //! Worker threads: each loads a [`Pipeline`] once and then runs queued jobs one at a time.
+//!
+//! In `flux serve` they share the process with the HTTP side; [`run_node`] runs them alone
+//! (`flux worker`) against a shared store. With a store whose claims carry a lease, a task
+//! extends the lease while the job runs, and a worker whose claim was lost stops the job.
 
 use crate::log;
 use crate::metrics::Metrics;
+use crate::server::{SHARED_STORE_NEEDED, ServeError, StoreChoice};
 use crate::store::{JobRecord, JobStore, RunMetrics};
 use flux_pipeline::{Pipeline, PipelineError};
 use std::collections::HashMap;
@@ -135,6 +140,24 @@ struct Ctx {
 }
 
 impl Workers {
+    /// [`Workers::start`] from async code: `n` workers (at least one) on the current runtime.
+    pub async fn spawn(
+        n: usize,
+        factory: PipelineFactory,
+        store: &Arc<dyn JobStore>,
+        events: &Arc<Events>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, ServeError> {
+        let rt = Handle::current();
+        let (store, events, metrics) = (Arc::clone(store), Arc::clone(events), Arc::clone(metrics));
+        tokio::task::spawn_blocking(move || {
+            Self::start(n, &factory, &store, &events, &metrics, &rt)
+        })
+        .await
+        .map_err(|e| ServeError::Model(e.to_string()))?
+        .map_err(ServeError::Model)
+    }
+
     /// Starts `n` workers, each loading its pipeline with `factory`; returns once all have
     /// loaded, or with the first load error (after stopping the others).
     pub fn start(
@@ -210,17 +233,71 @@ impl Workers {
     }
 }
 
+/// How long an idle worker waits before looking at the queue again without a notice.
+const IDLE_POLL: Duration = Duration::from_millis(500);
+
 fn run_worker(name: &str, pipeline: &Pipeline, ctx: &Ctx) {
     while !ctx.events.is_shutting_down() {
+        // Subscribed before claiming, so a job queued in between is not missed.
+        let mut queued = ctx.store.changes().map(crate::store::Changes::queued);
         match ctx.rt.block_on(ctx.store.claim_next()) {
             Ok(Some((job, claim))) => run_job(name, pipeline, ctx, &job, &claim),
-            Ok(None) => ctx.events.wait_for_work(Duration::from_millis(500)),
+            Ok(None) => match &mut queued {
+                // Another node may queue the job: wait for the store's notice.
+                Some(rx) => ctx.rt.block_on(async {
+                    tokio::select! {
+                        _ = rx.changed() => {},
+                        () = tokio::time::sleep(IDLE_POLL) => {},
+                        () = ctx.events.stopped() => {},
+                    }
+                }),
+                None => ctx.events.wait_for_work(IDLE_POLL),
+            },
             Err(e) => {
                 log::line(&format!("{name}: cannot claim a job: {e}"));
-                std::thread::sleep(Duration::from_secs(1));
+                ctx.rt.block_on(async {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {},
+                        () = ctx.events.stopped() => {},
+                    }
+                });
             }
         }
     }
+}
+
+/// Extends the lease of a running job every third of the lease, until aborted; sets `lost`
+/// when the claim no longer holds (the job was re-queued after a missed lease).
+fn start_heartbeat(
+    ctx: &Ctx,
+    id: &str,
+    claim: &str,
+    lost: &Arc<AtomicBool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let lease = ctx.store.lease()?;
+    let every = (lease / 3).max(Duration::from_millis(10));
+    let (store, id, claim, lost) = (
+        Arc::clone(&ctx.store),
+        id.to_string(),
+        claim.to_string(),
+        Arc::clone(lost),
+    );
+    Some(ctx.rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.heartbeat(&id, &claim).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    lost.store(true, Ordering::SeqCst);
+                    log::line(&format!(
+                        "job {id}: the claim no longer holds (lease ran out); stopping it"
+                    ));
+                    break;
+                }
+                Err(e) => log::line(&format!("job {id}: heartbeat failed: {e}")),
+            }
+        }
+    }))
 }
 
 fn run_job(name: &str, pipeline: &Pipeline, ctx: &Ctx, job: &JobRecord, claim: &str) {
@@ -230,7 +307,12 @@ fn run_job(name: &str, pipeline: &Pipeline, ctx: &Ctx, job: &JobRecord, claim: &
         "job {id} PROCESSING on {name} (attempt {})",
         job.attempts
     ));
-    let result = prepare_and_run(pipeline, ctx, job, claim);
+    let lost = Arc::new(AtomicBool::new(false));
+    let heartbeat = start_heartbeat(ctx, id, claim, &lost);
+    let result = prepare_and_run(pipeline, ctx, job, claim, &lost);
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     let store = &ctx.store;
     match result {
         Ok(out) => {
@@ -254,6 +336,11 @@ fn run_job(name: &str, pipeline: &Pipeline, ctx: &Ctx, job: &JobRecord, claim: &
                 )),
                 Err(e) => log::line(&format!("job {id}: cannot store the result: {e}")),
             }
+        }
+        Err(PipelineError::Cancelled { step, total }) if lost.load(Ordering::SeqCst) => {
+            log::line(&format!(
+                "job {id}: abandoned after step {step} of {total}, it was claimed again"
+            ));
         }
         Err(PipelineError::Cancelled { step, total }) if ctx.events.is_shutting_down() => {
             match ctx.rt.block_on(store.requeue(id, claim)) {
@@ -288,6 +375,7 @@ fn prepare_and_run(
     ctx: &Ctx,
     job: &JobRecord,
     claim: &str,
+    lost: &AtomicBool,
 ) -> Result<flux_pipeline::Output, PipelineError> {
     let model = |m: String| PipelineError::Model(m);
     let input = ctx
@@ -314,11 +402,52 @@ fn prepare_and_run(
         {
             log::line(&format!("job {}: cannot record progress: {e}", job.id));
         }
-        !ctx.events.is_shutting_down()
+        !ctx.events.is_shutting_down() && !lost.load(Ordering::SeqCst)
     };
     // A panic in the model code fails this job instead of killing the worker.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         pipeline.img2img(&req, &mut on_step)
     }))
     .unwrap_or_else(|_| Err(model("internal error: the pipeline panicked".into())))
+}
+
+/// Runs `n` workers against a shared store until `shutdown` resolves (`flux worker`): no HTTP,
+/// the jobs come from API nodes on other machines. In-flight jobs are re-queued at shutdown.
+/// Must run inside a tokio runtime.
+pub async fn run_node(
+    store: &StoreChoice,
+    n: usize,
+    factory: PipelineFactory,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    if !store.is_shared() {
+        return Err(ServeError::Config(format!(
+            "flux worker runs jobs queued by separate API nodes; {SHARED_STORE_NEEDED}"
+        )));
+    }
+    let store = store.open(std::path::Path::new(".")).await?;
+    let requeued = store.recover().await?;
+    if requeued > 0 {
+        log::line(&format!(
+            "re-queued {requeued} job(s) whose worker stopped heart-beating"
+        ));
+    }
+    let events = Arc::new(Events::default());
+    let metrics = Arc::new(Metrics::default());
+    let workers = Workers::spawn(n, factory, &store, &events, &metrics).await?;
+    log::line(&format!(
+        "worker node running {} worker(s){}",
+        workers.len(),
+        if workers.demo {
+            " with the built-in DEMO model (generated weights, not a real Flux model)"
+        } else {
+            ""
+        }
+    ));
+    shutdown.await;
+    log::line("shutting down: in-flight jobs are re-queued");
+    events.shutdown();
+    let _ = tokio::task::spawn_blocking(move || workers.join()).await;
+    log::line("stopped");
+    Ok(())
 }

@@ -558,3 +558,80 @@ async fn bad_urls_and_unreachable_servers_give_clear_errors() {
         .expect_err("nobody listens");
     assert!(err.to_string().contains("PostgreSQL"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(flux_pg_tests), ignore = "skipped: no PostgreSQL")]
+async fn rate_limits_hold_across_nodes() {
+    let server = PgServer::start();
+    let (a, b) = tokio::join!(
+        store(&server, PostgresOptions::default()),
+        store(&server, PostgresOptions::default()),
+    );
+    assert!(a.shared() && b.shared());
+    // 0.01 per second: a burst of one, then nothing for 100 s, whichever node asks.
+    assert_eq!(a.take_rate_token("slow", 0.01).await.unwrap(), Ok(()));
+    let wait = b.take_rate_token("slow", 0.01).await.unwrap().unwrap_err();
+    assert!((90..=100).contains(&wait), "retry after {wait} s");
+    assert!(a.take_rate_token("slow", 0.01).await.unwrap().is_err());
+    // 30 requests from both nodes at once against a bucket of 10 (refilling at 10 per
+    // second: at most a few more tokens while they run).
+    let stores = [Arc::new(a), Arc::new(b)];
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let s = Arc::clone(&stores[i % 2]);
+        tasks.push(tokio::spawn(async move {
+            s.take_rate_token("burst", 10.0).await
+        }));
+    }
+    let mut allowed = 0;
+    for t in tasks {
+        if t.await.unwrap().unwrap().is_ok() {
+            allowed += 1;
+        }
+    }
+    assert!((10..20).contains(&allowed), "{allowed} of 30 allowed");
+    // Other keys have their own bucket; a bad rate is an error, not a pass.
+    assert_eq!(
+        stores[0].take_rate_token("other", 0.01).await.unwrap(),
+        Ok(())
+    );
+    assert!(stores[1].take_rate_token("other", f64::NAN).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(flux_pg_tests), ignore = "skipped: no PostgreSQL")]
+async fn nodes_hear_of_jobs_queued_and_finished_elsewhere() {
+    let server = PgServer::start();
+    let (a, b) = tokio::join!(
+        store(&server, options(60_000, 3)),
+        store(&server, options(60_000, 3)),
+    );
+    let changes = b.changes().expect("the PostgreSQL store has notices");
+    let mut queued = changes.queued();
+    let mut finished = changes.finished();
+    // The listener's first connect asks waiters to look again (an empty id): skip those.
+    let wait = Duration::from_secs(10);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    queued.borrow_and_update();
+    while let Ok(id) = finished.try_recv() {
+        assert!(id.is_empty(), "{id}");
+    }
+    a.submit(job("n1", None), 10).await.unwrap();
+    tokio::time::timeout(wait, queued.changed())
+        .await
+        .expect("a notice of the submission")
+        .unwrap();
+    let (_, claim) = a.claim_next().await.unwrap().unwrap();
+    assert!(a.heartbeat("n1", &claim).await.unwrap());
+    assert!(
+        a.complete("n1", &claim, b"out".to_vec(), metrics())
+            .await
+            .unwrap()
+    );
+    let id = tokio::time::timeout(wait, finished.recv())
+        .await
+        .expect("a notice of the completion")
+        .unwrap();
+    assert_eq!(id, "n1");
+    assert_eq!(b.lease(), Some(Duration::from_mins(1)));
+}

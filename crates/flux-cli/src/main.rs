@@ -7,6 +7,7 @@ mod img2img;
 mod parity;
 mod serve;
 mod sigmas;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     Schedulers,
     /// Print the sigma schedule of a scheduler, as ComfyUI's KSampler computes it.
     Sigmas(sigmas::SigmasArgs),
+    /// Run queued jobs from a shared (PostgreSQL) job store; API nodes take the requests.
+    Worker(Box<worker::WorkerArgs>),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Command::Samplers => Ok(sigmas::list_samplers()),
         Command::Schedulers => Ok(sigmas::list()),
         Command::Sigmas(args) => sigmas::run(&args),
+        Command::Worker(args) => worker::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

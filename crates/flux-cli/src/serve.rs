@@ -4,12 +4,51 @@ use crate::img2img::{ModelArgs, load_pipeline};
 use anyhow::{Context, Result};
 use clap::Args;
 use flux_api::keys::{KeyConfig, load_keys_file, parse_key_line};
-use flux_api::{Config, PipelineFactory, Server};
+use flux_api::{Config, PipelineFactory, Role, Server, StoreChoice};
 use flux_pipeline::image_io::FetchPolicy;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where jobs are kept, shared by `flux serve` and `flux worker`.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Job store: `sqlite` (a database in --data-dir, one machine) or a PostgreSQL URL
+    /// (`postgres://user:password@host:port/database`) shared by many API nodes and workers.
+    #[arg(long, env = "FLUX_STORE", default_value = "sqlite")]
+    pub store: String,
+    /// PostgreSQL store: seconds a claimed job stays with its worker without a heartbeat;
+    /// after that it is queued again (workers heart-beat every third of it).
+    #[arg(long, env = "FLUX_LEASE_SECS", default_value_t = 60.0)]
+    pub lease_secs: f64,
+    /// PostgreSQL store: runs a job may start before a lost lease fails it.
+    #[arg(long, env = "FLUX_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u64,
+    /// PostgreSQL store: most connections per process.
+    #[arg(long, env = "FLUX_PG_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+}
+
+impl StoreArgs {
+    /// The store these arguments name.
+    pub fn choice(&self) -> Result<StoreChoice> {
+        let mut choice =
+            StoreChoice::parse(&self.store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        if let StoreChoice::Postgres { options, .. } = &mut choice {
+            if !(self.lease_secs.is_finite() && self.lease_secs > 0.0) {
+                anyhow::bail!(
+                    "--lease-secs {}: expected a positive number of seconds",
+                    self.lease_secs
+                );
+            }
+            options.lease = Duration::from_secs_f64(self.lease_secs);
+            options.max_attempts = self.max_attempts;
+            options.pool_size = self.pool_size;
+        }
+        Ok(choice)
+    }
+}
 
 /// Arguments of `flux serve`.
 #[derive(Args, Debug)]
@@ -17,10 +56,16 @@ pub struct ServeArgs {
     /// Address to listen on (HOST:PORT; port 0 picks a free one).
     #[arg(long, env = "FLUX_ADDR", default_value = "127.0.0.1:8000")]
     pub addr: SocketAddr,
-    /// Folder of the job database (created if missing).
+    /// Folder of the job database (created if missing); needed by the SQLite store.
     #[arg(long, env = "FLUX_DATA_DIR")]
-    pub data_dir: PathBuf,
-    /// Worker threads, each with its own loaded model.
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// `all`: HTTP and workers in this process; `api`: HTTP only, with `flux worker`
+    /// processes running the jobs (needs the PostgreSQL store).
+    #[arg(long, env = "FLUX_ROLE", default_value = "all")]
+    pub role: String,
+    /// Worker threads, each with its own loaded model (`all` role).
     #[arg(long, env = "FLUX_WORKERS", default_value_t = 1)]
     pub workers: usize,
     /// An accepted API key, optionally with limits: `KEY [quota=N] [rate=N/s]` (repeatable;
@@ -66,7 +111,21 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if let Some(f) = &args.api_keys_file {
         keys.extend(load_keys_file(f)?);
     }
-    let mut config = Config::new(args.addr, args.data_dir.clone());
+    let store = args.store.choice()?;
+    let role = Role::parse(&args.role).map_err(|e| anyhow::anyhow!("--role: {e}"))?;
+    let data_dir = match (&args.data_dir, &store) {
+        (Some(d), _) => d.clone(),
+        // No database file here (an API-only node on SQLite is refused by the server, which
+        // explains why).
+        (None, StoreChoice::Postgres { .. }) => PathBuf::from("."),
+        (None, StoreChoice::Sqlite) if role == Role::Api => PathBuf::from("."),
+        (None, StoreChoice::Sqlite) => anyhow::bail!(
+            "--data-dir (or FLUX_DATA_DIR) is required with the SQLite store: the folder of its database"
+        ),
+    };
+    let mut config = Config::new(args.addr, data_dir);
+    config.store = store;
+    config.role = role;
     config.workers = args.workers.max(1);
     config.keys = keys;
     config.no_auth = args.no_auth;
