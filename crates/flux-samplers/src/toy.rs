@@ -57,51 +57,112 @@ impl Mixture {
 
     /// `E[x0 | a x0 + sigma eps = x]`.
     pub fn posterior_mean(&self, x: f64, a: f64, sigma: f64) -> f64 {
-        let k = self.w.len();
-        // Two components in practice: a fixed-size stack buffer avoids allocating per element.
-        let mut logits = [0.0f64; 8];
-        let mut means = [0.0f64; 8];
-        if k > logits.len() {
-            return self.posterior_mean_alloc(x, a, sigma);
-        }
-        let mut max = f64::NEG_INFINITY;
-        for i in 0..k {
-            let (l, m) = self.component(i, x, a, sigma);
-            logits[i] = l;
-            means[i] = m;
-            max = max.max(l);
-        }
-        let mut num = 0.0;
-        let mut den = 0.0;
-        for i in 0..k {
-            let e = (logits[i] - max).exp();
-            num += e * means[i];
-            den += e;
-        }
-        num / den
+        self.at(a, sigma).mean(x)
     }
 
-    fn posterior_mean_alloc(&self, x: f64, a: f64, sigma: f64) -> f64 {
-        let parts: Vec<(f64, f64)> = (0..self.w.len())
-            .map(|i| self.component(i, x, a, sigma))
+    /// The posterior at one `(a, sigma)`: every quantity that does not depend on `x`, computed
+    /// once per call instead of once per element (the same operations in the same order, so
+    /// the means are bit for bit those of the per-element formula).
+    pub fn at(&self, a: f64, sigma: f64) -> Posterior {
+        let comps = (0..self.w.len())
+            .map(|i| {
+                let s2 = self.s[i] * self.s[i];
+                let v = a * a * s2 + sigma * sigma;
+                Component {
+                    log_norm: self.w[i].ln() - 0.5 * v.ln(),
+                    a_mu: a * self.mu[i],
+                    v,
+                    mu: self.mu[i],
+                    gain: a * s2,
+                }
+            })
             .collect();
-        let max = parts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
-        let (num, den) = parts.iter().fold((0.0, 0.0), |(n, d), &(l, m)| {
-            let e = (l - max).exp();
-            (n + e * m, d + e)
-        });
-        num / den
+        Posterior { comps }
     }
+}
 
-    /// Log responsibility (unnormalised) and posterior mean of component `i`.
-    fn component(&self, i: usize, x: f64, a: f64, sigma: f64) -> (f64, f64) {
-        let s2 = self.s[i] * self.s[i];
-        let v = a * a * s2 + sigma * sigma;
-        let r = x - a * self.mu[i];
-        let logit = self.w[i].ln() - 0.5 * v.ln() - 0.5 * r * r / v;
-        let mean = self.mu[i] + a * s2 * r / v;
-        (logit, mean)
+/// One mixture component's constants at a fixed `(a, sigma)`.
+#[derive(Clone, Copy, Debug)]
+struct Component {
+    /// `ln w - ln v / 2`.
+    log_norm: f64,
+    /// `a mu`.
+    a_mu: f64,
+    /// `a^2 s^2 + sigma^2`, the variance of `x` under the component.
+    v: f64,
+    /// `mu`.
+    mu: f64,
+    /// `a s^2`.
+    gain: f64,
+}
+
+impl Component {
+    /// Log responsibility (unnormalised) and posterior mean at `x`.
+    #[inline]
+    fn eval(&self, x: f64) -> (f64, f64) {
+        let r = x - self.a_mu;
+        (
+            self.log_norm - 0.5 * r * r / self.v,
+            self.mu + self.gain * r / self.v,
+        )
     }
+}
+
+/// A [`Mixture`]'s posterior mean at one `(a, sigma)`, ready to evaluate per element.
+#[derive(Clone, Debug)]
+pub struct Posterior {
+    comps: Vec<Component>,
+}
+
+impl Posterior {
+    /// `E[x0 | x]`.
+    #[inline]
+    pub fn mean(&self, x: f64) -> f64 {
+        match self.comps.as_slice() {
+            [c0, c1] => {
+                let ((l0, m0), (l1, m1)) = (c0.eval(x), c1.eval(x));
+                if !(l0.is_finite() && l1.is_finite()) {
+                    return softmax_mean(&[(l0, m0), (l1, m1)]);
+                }
+                // The larger logit's weight is exp(0) = 1; the other one's is
+                // exp(smaller - larger) = exp(-|l0 - l1|) (negating a difference is exact), so
+                // one `exp` per element gives the general path's bits.
+                let e = (-(l0 - l1).abs()).exp();
+                let (e0, e1) = if l0 >= l1 { (1.0, e) } else { (e, 1.0) };
+                // Accumulated from zero as the general path does (keeps the sign of a zero).
+                (0.0 + e0 * m0 + e1 * m1) / (0.0 + e0 + e1)
+            }
+            comps => {
+                // A softmax-weighted mean; a fixed-size stack buffer avoids a per-element
+                // allocation for the usual small mixtures.
+                let mut buf = [(0.0f64, 0.0f64); 8];
+                if comps.len() > buf.len() {
+                    let parts: Vec<(f64, f64)> = comps.iter().map(|c| c.eval(x)).collect();
+                    return softmax_mean(&parts);
+                }
+                for (b, c) in buf.iter_mut().zip(comps) {
+                    *b = c.eval(x);
+                }
+                softmax_mean(&buf[..comps.len()])
+            }
+        }
+    }
+}
+
+/// `exp(l - max)`; the largest logit gives exactly 1 (`exp(0)`), without calling `exp`.
+#[inline]
+fn exp_shifted(l: f64, max: f64) -> f64 {
+    let d = l - max;
+    if d == 0.0 { 1.0 } else { d.exp() }
+}
+
+fn softmax_mean(parts: &[(f64, f64)]) -> f64 {
+    let max = parts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+    let (num, den) = parts.iter().fold((0.0, 0.0), |(n, d), &(l, m)| {
+        let e = exp_shifted(l, max);
+        (n + e * m, d + e)
+    });
+    num / den
 }
 
 /// One recorded denoiser call.
@@ -198,11 +259,13 @@ impl MixtureDenoiser {
         want_uncond: bool,
     ) -> (Vec<f64>, Option<Vec<f64>>) {
         let a = self.scale(sigma);
-        let cond = map_elements(x, |v| self.cond.posterior_mean(v, a, sigma));
+        let cond_at = self.cond.at(a, sigma);
+        let cond = map_elements(x, |v| cond_at.mean(v));
         if self.cfg == 1.0 && !want_uncond {
             return (cond, None);
         }
-        let uncond = map_elements(x, |v| self.uncond.posterior_mean(v, a, sigma));
+        let uncond_at = self.uncond.at(a, sigma);
+        let uncond = map_elements(x, |v| uncond_at.mean(v));
         let guided = cond
             .iter()
             .zip(&uncond)
@@ -212,13 +275,27 @@ impl MixtureDenoiser {
     }
 }
 
+/// Below this many elements the per-element work stays on the calling thread.
+const PAR_ELEMENTS: usize = 1 << 15;
+
 /// Applies `f` to every element, on the rayon pool for large latents (the elements are
 /// independent, so the result does not depend on the split).
 fn map_elements(x: &[f64], f: impl Fn(f64) -> f64 + Sync) -> Vec<f64> {
-    if x.len() >= 1 << 15 {
+    if x.len() >= PAR_ELEMENTS {
         x.par_iter().map(|&v| f(v)).collect()
     } else {
         x.iter().map(|&v| f(v)).collect()
+    }
+}
+
+/// [`map_elements`] in place.
+fn map_in_place(x: &mut [f64], f: impl Fn(f64) -> f64 + Sync) {
+    if x.len() >= PAR_ELEMENTS {
+        x.par_iter_mut().for_each(|v| *v = f(*v));
+    } else {
+        for v in x.iter_mut() {
+            *v = f(*v);
+        }
     }
 }
 
@@ -230,9 +307,18 @@ impl<B: Backend> Denoiser<B> for MixtureDenoiser {
         sigma: f64,
         want_uncond: bool,
     ) -> Result<Denoised<B>> {
-        let host = backend.download_f64(x)?;
-        let (denoised, uncond) = self.denoise_host(&host, sigma, want_uncond);
+        let mut host = backend.download_f64(x)?;
         self.calls += 1;
+        if self.record.is_none() && self.cfg == 1.0 && !want_uncond {
+            // The common unguided call: overwrite the downloaded values with the prediction.
+            let at = self.cond.at(self.scale(sigma), sigma);
+            map_in_place(&mut host, |v| at.mean(v));
+            return Ok(Denoised {
+                denoised: backend.upload(HostData::F64(&host), x.shape(), x.dtype())?,
+                uncond: None,
+            });
+        }
+        let (denoised, uncond) = self.denoise_host(&host, sigma, want_uncond);
         let up = |v: &[f64]| backend.upload(HostData::F64(v), x.shape(), x.dtype());
         let out = Denoised {
             denoised: up(&denoised)?,
@@ -270,6 +356,56 @@ mod tests {
         assert!((d[0] - (-0.3 + 0.7 * 0.8)).abs() < 1e-14);
         let (d, _) = m.denoise_host(&[0.37], 1e-12, false);
         assert!((d[0] - 0.37).abs() < 1e-9);
+    }
+
+    /// The per-element formula written out directly, without hoisting anything.
+    fn naive_mean(m: &Mixture, x: f64, a: f64, sigma: f64) -> f64 {
+        let parts: Vec<(f64, f64)> = (0..m.w.len())
+            .map(|i| {
+                let s2 = m.s[i] * m.s[i];
+                let v = a * a * s2 + sigma * sigma;
+                let r = x - a * m.mu[i];
+                let logit = m.w[i].ln() - 0.5 * v.ln() - 0.5 * r * r / v;
+                (logit, m.mu[i] + a * s2 * r / v)
+            })
+            .collect();
+        let max = parts.iter().map(|p| p.0).fold(f64::NEG_INFINITY, f64::max);
+        let (mut num, mut den) = (0.0, 0.0);
+        for &(l, mean) in &parts {
+            let e = (l - max).exp();
+            num += e * mean;
+            den += e;
+        }
+        num / den
+    }
+
+    #[test]
+    fn hoisted_constants_give_the_same_bits() {
+        let three = Mixture::new(
+            vec![0.2, 0.5, 0.3],
+            vec![-1.5, 0.1, 2.0],
+            vec![0.3, 0.0, 0.8],
+        )
+        .unwrap();
+        let ten = Mixture::new(
+            (1..=10).map(f64::from).collect(),
+            (0..10).map(|i| f64::from(i) * 0.4 - 2.0).collect(),
+            (0..10).map(|i| 0.1 + f64::from(i) * 0.05).collect(),
+        )
+        .unwrap();
+        let reference = MixtureDenoiser::reference(1.0, true);
+        for m in [&reference.cond, &reference.uncond, &three, &ten] {
+            for sigma in [1.0, 0.97, 0.5, 0.013, 1e-9] {
+                let a = 1.0 - sigma;
+                let at = m.at(a, sigma);
+                for k in -400..400 {
+                    let x = f64::from(k) * 0.0173 + 1e-3;
+                    let want = naive_mean(m, x, a, sigma);
+                    assert_eq!(at.mean(x).to_bits(), want.to_bits(), "x {x} sigma {sigma}");
+                    assert_eq!(m.posterior_mean(x, a, sigma).to_bits(), want.to_bits());
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,9 +12,10 @@
 
 use super::NoiseSource;
 use super::seed_sequence::SeedSequence;
-use super::torch::TorchGenerator;
+use super::torch::{HostNoise, TorchGenerator};
 use crate::{Result, SamplerError};
-use flux_kernels::{Backend, DType, HostData, Tensor};
+use flux_kernels::{Backend, DType, Tensor};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -50,44 +51,131 @@ struct Split {
     seed: u32,
 }
 
-/// One torchsde `BrownianTree` of a fixed shape and dtype.
-struct Tree {
+/// The element type a tree computes in. For f32 trees every operation is done natively in
+/// f32, which is exactly torchsde's float32 arithmetic (each step rounds once).
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + 'static
+{
+    /// Zero.
+    const ZERO: Self;
+    /// Rounds an f64 to this type.
+    fn from_f64(x: f64) -> Self;
+    /// Square root (correctly rounded).
+    fn sqrt(self) -> Self;
+    /// Absolute value.
+    fn abs(self) -> Self;
+    /// `torch.randn(numel, generator=torch.manual_seed(seed))` in this type.
+    fn randn(seed: u32, numel: usize) -> Vec<Self>;
+    /// Wraps host values.
+    fn host(v: Vec<Self>) -> HostNoise;
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f64::abs(self)
+    }
+    fn randn(seed: u32, numel: usize) -> Vec<Self> {
+        TorchGenerator::new(u64::from(seed)).randn_f64(numel)
+    }
+    fn host(v: Vec<Self>) -> HostNoise {
+        HostNoise::F64(v)
+    }
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
+    }
+    fn abs(self) -> Self {
+        f32::abs(self)
+    }
+    fn randn(seed: u32, numel: usize) -> Vec<Self> {
+        TorchGenerator::new(u64::from(seed)).randn_f32(numel)
+    }
+    fn host(v: Vec<Self>) -> HostNoise {
+        HostNoise::F32(v)
+    }
+}
+
+/// Below this many elements the tree's elementwise passes stay on the calling thread.
+const PAR_ELEMENTS: usize = 1 << 15;
+
+/// `v[i] = f(v[i])`, on the rayon pool for large tensors (each element is computed on its own,
+/// so the split does not change any value).
+fn map_in_place<T: Real>(v: &mut [T], f: impl Fn(T) -> T + Sync) {
+    if v.len() >= PAR_ELEMENTS {
+        v.par_iter_mut().for_each(|x| *x = f(*x));
+    } else {
+        for x in v.iter_mut() {
+            *x = f(*x);
+        }
+    }
+}
+
+/// `v[i] = f(v[i], w[i])`, as [`map_in_place`].
+fn zip_in_place<T: Real>(v: &mut [T], w: &[T], f: impl Fn(T, T) -> T + Sync) {
+    if v.len() >= PAR_ELEMENTS {
+        v.par_iter_mut()
+            .zip(w.par_iter())
+            .for_each(|(x, &y)| *x = f(*x, y));
+    } else {
+        v.iter_mut().zip(w).for_each(|(x, &y)| *x = f(*x, y));
+    }
+}
+
+/// One torchsde `BrownianTree` of a fixed shape, computing in `T`.
+struct Tree<T> {
     entropy: u64,
     numel: usize,
-    dtype: DType,
     /// Node 0 is the whole interval; children are appended as nodes split.
     nodes: Vec<Node>,
-    top: Arc<Vec<f64>>,
-    cache: HashMap<usize, (Arc<Vec<f64>>, u64)>,
+    top: Arc<Vec<T>>,
+    cache: HashMap<usize, (Arc<Vec<T>>, u64)>,
     tick: u64,
 }
 
-impl std::fmt::Debug for Tree {
+impl<T> std::fmt::Debug for Tree<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The increments are large tensors; the structure is what helps when debugging.
         f.debug_struct("Tree")
             .field("entropy", &self.entropy)
             .field("numel", &self.numel)
-            .field("dtype", &self.dtype)
+            .field("dtype", &std::any::type_name::<T>())
             .field("nodes", &self.nodes.len())
             .field("cached", &self.cache.len())
             .finish_non_exhaustive()
     }
 }
 
-impl Tree {
-    fn new(entropy: u64, t0: f64, t1: f64, numel: usize, dtype: DType) -> Self {
-        let r = rounder(dtype);
+impl<T: Real> Tree<T> {
+    fn new(entropy: u64, t0: f64, t1: f64, numel: usize) -> Self {
         let seed = SeedSequence::new(entropy, &[], POOL_SIZE).generate_state(1)[0];
-        let scale = r((t1 - t0).sqrt());
-        let top = randn(seed, numel, dtype)
-            .into_iter()
-            .map(|z| r(z * scale))
-            .collect();
+        let scale = T::from_f64((t1 - t0).sqrt());
+        let mut top = T::randn(seed, numel);
+        map_in_place(&mut top, |z| z * scale);
         Self {
             entropy,
             numel,
-            dtype,
             nodes: vec![Node {
                 start: quantise(t0),
                 end: quantise(t1),
@@ -187,41 +275,101 @@ impl Tree {
         }
     }
 
-    /// The increment of `W` over node `id`.
-    fn increment(&mut self, id: usize) -> Arc<Vec<f64>> {
-        if id == 0 {
-            return Arc::clone(&self.top);
+    /// The increments of `W` over the nodes `ids`, in order.
+    ///
+    /// Every node missing from the cache is computed from its parent's increment and its own
+    /// bridge draw. The draws are independent of each other (each has its own seeded
+    /// generator), so they are made for several nodes at once on the rayon pool; the bridge
+    /// arithmetic then runs parents first.
+    fn increments(&mut self, ids: &[usize]) -> Vec<Arc<Vec<T>>> {
+        let mut have: HashMap<usize, Arc<Vec<T>>> = HashMap::new();
+        let mut todo: Vec<usize> = Vec::new();
+        for &id in ids {
+            self.plan(id, &mut have, &mut todo);
+        }
+        // A few draws in flight per worker keeps both the pool busy and the scratch bounded.
+        let batch = 2 * rayon::current_num_threads().max(1);
+        for group in todo.chunks(batch) {
+            let seeds: Vec<u32> = group.iter().map(|&id| self.bridge_seed(id)).collect();
+            let numel = self.numel;
+            let draws: Vec<Vec<T>> = seeds.par_iter().map(|&s| T::randn(s, numel)).collect();
+            for (&id, draw) in group.iter().zip(draws) {
+                let out = Arc::new(self.bridge(id, draw, &have));
+                self.remember(id, Arc::clone(&out));
+                have.insert(id, out);
+            }
+        }
+        ids.iter()
+            .map(|id| {
+                have.get(id)
+                    .map_or_else(|| Arc::clone(&self.top), Arc::clone)
+            })
+            .collect()
+    }
+
+    /// Finds `id`'s increment in the cache, or lists it (after its missing ancestors) in `todo`.
+    fn plan(&mut self, id: usize, have: &mut HashMap<usize, Arc<Vec<T>>>, todo: &mut Vec<usize>) {
+        if have.contains_key(&id) || todo.contains(&id) {
+            return;
         }
         self.tick += 1;
         if let Some((w, used)) = self.cache.get_mut(&id) {
             *used = self.tick;
-            return Arc::clone(w);
+            have.insert(id, Arc::clone(w));
+            return;
         }
-        let node = self.nodes[id].clone();
+        let parent = self.nodes[id].parent;
+        match parent {
+            Some(p) if self.nodes[p].split.is_some() => {
+                self.plan(p, have, todo);
+                todo.push(id);
+            }
+            // The root (or a node that was never split off a parent) is the whole interval.
+            _ => {
+                have.insert(id, Arc::clone(&self.top));
+            }
+        }
+    }
+
+    /// The seed of the bridge draw that splits `id`'s parent (`id` must have a split parent).
+    fn bridge_seed(&self, id: usize) -> u32 {
+        self.nodes[id]
+            .parent
+            .and_then(|p| self.nodes[p].split)
+            .map_or(0, |s| s.seed)
+    }
+
+    /// `id`'s increment from its parent's (in `have`) and the bridge draw `z`, overwritten in
+    /// place.
+    fn bridge(&self, id: usize, mut z: Vec<T>, have: &HashMap<usize, Arc<Vec<T>>>) -> Vec<T> {
+        let node = &self.nodes[id];
         let Some(parent_id) = node.parent else {
-            return Arc::clone(&self.top);
+            return self.top.as_ref().clone();
         };
-        let parent = self.nodes[parent_id].clone();
-        let Some(split) = parent.split else {
-            return Arc::clone(&self.top);
+        let parent = &self.nodes[parent_id];
+        let (Some(split), Some(w)) = (parent.split, have.get(&parent_id)) else {
+            return self.top.as_ref().clone();
         };
-        let w = self.increment(parent_id);
-        let r = rounder(self.dtype);
         let h_reciprocal = 1.0 / (parent.end - parent.start);
         let left_diff = split.midway - parent.start;
         let right_diff = parent.end - split.midway;
         let std = (left_diff * right_diff * h_reciprocal).sqrt();
-        let (ld, hr, sd) = (r(left_diff), r(h_reciprocal), r(std));
-        let noise = randn(split.seed, self.numel, self.dtype);
-        let out: Vec<f64> = w
-            .iter()
-            .zip(&noise)
-            .map(|(&wi, &z)| {
-                let left = r(r(r(ld * wi) * hr) + r(sd * z));
-                if node.is_left { left } else { r(wi - left) }
-            })
-            .collect();
-        let out = Arc::new(out);
+        let (ld, hr, sd) = (
+            T::from_f64(left_diff),
+            T::from_f64(h_reciprocal),
+            T::from_f64(std),
+        );
+        if node.is_left {
+            zip_in_place(&mut z, w, |z, wi| ld * wi * hr + sd * z);
+        } else {
+            zip_in_place(&mut z, w, |z, wi| wi - (ld * wi * hr + sd * z));
+        }
+        z
+    }
+
+    /// Caches `id`'s increment, evicting the least recently used entry when full.
+    fn remember(&mut self, id: usize, w: Arc<Vec<T>>) {
+        self.tick += 1;
         if self.cache.len() >= CACHE_CAPACITY
             && let Some(oldest) = self
                 .cache
@@ -231,52 +379,67 @@ impl Tree {
         {
             self.cache.remove(&oldest);
         }
-        self.cache.insert(id, (Arc::clone(&out), self.tick));
-        out
+        self.cache.insert(id, (w, self.tick));
     }
 
     /// `W(tb) - W(ta)` for `ta <= tb` (clamped to the tree's interval, as torchsde does).
-    fn query(&mut self, ta: f64, tb: f64) -> Result<Vec<f64>> {
+    fn query(&mut self, ta: f64, tb: f64) -> Result<Vec<T>> {
         let (start, end) = (self.nodes[0].start, self.nodes[0].end);
         let ta = ta.clamp(start, end);
         let tb = tb.clamp(start, end);
         if ta == tb {
-            return Ok(vec![0.0; self.numel]);
+            return Ok(vec![T::ZERO; self.numel]);
         }
         let (ta, tb) = (quantise(ta), quantise(tb));
         let mut tiles = Vec::new();
         self.locate(0, ta, tb, &mut tiles)?;
-        let r = rounder(self.dtype);
-        let mut total: Option<Vec<f64>> = None;
-        for id in tiles {
-            let w = self.increment(id);
+        let mut total: Option<Vec<T>> = None;
+        for w in self.increments(&tiles) {
             total = Some(match total {
                 None => w.as_ref().clone(),
                 Some(mut acc) => {
-                    for (a, &b) in acc.iter_mut().zip(w.iter()) {
-                        *a = r(*a + b);
-                    }
+                    zip_in_place(&mut acc, &w, |a, b| a + b);
                     acc
                 }
             });
         }
-        Ok(total.unwrap_or_else(|| vec![0.0; self.numel]))
+        Ok(total.unwrap_or_else(|| vec![T::ZERO; self.numel]))
+    }
+
+    /// `W(t1) - W(t0)` for times in either order (already quantised like float32 queries).
+    fn signed_query(&mut self, t0: f64, t1: f64) -> Result<Vec<T>> {
+        if t0 < t1 {
+            self.query(t0, t1)
+        } else {
+            let mut w = self.query(t1, t0)?;
+            map_in_place(&mut w, |v| -v);
+            Ok(w)
+        }
+    }
+
+    /// The normalised draw `(W(s1) - W(s0)) / sqrt(|s1 - s0|)` in the tree's precision.
+    fn draw(&mut self, t0: f64, t1: f64, sigma: f64, sigma_next: f64) -> Result<Vec<T>> {
+        let mut w = self.signed_query(t0, t1)?;
+        let (s0, s1) = (T::from_f64(sigma), T::from_f64(sigma_next));
+        let scale = (s1 - s0).abs().sqrt();
+        map_in_place(&mut w, |v| v / scale);
+        Ok(w)
     }
 }
 
-/// Arithmetic in the tree's dtype: f32 results are exactly the f64 results rounded once.
-fn rounder(dtype: DType) -> fn(f64) -> f64 {
-    match dtype {
-        DType::F32 => |x| f64::from(x as f32),
-        _ => |x| x,
-    }
+/// A tree of either precision.
+#[derive(Debug)]
+enum AnyTree {
+    F64(Tree<f64>),
+    F32(Tree<f32>),
 }
 
-fn randn(seed: u32, numel: usize, dtype: DType) -> Vec<f64> {
-    let mut g = TorchGenerator::new(u64::from(seed));
-    match dtype {
-        DType::F32 => g.randn_f32(numel).into_iter().map(f64::from).collect(),
-        _ => g.randn_f64(numel),
+impl AnyTree {
+    fn dtype(&self) -> DType {
+        match self {
+            AnyTree::F64(_) => DType::F64,
+            AnyTree::F32(_) => DType::F32,
+        }
     }
 }
 
@@ -288,7 +451,7 @@ pub struct BrownianTreeNoise {
     seed: u64,
     sigma_min: f64,
     sigma_max: f64,
-    tree: Option<(Vec<usize>, Tree)>,
+    tree: Option<(Vec<usize>, AnyTree)>,
 }
 
 impl BrownianTreeNoise {
@@ -317,14 +480,12 @@ impl BrownianTreeNoise {
         t0: f64,
         t1: f64,
     ) -> Result<Vec<f64>> {
-        let tree = self.tree_for(shape, dtype)?;
         // Query times are float32, as ComfyUI hands them to the CPU tree.
         let (a, b) = (f64::from(t0 as f32), f64::from(t1 as f32));
-        if t0 < t1 {
-            tree.query(a, b)
-        } else {
-            Ok(tree.query(b, a)?.into_iter().map(|v| -v).collect())
-        }
+        Ok(match self.tree_for(shape, dtype)? {
+            AnyTree::F64(t) => t.signed_query(a, b)?,
+            AnyTree::F32(t) => t.signed_query(a, b)?.into_iter().map(f64::from).collect(),
+        })
     }
 
     /// The normalised draw for a step from `sigma` to `sigma_next`, as host values.
@@ -335,30 +496,41 @@ impl BrownianTreeNoise {
         sigma: f64,
         sigma_next: f64,
     ) -> Result<Vec<f64>> {
+        Ok(self.draw_host(shape, dtype, sigma, sigma_next)?.to_f64())
+    }
+
+    /// [`BrownianTreeNoise::draw`] in the tree's own precision.
+    pub fn draw_host(
+        &mut self,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<HostNoise> {
         if sigma == sigma_next || sigma.is_nan() || sigma_next.is_nan() {
             return Err(SamplerError::Noise(format!(
                 "Brownian noise needs two different sigmas, got {sigma} -> {sigma_next}"
             )));
         }
-        let w = self.increment(shape, dtype, sigma, sigma_next)?;
-        let r = rounder(dtype);
-        let (s0, s1) = (r(sigma), r(sigma_next));
-        let scale = r(r(r(s1 - s0).abs()).sqrt());
-        Ok(w.into_iter().map(|v| r(v / scale)).collect())
+        let (a, b) = (f64::from(sigma as f32), f64::from(sigma_next as f32));
+        Ok(match self.tree_for(shape, dtype)? {
+            AnyTree::F64(t) => Real::host(t.draw(a, b, sigma, sigma_next)?),
+            AnyTree::F32(t) => Real::host(t.draw(a, b, sigma, sigma_next)?),
+        })
     }
 
-    fn tree_for(&mut self, shape: &[usize], dtype: DType) -> Result<&mut Tree> {
+    fn tree_for(&mut self, shape: &[usize], dtype: DType) -> Result<&mut AnyTree> {
         if !matches!(dtype, DType::F32 | DType::F64) {
             return Err(SamplerError::Noise(format!(
                 "Brownian noise supports f64 and f32, not {dtype}"
             )));
         }
         if let Some((s, t)) = &self.tree
-            && (s.as_slice() != shape || t.dtype != dtype)
+            && (s.as_slice() != shape || t.dtype() != dtype)
         {
             return Err(SamplerError::Noise(format!(
                 "Brownian tree was built for {s:?} {}, asked for {shape:?} {dtype}",
-                t.dtype
+                t.dtype()
             )));
         }
         let numel = shape
@@ -366,9 +538,14 @@ impl BrownianTreeNoise {
             .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} is too large")))?;
         let (seed, lo, hi) = (self.seed, self.sigma_min, self.sigma_max);
-        let (_, tree) = self
-            .tree
-            .get_or_insert_with(|| (shape.to_vec(), Tree::new(seed, lo, hi, numel, dtype)));
+        let (_, tree) = self.tree.get_or_insert_with(|| {
+            let tree = if dtype == DType::F32 {
+                AnyTree::F32(Tree::new(seed, lo, hi, numel))
+            } else {
+                AnyTree::F64(Tree::new(seed, lo, hi, numel))
+            };
+            (shape.to_vec(), tree)
+        });
         Ok(tree)
     }
 }
@@ -382,8 +559,8 @@ impl<B: Backend> NoiseSource<B> for BrownianTreeNoise {
         sigma: f64,
         sigma_next: f64,
     ) -> Result<Tensor<B>> {
-        let values = self.draw(shape, dtype, sigma, sigma_next)?;
-        Ok(backend.upload(HostData::F64(&values), shape, dtype)?)
+        let values = self.draw_host(shape, dtype, sigma, sigma_next)?;
+        Ok(backend.upload(values.as_host(), shape, dtype)?)
     }
 }
 

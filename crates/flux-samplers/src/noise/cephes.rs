@@ -38,6 +38,8 @@ const COS_P: [f32; 3] = [
 const SIGN: u32 = 0x8000_0000;
 
 /// Natural logarithm of one lane (`log256_ps`); NaN for `v <= 0`.
+#[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+#[inline(always)]
 pub(crate) fn log(v: f32) -> f32 {
     let invalid = v <= 0.0;
     // Denormals are flushed up to the smallest normal number first.
@@ -72,6 +74,8 @@ pub(crate) fn log(v: f32) -> f32 {
 }
 
 /// Sine and cosine of one lane (`sincos256_ps`), as `(sin, cos)`.
+#[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+#[inline(always)]
 pub(crate) fn sincos(v: f32) -> (f32, f32) {
     let sign_in = v.to_bits() & SIGN;
     let mut x = f32::from_bits(v.to_bits() & !SIGN);

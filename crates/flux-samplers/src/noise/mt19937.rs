@@ -6,6 +6,15 @@ const MATRIX_A: u32 = 0x9908_b0df;
 const UPPER_MASK: u32 = 0x8000_0000;
 const LOWER_MASK: u32 = 0x7fff_ffff;
 
+/// The output transformation of one state word.
+#[inline]
+fn temper(mut y: u32) -> u32 {
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c_5680;
+    y ^= (y << 15) & 0xefc6_0000;
+    y ^ (y >> 18)
+}
+
 /// MT19937 with the standard 32-bit seeding (Matsumoto and Nishimura, 2002).
 #[derive(Clone)]
 pub struct Mt19937 {
@@ -37,12 +46,22 @@ impl Mt19937 {
     }
 
     fn twist(&mut self) {
-        let s = &mut *self.state;
-        for i in 0..N {
-            let y = (s[i] & UPPER_MASK) | (s[(i + 1) % N] & LOWER_MASK);
+        #[inline]
+        fn step(s: &mut [u32; N], i: usize, next: usize, far: usize) {
+            let y = (s[i] & UPPER_MASK) | (s[next] & LOWER_MASK);
             let mag = if y & 1 == 0 { 0 } else { MATRIX_A };
-            s[i] = s[(i + M) % N] ^ (y >> 1) ^ mag;
+            s[i] = s[far] ^ (y >> 1) ^ mag;
         }
+        let s = &mut *self.state;
+        // The index arithmetic `(i + 1) % N` and `(i + M) % N` split into three ranges, so
+        // the loops carry no division.
+        for i in 0..N - M {
+            step(s, i, i + 1, i + M);
+        }
+        for i in N - M..N - 1 {
+            step(s, i, i + 1, i + M - N);
+        }
+        step(s, N - 1, 0, M - 1);
         self.index = 0;
     }
 
@@ -51,12 +70,27 @@ impl Mt19937 {
         if self.index >= N {
             self.twist();
         }
-        let mut y = self.state[self.index];
+        let y = self.state[self.index];
         self.index += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^ (y >> 18)
+        temper(y)
+    }
+
+    /// Fills `out` with the next `out.len()` outputs: the same values as that many calls of
+    /// [`Mt19937::next_u32`], tempered a whole state at a time (a loop that vectorises).
+    pub fn fill_u32(&mut self, out: &mut [u32]) {
+        let mut out = out;
+        while !out.is_empty() {
+            if self.index >= N {
+                self.twist();
+            }
+            let n = out.len().min(N - self.index);
+            let (now, later) = out.split_at_mut(n);
+            for (o, &y) in now.iter_mut().zip(&self.state[self.index..self.index + n]) {
+                *o = temper(y);
+            }
+            self.index += n;
+            out = later;
+        }
     }
 }
 
@@ -97,6 +131,21 @@ mod tests {
             let c = a.clone();
             let mut c = c;
             prop_assert_eq!(a.next_u32(), c.next_u32());
+        }
+
+        #[test]
+        fn bulk_fill_continues_the_stream(seed in any::<u32>(), skip in 0usize..700, n in 0usize..2000) {
+            let mut a = Mt19937::new(seed);
+            let mut b = Mt19937::new(seed);
+            for _ in 0..skip {
+                a.next_u32();
+                b.next_u32();
+            }
+            let mut bulk = vec![0u32; n];
+            a.fill_u32(&mut bulk);
+            let one_by_one: Vec<u32> = (0..n).map(|_| b.next_u32()).collect();
+            prop_assert_eq!(bulk, one_by_one);
+            prop_assert_eq!(a.next_u32(), b.next_u32());
         }
 
         #[test]

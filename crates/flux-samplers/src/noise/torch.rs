@@ -13,6 +13,7 @@ use super::cephes;
 use super::mt19937::Mt19937;
 use crate::{Result, SamplerError};
 use flux_kernels::{DType, HostData};
+use rayon::prelude::*;
 
 /// PyTorch's CPU generator (`torch.Generator().manual_seed(seed)`).
 #[derive(Clone, Debug)]
@@ -62,6 +63,21 @@ impl HostNoise {
     }
 }
 
+/// The float uniform of one 32-bit draw (its low 24 bits).
+#[inline]
+fn uniform_f32_of(r: u32) -> f32 {
+    (r & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
+}
+
+/// The double uniform of one 64-bit draw (its low 53 bits).
+#[inline]
+fn uniform_f64_of(r: u64) -> f64 {
+    (r & ((1 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// Uniforms drawn per batch of raw engine output (bounds the scratch buffer).
+const UNIFORM_BATCH: usize = 1 << 12;
+
 /// Below this many elements PyTorch draws element by element instead of in blocks.
 const BLOCK: usize = 16;
 const HALF: usize = BLOCK / 2;
@@ -89,12 +105,39 @@ impl TorchGenerator {
 
     /// A uniform in [0, 1) with 24 random bits (`uniform_real_distribution<float>`).
     pub fn uniform_f32(&mut self) -> f32 {
-        (self.next_u32() & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
+        uniform_f32_of(self.next_u32())
     }
 
     /// A uniform in [0, 1) with 53 random bits (`uniform_real_distribution<double>`).
     pub fn uniform_f64(&mut self) -> f64 {
-        (self.next_u64() & ((1 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
+        uniform_f64_of(self.next_u64())
+    }
+
+    /// `numel` successive [`TorchGenerator::uniform_f32`] values.
+    fn uniforms_f32(&mut self, numel: usize) -> Vec<f32> {
+        let mut raw = vec![0u32; UNIFORM_BATCH.min(numel)];
+        let mut out = Vec::with_capacity(numel);
+        while out.len() < numel {
+            let raw = &mut raw[..UNIFORM_BATCH.min(numel - out.len())];
+            self.engine.fill_u32(raw);
+            out.extend(raw.iter().map(|&r| uniform_f32_of(r)));
+        }
+        out
+    }
+
+    /// `numel` successive [`TorchGenerator::uniform_f64`] values.
+    fn uniforms_f64(&mut self, numel: usize) -> Vec<f64> {
+        let mut raw = vec![0u32; 2 * UNIFORM_BATCH.min(numel)];
+        let mut out = Vec::with_capacity(numel);
+        while out.len() < numel {
+            let raw = &mut raw[..2 * UNIFORM_BATCH.min(numel - out.len())];
+            self.engine.fill_u32(raw);
+            out.extend(
+                raw.chunks_exact(2)
+                    .map(|p| uniform_f64_of((u64::from(p[0]) << 32) | u64::from(p[1]))),
+            );
+        }
+        out
     }
 
     /// One standard normal from the scalar path (`normal_distribution<double>`), which
@@ -116,10 +159,8 @@ impl TorchGenerator {
         if numel < BLOCK {
             return (0..numel).map(|_| self.normal_f64()).collect();
         }
-        let mut data: Vec<f64> = (0..numel).map(|_| self.uniform_f64()).collect();
-        for block in data.chunks_exact_mut(BLOCK) {
-            box_muller_f64(block);
-        }
+        let mut data = self.uniforms_f64(numel);
+        convert_blocks(&mut data);
         if !numel.is_multiple_of(BLOCK) {
             // The last 16 positions are redrawn and converted again as one block.
             let tail = &mut data[numel - BLOCK..];
@@ -136,10 +177,8 @@ impl TorchGenerator {
         if numel < BLOCK {
             return (0..numel).map(|_| self.normal_f64() as f32).collect();
         }
-        let mut data: Vec<f32> = (0..numel).map(|_| self.uniform_f32()).collect();
-        for block in data.chunks_exact_mut(BLOCK) {
-            box_muller_f32(block);
-        }
+        let mut data = self.uniforms_f32(numel);
+        convert_blocks(&mut data);
         if !numel.is_multiple_of(BLOCK) {
             let tail = &mut data[numel - BLOCK..];
             for v in tail.iter_mut() {
@@ -186,7 +225,79 @@ fn numel_of(shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} has too many elements")))
 }
 
+/// Uniforms per parallel task when converting large draws (a multiple of [`BLOCK`]).
+const PAR_CHUNK: usize = BLOCK * 1024;
+
+/// The block conversion of one element type.
+trait BoxMuller: Sized + Send {
+    /// Converts 16 uniforms to 16 normals in place.
+    fn box_muller(block: &mut [Self]);
+}
+
+impl BoxMuller for f64 {
+    #[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+    #[inline(always)]
+    fn box_muller(block: &mut [f64]) {
+        box_muller_f64(block);
+    }
+}
+
+impl BoxMuller for f32 {
+    #[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+    #[inline(always)]
+    fn box_muller(block: &mut [f32]) {
+        box_muller_f32(block);
+    }
+}
+
+/// Converts every whole block of 16 uniforms. Blocks are independent, so large
+/// draws are split across the rayon pool; the values do not depend on the split.
+fn convert_blocks<T: BoxMuller>(data: &mut [T]) {
+    let whole = data.len() - data.len() % BLOCK;
+    let data = &mut data[..whole];
+    if data.len() >= 2 * PAR_CHUNK {
+        data.par_chunks_mut(PAR_CHUNK)
+            .for_each(|chunk| convert_chunk(chunk));
+    } else {
+        convert_chunk(data);
+    }
+}
+
+/// Converts each block of `chunk` (whose length is a multiple of [`BLOCK`]), compiled with FMA
+/// and AVX2 where the CPU has them (the conversion and what it calls are inlined into the loop,
+/// so they are compiled with those features too).
+fn convert_chunk<T: BoxMuller>(chunk: &mut [T]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the function only requires the two target features checked just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            convert_chunk_fma(chunk);
+        }
+        return;
+    }
+    convert_chunk_portable(chunk);
+}
+
+/// The block loop for CPUs with FMA: `mul_add` becomes one instruction instead of a call to
+/// the software `fma` (the results are the same: a fused multiply-add rounds once either way).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn convert_chunk_fma<T: BoxMuller>(chunk: &mut [T]) {
+    for block in chunk.chunks_exact_mut(BLOCK) {
+        T::box_muller(block);
+    }
+}
+
+fn convert_chunk_portable<T: BoxMuller>(chunk: &mut [T]) {
+    for block in chunk.chunks_exact_mut(BLOCK) {
+        T::box_muller(block);
+    }
+}
+
 /// Box-Muller over the pairs `(j, j + 8)` of 16 uniforms, in place (double precision).
+#[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+#[inline(always)]
 fn box_muller_f64(block: &mut [f64]) {
     let (lo, hi) = block.split_at_mut(HALF);
     for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
@@ -198,6 +309,8 @@ fn box_muller_f64(block: &mut [f64]) {
 }
 
 /// The same in single precision, as the AVX2 kernel computes it.
+#[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
+#[inline(always)]
 fn box_muller_f32(block: &mut [f32]) {
     let two_pi = (2.0 * std::f64::consts::PI) as f32;
     let (lo, hi) = block.split_at_mut(HALF);
