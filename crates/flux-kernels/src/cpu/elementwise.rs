@@ -2,6 +2,7 @@
 
 use super::{CpuStorage, PAR_CHUNK, PAR_THRESHOLD};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// A floating element type the CPU backend computes in.
 pub trait Elem:
@@ -65,63 +66,138 @@ impl Elem for f32 {
     }
 }
 
-/// One chunk of `out = [a*out +] sum c_k t_k`, with the term count fixed at compile time.
+/// Where a kernel stores one output element: an initialised slot, or fresh memory that is
+/// written without being zero-filled first.
+trait Put<T>: Send {
+    fn put(&mut self, v: T);
+}
+
+impl<T: Elem> Put<T> for T {
+    #[inline]
+    fn put(&mut self, v: T) {
+        *self = v;
+    }
+}
+
+impl<T: Elem> Put<T> for MaybeUninit<T> {
+    #[inline]
+    fn put(&mut self, v: T) {
+        self.write(v);
+    }
+}
+
+/// One chunk of `out = sum c_k t_k`, with the term count fixed at compile time.
 #[inline]
-fn chunk<T: Elem, const N: usize>(
-    out: &mut [T],
-    a: Option<T>,
+fn chunk_set<T: Elem, O: Put<T>, const N: usize>(
+    out: &mut [O],
     c: [T; N],
     t: [&[T]; N],
     start: usize,
 ) {
     let t: [&[T]; N] = std::array::from_fn(|k| &t[k][start..start + out.len()]);
-    match a {
-        None => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let mut acc = c[0] * t[0][i];
-                for k in 1..N {
-                    acc = acc + c[k] * t[k][i];
-                }
-                *o = acc;
-            }
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = c[0] * t[0][i];
+        for k in 1..N {
+            acc = acc + c[k] * t[k][i];
         }
-        Some(a) => {
-            for (i, o) in out.iter_mut().enumerate() {
-                let mut acc = a * *o;
-                for k in 0..N {
-                    acc = acc + c[k] * t[k][i];
-                }
-                *o = acc;
-            }
-        }
+        o.put(acc);
     }
 }
 
-fn run<T: Elem, const N: usize>(out: &mut [T], a: Option<T>, terms: &[(T, &[T])]) {
-    let c: [T; N] = std::array::from_fn(|k| terms[k].0);
-    let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
+/// One chunk of `out = a*out + sum c_k t_k`.
+#[inline]
+fn chunk_update<T: Elem, const N: usize>(
+    out: &mut [T],
+    a: T,
+    c: [T; N],
+    t: [&[T]; N],
+    start: usize,
+) {
+    let t: [&[T]; N] = std::array::from_fn(|k| &t[k][start..start + out.len()]);
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = a * *o;
+        for k in 0..N {
+            acc = acc + c[k] * t[k][i];
+        }
+        *o = acc;
+    }
+}
+
+/// Splits `out` into chunks processed on the rayon pool when it is large, else runs `f` on
+/// the whole slice; `f` gets each chunk and its offset.
+#[inline]
+fn split<O: Send>(out: &mut [O], f: impl Fn(&mut [O], usize) + Sync) {
     if out.len() >= PAR_THRESHOLD {
         out.par_chunks_mut(PAR_CHUNK)
             .enumerate()
-            .for_each(|(j, o)| chunk::<T, N>(o, a, c, t, j * PAR_CHUNK));
+            .for_each(|(j, o)| f(o, j * PAR_CHUNK));
     } else {
-        chunk::<T, N>(out, a, c, t, 0);
+        f(out, 0);
+    }
+}
+
+fn run_set<T: Elem, O: Put<T>, const N: usize>(out: &mut [O], terms: &[(T, &[T])]) {
+    let c: [T; N] = std::array::from_fn(|k| terms[k].0);
+    let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
+    split(out, |o, start| chunk_set::<T, O, N>(o, c, t, start));
+}
+
+fn run_update<T: Elem, const N: usize>(out: &mut [T], a: T, terms: &[(T, &[T])]) {
+    let c: [T; N] = std::array::from_fn(|k| terms[k].0);
+    let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
+    split(out, |o, start| chunk_update::<T, N>(o, a, c, t, start));
+}
+
+/// `out = sum c_k t_k` for 1 to 6 terms of `out`'s length.
+fn set<T: Elem, O: Put<T>>(out: &mut [O], terms: &[(T, &[T])]) {
+    match terms.len() {
+        0 => out.iter_mut().for_each(|o| o.put(T::ZERO)),
+        1 => run_set::<T, O, 1>(out, terms),
+        2 => run_set::<T, O, 2>(out, terms),
+        3 => run_set::<T, O, 3>(out, terms),
+        4 => run_set::<T, O, 4>(out, terms),
+        5 => run_set::<T, O, 5>(out, terms),
+        _ => run_set::<T, O, 6>(out, terms),
     }
 }
 
 /// `out = [a*out +] sum c_k t_k`; slices are pre-checked to have `out`'s length.
 pub(crate) fn lincomb<T: Elem>(out: &mut [T], a: Option<T>, terms: &[(T, &[T])]) {
+    let Some(a) = a else {
+        return set(out, terms);
+    };
     match terms.len() {
-        0 => match a {
-            None => out.iter_mut().for_each(|o| *o = T::ZERO),
-            Some(a) => out.iter_mut().for_each(|o| *o = a * *o),
-        },
-        1 => run::<T, 1>(out, a, terms),
-        2 => run::<T, 2>(out, a, terms),
-        3 => run::<T, 3>(out, a, terms),
-        4 => run::<T, 4>(out, a, terms),
-        5 => run::<T, 5>(out, a, terms),
-        _ => run::<T, 6>(out, a, terms),
+        0 => out.iter_mut().for_each(|o| *o = a * *o),
+        1 => run_update::<T, 1>(out, a, terms),
+        2 => run_update::<T, 2>(out, a, terms),
+        3 => run_update::<T, 3>(out, a, terms),
+        4 => run_update::<T, 4>(out, a, terms),
+        5 => run_update::<T, 5>(out, a, terms),
+        _ => run_update::<T, 6>(out, a, terms),
+    }
+}
+
+/// `sum c_k t_k` (each slice `n` long) into new memory, which is written once and never
+/// zero-filled (a sampler step allocates its result every step; clearing it first would be one
+/// more pass over memory).
+pub(crate) fn lincomb_new<T: Elem>(n: usize, terms: &[(T, &[T])]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    set(&mut out.spare_capacity_mut()[..n], terms);
+    // SAFETY: `set` wrote each of the first `n` elements (every chunk of the slice is handed
+    // to a kernel that stores every position of it), and `T` is a plain float.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(n);
+    }
+    out
+}
+
+/// `f` applied to every element into a new vector, on the rayon pool for large inputs.
+pub(crate) fn map_new<S: Copy + Sync, T: Send>(v: &[S], f: impl Fn(S) -> T + Sync) -> Vec<T> {
+    if v.len() >= PAR_THRESHOLD {
+        v.par_iter().map(|&x| f(x)).collect()
+    } else {
+        v.iter().map(|&x| f(x)).collect()
     }
 }
 

@@ -10,6 +10,7 @@ mod model;
 
 use crate::backend::check_terms;
 use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
+use rayon::prelude::*;
 
 pub use elementwise::Elem;
 pub use model::{Real, f8e4m3_to_f32};
@@ -147,21 +148,24 @@ fn unsupported(op: &'static str, dtype: DType) -> KernelError {
 
 fn convert_host<T: Elem>(data: HostData<'_>) -> Vec<T> {
     match data {
-        HostData::F64(v) => v.iter().map(|&x| T::from_f64(x)).collect(),
-        HostData::F32(v) => v.iter().map(|&x| T::from_f64(f64::from(x))).collect(),
+        HostData::F64(v) => elementwise::map_new(v, T::from_f64),
+        HostData::F32(v) => elementwise::map_new(v, |x| T::from_f64(f64::from(x))),
     }
 }
 
 fn write_host<T: Elem>(dst: &mut [T], data: HostData<'_>) {
+    fn fill<S: Copy + Sync, T: Elem>(dst: &mut [T], src: &[S], f: impl Fn(S) -> T + Sync) {
+        if dst.len() >= PAR_THRESHOLD {
+            dst.par_iter_mut()
+                .zip(src.par_iter())
+                .for_each(|(d, &s)| *d = f(s));
+        } else {
+            dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s));
+        }
+    }
     match data {
-        HostData::F64(v) => dst
-            .iter_mut()
-            .zip(v)
-            .for_each(|(d, &s)| *d = T::from_f64(s)),
-        HostData::F32(v) => dst
-            .iter_mut()
-            .zip(v)
-            .for_each(|(d, &s)| *d = T::from_f64(f64::from(s))),
+        HostData::F64(v) => fill(dst, v, T::from_f64),
+        HostData::F32(v) => fill(dst, v, |s| T::from_f64(f64::from(s))),
     }
 }
 
@@ -221,14 +225,14 @@ impl SamplerOps for Cpu {
     fn download_f64(&self, t: &Tensor<Self>) -> Result<Vec<f64>> {
         Ok(match t.storage() {
             CpuStorage::F64(v) => v.clone(),
-            CpuStorage::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            CpuStorage::F32(v) => elementwise::map_new(v, f64::from),
             CpuStorage::Weight(_) => model::widen_f64(t),
         })
     }
 
     fn download_f32(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {
         Ok(match t.storage() {
-            CpuStorage::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            CpuStorage::F64(v) => elementwise::map_new(v, |x| x as f32),
             CpuStorage::F32(v) => v.clone(),
             CpuStorage::Weight(_) => model::widen_f32(t),
         })
@@ -320,4 +324,21 @@ impl SamplerOps for Cpu {
     }
 }
 
-impl Backend for Cpu {}
+impl Backend for Cpu {
+    /// The result is written straight into new memory (no zero-fill pass before the kernel).
+    fn lincomb(&self, terms: &[(f64, &Tensor<Self>)]) -> Result<Tensor<Self>> {
+        let first = terms.first().ok_or(KernelError::InvalidArgument {
+            op: "lincomb",
+            message: "needs at least one term".into(),
+        })?;
+        let (shape, dtype) = (first.1.shape().to_vec(), first.1.dtype());
+        check_terms("lincomb", &shape, dtype, terms, MAX_LINCOMB_TERMS)?;
+        let n = first.1.numel();
+        let storage = match dtype {
+            DType::F64 => CpuStorage::F64(elementwise::lincomb_new(n, &slices::<f64>(terms)?)),
+            DType::F32 => CpuStorage::F32(elementwise::lincomb_new(n, &slices::<f32>(terms)?)),
+            d => return Err(unsupported("lincomb", d)),
+        };
+        Ok(Tensor::from_parts(storage, shape, dtype))
+    }
+}
