@@ -30,6 +30,10 @@ pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
     fn max(self, o: Self) -> Self;
     /// Wraps a vector as storage.
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    /// `o = a(x)` elementwise.
+    fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {
+        activation_scalar(a, x, o);
+    }
 }
 
 impl Real for f32 {
@@ -52,6 +56,12 @@ impl Real for f32 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
+    }
+    fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {
+        match a {
+            Activation::GeluTanh => gelu_tanh_f32(x, o),
+            _ => activation_scalar(a, x, o),
+        }
     }
 }
 
@@ -286,10 +296,54 @@ fn map_rows<T: Real>(x: &[T], row_len: usize, f: impl Fn(usize, &[T], &mut [T]) 
     o
 }
 
-/// Rows of the weight widened per panel: this many output features at a time.
-fn panel_rows(k: usize) -> usize {
-    ((1usize << 18) / k.max(1)).clamp(32, 256) / 16 * 16
+/// Rows of the weight in one panel, the unit of parallel work (and of widening, for weights
+/// stored in another dtype): about 4 MiB of f32, a multiple of 16, and a panel count that is a
+/// multiple of the thread count so no thread idles at the end.
+fn panel_rows(k: usize, n: usize, threads: usize) -> usize {
+    let by_cache = ((1usize << 20) / k.max(1)).clamp(32, 512);
+    let t = threads.max(1);
+    let panels = n.div_ceil(by_cache).div_ceil(t) * t;
+    n.div_ceil(panels).div_ceil(16).max(1) * 16
 }
+
+/// `dst[c * rows + r] = src[r * cols + c] (+ add[r])`: the transpose of a row-major
+/// `rows x cols` matrix, with an optional value per source row added, in parallel over blocks of
+/// destination rows.
+fn transpose_add<T: Real>(src: &[T], rows: usize, cols: usize, add: Option<&[T]>, dst: &mut [T]) {
+    const B: usize = 32;
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let block = |c0: usize, d: &mut [T]| {
+        let c1 = c0 + d.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            let r1 = (r0 + B).min(rows);
+            for c in c0..c1 {
+                let drow = &mut d[(c - c0) * rows + r0..(c - c0) * rows + r1];
+                for (i, o) in drow.iter_mut().enumerate() {
+                    let r = r0 + i;
+                    *o = match add {
+                        Some(a) => src[r * cols + c] + a[r],
+                        None => src[r * cols + c],
+                    };
+                }
+            }
+        }
+    };
+    if src.len() >= PAR_THRESHOLD {
+        dst.par_chunks_mut(B * rows)
+            .enumerate()
+            .for_each(|(i, d)| block(i * B, d));
+    } else {
+        dst.chunks_mut(B * rows)
+            .enumerate()
+            .for_each(|(i, d)| block(i * B, d));
+    }
+}
+
+/// Token counts below this run the linear layer as panels of weight rows in parallel (the gemm
+/// crate's own threading splits the token dimension, too short to share then).
+const PANEL_BELOW_M: usize = 64;
 
 fn linear_t<T: Real>(
     x: &Tensor<Cpu>,
@@ -315,77 +369,76 @@ fn linear_t<T: Real>(
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap_or(&mut 0) = n;
     let mut o = vec![<T as Elem>::ZERO; m * n];
-    if let Some(b) = &b {
-        for row in o.chunks_mut(n.max(1)) {
-            row.copy_from_slice(b);
-        }
-    }
-    let src = wsrc(w);
-    let lhs = Mat {
-        data: xs,
-        rs: k,
-        cs: 1,
-    };
-    if let Some(wd) = src.direct::<T>() {
-        gemm(
-            m,
-            n,
-            k,
-            &mut o,
-            n,
-            b.is_some(),
-            lhs,
-            Mat {
-                data: wd,
-                rs: 1,
-                cs: k,
-            },
-            T::ONE,
-            pool_parallelism(),
-        );
+    if m == 0 || n == 0 {
         return Ok(out(o, shape));
     }
-    // Widen a panel of weight rows at a time (per task), so a bf16 weight never exists as a
-    // full-precision copy; each task computes its block of output columns.
-    let nb = panel_rows(k);
-    let panels = n.div_ceil(nb);
-    let blocks: Vec<(usize, usize, Vec<T>)> = (0..panels)
-        .into_par_iter()
-        .map(|p| {
-            let n0 = p * nb;
-            let nn = nb.min(n - n0);
-            let mut wp = vec![<T as Elem>::ZERO; nn * k];
-            src.widen_into(n0 * k, &mut wp);
-            let mut blk = vec![<T as Elem>::ZERO; m * nn];
-            if let Some(b) = &b {
-                for row in blk.chunks_mut(nn) {
-                    row.copy_from_slice(&b[n0..n0 + nn]);
-                }
-            }
-            gemm(
-                m,
-                nn,
-                k,
-                &mut blk,
-                nn,
-                b.is_some(),
-                lhs,
-                Mat {
-                    data: &wp,
-                    rs: 1,
-                    cs: k,
+    // The product is computed transposed, `ot [n, m] = W x^T`, from `x^T [k, m]`: in that
+    // orientation the gemm crate reads the weight rows and x^T along unit strides when it packs
+    // them. The row-major product `x W^T` makes it gather the weight with a stride of `k`, one
+    // element at a time, which costs a third of the multiply at the block sizes of Flux.
+    let mut xt = vec![<T as Elem>::ZERO; m * k];
+    transpose_add(xs, m, k, None, &mut xt);
+    let xt = Mat {
+        data: &xt,
+        rs: m,
+        cs: 1,
+    };
+    let mut ot = vec![<T as Elem>::ZERO; n * m];
+    let src = wsrc(w);
+    let direct = src.direct::<T>();
+    match direct {
+        Some(wd) if m >= PANEL_BELOW_M => gemm(
+            n,
+            m,
+            k,
+            &mut ot,
+            m,
+            false,
+            Mat {
+                data: wd,
+                rs: k,
+                cs: 1,
+            },
+            xt,
+            T::ONE,
+            pool_parallelism(),
+        ),
+        _ => {
+            // A panel of weight rows per task, widened into a per-task buffer when stored in
+            // another dtype (a bf16 weight never exists as a full-precision copy).
+            let nb = panel_rows(k, n, rayon::current_num_threads());
+            ot.par_chunks_mut(nb * m).enumerate().for_each_init(
+                Vec::new,
+                |buf: &mut Vec<T>, (p, blk)| {
+                    let (n0, nn) = (p * nb, blk.len() / m);
+                    let panel: &[T] = if let Some(wd) = direct {
+                        &wd[n0 * k..(n0 + nn) * k]
+                    } else {
+                        buf.resize(nn * k, <T as Elem>::ZERO);
+                        src.widen_into(n0 * k, &mut buf[..nn * k]);
+                        &buf[..nn * k]
+                    };
+                    gemm(
+                        nn,
+                        m,
+                        k,
+                        blk,
+                        m,
+                        false,
+                        Mat {
+                            data: panel,
+                            rs: k,
+                            cs: 1,
+                        },
+                        xt,
+                        T::ONE,
+                        Parallelism::None,
+                    );
                 },
-                T::ONE,
-                Parallelism::None,
             );
-            (n0, nn, blk)
-        })
-        .collect();
-    for (n0, nn, blk) in blocks {
-        for (orow, brow) in o.chunks_mut(n).zip(blk.chunks(nn)) {
-            orow[n0..n0 + nn].copy_from_slice(brow);
         }
     }
+    transpose_add(&ot, n, m, b.as_deref(), &mut o);
     Ok(out(o, shape))
 }
 
@@ -636,13 +689,53 @@ fn act_fn<T: Real>(a: Activation) -> impl Fn(T) -> T + Sync {
     }
 }
 
+fn activation_scalar<T: Real>(a: Activation, x: &[T], o: &mut [T]) {
+    let f = act_fn::<T>(a);
+    for (o, &v) in o.iter_mut().zip(x) {
+        *o = f(v);
+    }
+}
+
+/// `e^t` in f32 from straight-line arithmetic the compiler vectorises (no libm call): `t = n ln2
+/// + r` with `ln2` split in two (Cody and Waite), the Cephes degree-6 polynomial for `e^r` on
+/// `|r| <= ln2/2`, and `2^n` built in the exponent bits. Within 2 ulp of `e^t`; `t` is clamped to
+/// [-87, 88], where `2^n` stays a normal number.
+#[inline(always)]
+fn exp_f32(t: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const SHIFTER: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_375;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let t = t.clamp(-87.0, 88.0);
+    let y = t * std::f32::consts::LOG2_E + SHIFTER;
+    let n = y - SHIFTER;
+    let r = t - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let er = p * r * r + r + 1.0;
+    let ni = (y.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
+    er * f32::from_bits(((ni + 127) << 23) as u32)
+}
+
+/// GELU (tanh approximation) in f32 as `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`,
+/// which equals `0.5 x (1 + tanh(u))` and needs one vectorisable exponential.
+fn gelu_tanh_f32(x: &[f32], o: &mut [f32]) {
+    const C: f32 = 0.797_884_6;
+    const K: f32 = 0.044_715;
+    for (o, &v) in o.iter_mut().zip(x) {
+        let u = C * (v + K * v * v * v);
+        *o = v / (1.0 + exp_f32(-2.0 * u));
+    }
+}
+
 fn activation_t<T: Real>(x: &Tensor<Cpu>, a: Activation) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("activation", x)?;
-    let f = act_fn::<T>(a);
     let o = map_rows(xs, 4096.min(xs.len().max(1)), |_, x, o| {
-        for (o, &v) in o.iter_mut().zip(x) {
-            *o = f(v);
-        }
+        T::activation_into(a, x, o);
     });
     Ok(out(o, x.shape().to_vec()))
 }
