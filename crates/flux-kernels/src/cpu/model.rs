@@ -10,7 +10,9 @@ use crate::model_ops::{Activation, BinaryOp, ByteView, ModelOps, split_at_dim};
 use crate::{Cpu, DType, KernelError, Result, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::LazyLock;
+use std::thread::LocalKey;
 
 /// A compute element of the CPU model ops.
 pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
@@ -30,6 +32,8 @@ pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
     fn max(self, o: Self) -> Self;
     /// Wraps a vector as storage.
     fn wrap(v: Vec<Self>) -> CpuStorage;
+    /// This thread's pool of scratch vectors (see [`take_scratch`]).
+    fn scratch_pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
     /// `o = a(x)` elementwise.
     fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {
         activation_scalar(a, x, o);
@@ -56,6 +60,10 @@ impl Real for f32 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F32(v)
+    }
+    fn scratch_pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        thread_local!(static POOL: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) });
+        &POOL
     }
     fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {
         match a {
@@ -85,6 +93,10 @@ impl Real for f64 {
     }
     fn wrap(v: Vec<Self>) -> CpuStorage {
         CpuStorage::F64(v)
+    }
+    fn scratch_pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>> {
+        thread_local!(static POOL: RefCell<Vec<Vec<f64>>> = const { RefCell::new(Vec::new()) });
+        &POOL
     }
 }
 
@@ -307,25 +319,47 @@ fn panel_rows(k: usize, n: usize, threads: usize) -> usize {
 }
 
 /// `dst[c * rows + r] = src[r * cols + c] (+ add[r])`: the transpose of a row-major
-/// `rows x cols` matrix, with an optional value per source row added, in parallel over blocks of
-/// destination rows.
+/// `rows x cols` matrix, with an optional value per source row added, in 16 x 16 tiles, in
+/// parallel over blocks of destination rows.
 fn transpose_add<T: Real>(src: &[T], rows: usize, cols: usize, add: Option<&[T]>, dst: &mut [T]) {
-    const B: usize = 32;
+    const B: usize = 16;
     if rows == 0 || cols == 0 {
         return;
     }
     let block = |c0: usize, d: &mut [T]| {
-        let c1 = c0 + d.len() / rows;
+        let cn = d.len() / rows;
         for r0 in (0..rows).step_by(B) {
-            let r1 = (r0 + B).min(rows);
-            for c in c0..c1 {
-                let drow = &mut d[(c - c0) * rows + r0..(c - c0) * rows + r1];
-                for (i, o) in drow.iter_mut().enumerate() {
-                    let r = r0 + i;
-                    *o = match add {
-                        Some(a) => src[r * cols + c] + a[r],
-                        None => src[r * cols + c],
-                    };
+            let rn = B.min(rows - r0);
+            if rn == B && cn == B {
+                let mut tile = [[<T as Elem>::ZERO; B]; B];
+                for (i, t) in tile.iter_mut().enumerate() {
+                    let s0 = (r0 + i) * cols + c0;
+                    t.copy_from_slice(&src[s0..s0 + B]);
+                }
+                for j in 0..B {
+                    let drow = &mut d[j * rows + r0..j * rows + r0 + B];
+                    match add {
+                        Some(a) => {
+                            for ((o, t), &a) in drow.iter_mut().zip(&tile).zip(&a[r0..r0 + B]) {
+                                *o = t[j] + a;
+                            }
+                        }
+                        None => {
+                            for (o, t) in drow.iter_mut().zip(&tile) {
+                                *o = t[j];
+                            }
+                        }
+                    }
+                }
+            } else {
+                for j in 0..cn {
+                    for i in 0..rn {
+                        let v = src[(r0 + i) * cols + c0 + j];
+                        d[j * rows + r0 + i] = match add {
+                            Some(a) => v + a[r0 + i],
+                            None => v,
+                        };
+                    }
                 }
             }
         }
@@ -338,6 +372,37 @@ fn transpose_add<T: Real>(src: &[T], rows: usize, cols: usize, add: Option<&[T]>
         dst.chunks_mut(B * rows)
             .enumerate()
             .for_each(|(i, d)| block(i * B, d));
+    }
+}
+
+/// Scratch vectors of a thread larger than this are freed after use rather than kept.
+const SCRATCH_KEEP_BYTES: usize = 64 << 20;
+/// Scratch vectors kept per thread and element type.
+const SCRATCH_KEEP: usize = 4;
+
+/// A vector of `len` elements from this thread's pool (contents unspecified: callers overwrite
+/// every element). Reusing the linear layers' temporaries saves the page faults of mapping
+/// fresh memory for each of them.
+fn take_scratch<T: Real>(len: usize) -> Vec<T> {
+    let mut v = T::scratch_pool()
+        .with(|p| p.borrow_mut().pop())
+        .unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, <T as Elem>::ZERO);
+    }
+    v.truncate(len);
+    v
+}
+
+/// Returns a vector taken with [`take_scratch`] to this thread's pool.
+fn give_scratch<T: Real>(v: Vec<T>) {
+    if v.capacity() * std::mem::size_of::<T>() <= SCRATCH_KEEP_BYTES {
+        T::scratch_pool().with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < SCRATCH_KEEP {
+                p.push(v);
+            }
+        });
     }
 }
 
@@ -376,14 +441,14 @@ fn linear_t<T: Real>(
     // orientation the gemm crate reads the weight rows and x^T along unit strides when it packs
     // them. The row-major product `x W^T` makes it gather the weight with a stride of `k`, one
     // element at a time, which costs a third of the multiply at the block sizes of Flux.
-    let mut xt = vec![<T as Elem>::ZERO; m * k];
-    transpose_add(xs, m, k, None, &mut xt);
+    let mut xt_buf = take_scratch::<T>(m * k);
+    transpose_add(xs, m, k, None, &mut xt_buf);
     let xt = Mat {
-        data: &xt,
+        data: &xt_buf,
         rs: m,
         cs: 1,
     };
-    let mut ot = vec![<T as Elem>::ZERO; n * m];
+    let mut ot = take_scratch::<T>(n * m);
     let src = wsrc(w);
     let direct = src.direct::<T>();
     match direct {
@@ -407,38 +472,39 @@ fn linear_t<T: Real>(
             // A panel of weight rows per task, widened into a per-task buffer when stored in
             // another dtype (a bf16 weight never exists as a full-precision copy).
             let nb = panel_rows(k, n, rayon::current_num_threads());
-            ot.par_chunks_mut(nb * m).enumerate().for_each_init(
-                Vec::new,
-                |buf: &mut Vec<T>, (p, blk)| {
-                    let (n0, nn) = (p * nb, blk.len() / m);
-                    let panel: &[T] = if let Some(wd) = direct {
-                        &wd[n0 * k..(n0 + nn) * k]
-                    } else {
-                        buf.resize(nn * k, <T as Elem>::ZERO);
-                        src.widen_into(n0 * k, &mut buf[..nn * k]);
-                        &buf[..nn * k]
-                    };
-                    gemm(
-                        nn,
-                        m,
-                        k,
-                        blk,
-                        m,
-                        false,
-                        Mat {
-                            data: panel,
-                            rs: k,
-                            cs: 1,
-                        },
-                        xt,
-                        T::ONE,
-                        Parallelism::None,
-                    );
-                },
-            );
+            ot.par_chunks_mut(nb * m).enumerate().for_each(|(p, blk)| {
+                let (n0, nn) = (p * nb, blk.len() / m);
+                let mut buf = Vec::new();
+                let panel: &[T] = if let Some(wd) = direct {
+                    &wd[n0 * k..(n0 + nn) * k]
+                } else {
+                    buf = take_scratch::<T>(nn * k);
+                    src.widen_into(n0 * k, &mut buf);
+                    &buf
+                };
+                gemm(
+                    nn,
+                    m,
+                    k,
+                    blk,
+                    m,
+                    false,
+                    Mat {
+                        data: panel,
+                        rs: k,
+                        cs: 1,
+                    },
+                    xt,
+                    T::ONE,
+                    Parallelism::None,
+                );
+                give_scratch(buf);
+            });
         }
     }
     transpose_add(&ot, n, m, b.as_deref(), &mut o);
+    give_scratch(ot);
+    give_scratch(xt_buf);
     Ok(out(o, shape))
 }
 
@@ -1302,4 +1368,111 @@ pub(crate) fn widen_f64(t: &Tensor<Cpu>) -> Vec<f64> {
 /// Widens any CPU tensor (activation or weight) to f32 values.
 pub(crate) fn widen_f32(t: &Tensor<Cpu>) -> Vec<f32> {
     operand::<f32>(t).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let t = -87.0 + 175.0 * f64::from(i) / 200_000.0;
+            let t32 = t as f32;
+            let want = f64::from(t32).exp();
+            let got = f64::from(exp_f32(t32));
+            worst = worst.max(((got - want) / want).abs());
+        }
+        // 2 ulp of f32 is 2^-22 relative.
+        assert!(
+            worst < 2.0 * 2f64.powi(-23),
+            "worst relative error {worst:e}"
+        );
+        assert!(exp_f32(-1000.0) > 0.0 && exp_f32(-1000.0) < 1e-37);
+        assert!(exp_f32(1000.0).is_finite() && exp_f32(1000.0) > 1e38);
+    }
+
+    #[test]
+    fn gelu_tanh_f32_matches_the_tanh_formula() {
+        let xs: Vec<f32> = (0..=40_000).map(|i| -20.0 + i as f32 / 1000.0).collect();
+        let mut o = vec![0f32; xs.len()];
+        gelu_tanh_f32(&xs, &mut o);
+        for (&x, &g) in xs.iter().zip(&o) {
+            let x64 = f64::from(x);
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            // 0.5 x (1 + tanh u) in a form without the cancellation of 1 + tanh u for x << 0.
+            let want = x64 / (1.0 + (-2.0 * u).exp());
+            assert!((0.5 * x64 * (1.0 + u.tanh()) - want).abs() <= 1e-15 * (1.0 + x64.abs()));
+            // Evaluating `2u` in f32 (a few roundings) moves e^-2u by up to about 16 |u| 2^-24
+            // relative, which dominates for x << 0. The exponential saturates at e^88:
+            // far-negative inputs give about x e^-88 (below 1e-36) where the exact value
+            // underflows.
+            let rel = 1e-6 + 16.0 * u.abs() * 2f64.powi(-24);
+            let err = (f64::from(g) - want).abs();
+            assert!(
+                err <= rel * want.abs() + 1e-36,
+                "gelu({x}) = {g}, expected {want}"
+            );
+        }
+    }
+
+    /// `x w^T + b` in f64 by the definition.
+    fn naive_linear(x: &[f64], w: &[f64], b: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+        let mut o = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = b[j] + (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum::<f64>();
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn linear_matches_the_definition_on_every_path() {
+        // Token counts below and above the panel threshold, widths that are not multiples of the
+        // tile or panel sizes, f32 weights (direct) and bf16 weights (widened per panel).
+        let val = |i: usize, s: f64| ((i as f64 * 0.618_034 + s).fract() - 0.5) * 2.0;
+        for &(m, k, n) in &[(1, 7, 5), (3, 40, 1000), (70, 33, 517), (130, 64, 96)] {
+            let x: Vec<f64> = (0..m * k).map(|i| val(i, 0.1)).collect();
+            let w32: Vec<f32> = (0..n * k).map(|i| val(i, 0.3) as f32).collect();
+            let bias: Vec<f64> = (0..n).map(|i| val(i, 0.7)).collect();
+            let wbf: Vec<half::bf16> = w32.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            for bf16 in [false, true] {
+                let (bytes, dt, wv): (Vec<u8>, DType, Vec<f64>) = if bf16 {
+                    (
+                        wbf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        DType::BF16,
+                        wbf.iter().map(|v| f64::from(v.to_f32())).collect(),
+                    )
+                } else {
+                    (
+                        w32.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                        DType::F32,
+                        w32.iter().map(|&v| f64::from(v)).collect(),
+                    )
+                };
+                let stored = Cpu
+                    .upload_weight(ByteView::from_vec(bytes), &[n, k], dt, None)
+                    .unwrap();
+                // The same values as an f64 tensor take the direct (unwidened) path.
+                let direct = out(wv.clone(), vec![n, k]);
+                let want = naive_linear(&x, &wv, &bias, m, k, n);
+                let xt = out(x.clone(), vec![m, k]);
+                let bt = out(bias.clone(), vec![n]);
+                for w in [&stored, &direct] {
+                    let got = Cpu.linear(&xt, w, Some(&bt)).unwrap();
+                    assert_eq!(got.shape(), [m, n]);
+                    let got = f64::slice(got.storage()).unwrap();
+                    for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= 1e-12 * (1.0 + e.abs()),
+                            "m={m} k={k} n={n} bf16={bf16} {:?}: element {idx} is {g}, expected {e}",
+                            w.dtype()
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
