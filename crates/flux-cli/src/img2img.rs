@@ -57,7 +57,9 @@ pub struct Img2ImgArgs {
 /// Where the models come from (none given: the built-in demo model).
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A ComfyUI-style models folder (diffusion_models/ or unet/, vae/, text_encoders/ or clip/).
+    /// A models folder: ComfyUI layout (diffusion_models/ or unet/, vae/, text_encoders/ or
+    /// clip/) or diffusers layout (transformer/, vae/, text_encoder/, text_encoder_2/,
+    /// tokenizer/, tokenizer_2/, as in the FLUX.1 repositories); the layout is detected.
     #[arg(long, env = "FLUX_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
     /// Transformer safetensors file.
@@ -72,10 +74,10 @@ pub struct ModelArgs {
     /// CLIP text encoder safetensors file.
     #[arg(long)]
     pub clip: Option<PathBuf>,
-    /// T5 tokenizer.json.
+    /// T5 tokenizer.json (found in tokenizer_2/ of a diffusers --model-dir).
     #[arg(long)]
     pub t5_tokenizer: Option<PathBuf>,
-    /// CLIP tokenizer.json.
+    /// CLIP tokenizer.json (found in tokenizer/ of a diffusers --model-dir).
     #[arg(long)]
     pub clip_tokenizer: Option<PathBuf>,
     /// Compute backend.
@@ -110,6 +112,7 @@ pub fn load_pipeline_on<B: Backend>(be: &B, m: &ModelArgs) -> Result<Pipeline<B>
             vae: need(&m.vae, "vae")?,
             t5: need(&m.t5, "t5")?,
             clip: need(&m.clip, "clip")?,
+            ..ModelFiles::default()
         })
     } else {
         None
@@ -121,19 +124,20 @@ pub fn load_pipeline_on<B: Backend>(be: &B, m: &ModelArgs) -> Result<Pipeline<B>
             );
             Ok(Pipeline::demo_on(be)?)
         }
-        Some(files) => {
-            let (Some(t5), Some(clip)) = (&m.t5_tokenizer, &m.clip_tokenizer) else {
+        Some(mut files) => {
+            // Tokenizers given by flag win over the ones found in a diffusers folder.
+            if let Some(p) = &m.t5_tokenizer {
+                files.t5_tokenizer = Some(p.clone());
+            }
+            if let Some(p) = &m.clip_tokenizer {
+                files.clip_tokenizer = Some(p.clone());
+            }
+            if files.t5_tokenizer.is_none() || files.clip_tokenizer.is_none() {
                 bail!(
-                    "model files given without --t5-tokenizer and --clip-tokenizer\nhint: they are the tokenizer.json files in tokenizer_2/ (T5) and tokenizer/ (CLIP) of the diffusers layout of the FLUX.1 repositories"
+                    "model files given without --t5-tokenizer and --clip-tokenizer\nhint: they are the tokenizer.json files in tokenizer_2/ (T5) and tokenizer/ (CLIP) of the diffusers layout of the FLUX.1 repositories; a diffusers --model-dir that holds them needs neither flag"
                 );
-            };
-            let t5_len = if files.transformer.to_string_lossy().contains("schnell") {
-                flux_model::tokenizer::T5_LEN_SCHNELL
-            } else {
-                flux_model::tokenizer::T5_LEN_DEV
-            };
-            let tok = flux_pipeline::pipeline::FileTokenizer::load(t5, clip, t5_len)?;
-            Ok(Pipeline::from_files_on(be, &files, Box::new(tok))?)
+            }
+            Ok(Pipeline::load_on(be, &files)?)
         }
     }
 }

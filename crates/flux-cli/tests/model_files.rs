@@ -3,72 +3,12 @@
 //! naming, explicit paths), and broken files (truncated, wrong tensor shape, missing) given on
 //! the command line.
 
+mod common;
+
+use common::{clip_tokenizer, demo_image, t5_tokenizer};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn demo_image() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/images/demo.png")
-}
-
-fn special(id: u32, content: &str) -> String {
-    format!(
-        r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
-    )
-}
-
-/// A small T5-style unigram tokenizer (`<pad>`=0, `</s>`=1, `<unk>`=2, then pieces): every id
-/// fits the demo T5 vocabulary.
-fn t5_tokenizer() -> String {
-    let pieces = ["▁", "a", "b", "c", "d", "e", "r", "▁a", "▁re", "cd", "▁e"];
-    let vocab: Vec<String> = ["<pad>", "</s>", "<unk>"]
-        .iter()
-        .map(|p| format!(r#"["{p}",0.0]"#))
-        .chain(
-            pieces
-                .iter()
-                .enumerate()
-                .map(|(i, p)| format!(r#"["{p}",{}]"#, -1.0 - i as f64 * 0.1)),
-        )
-        .collect();
-    let meta = r#"{"type":"Metaspace","replacement":"▁","prepend_scheme":"always","split":true}"#;
-    format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,
-        "added_tokens":[{},{},{}],
-        "normalizer":null,"pre_tokenizer":{meta},
-        "post_processor":{{"type":"TemplateProcessing",
-          "single":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"SpecialToken":{{"id":"</s>","type_id":0}}}}],
-          "pair":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"Sequence":{{"id":"B","type_id":0}}}},{{"SpecialToken":{{"id":"</s>","type_id":0}}}}],
-          "special_tokens":{{"</s>":{{"id":"</s>","ids":[1],"tokens":["</s>"]}}}}}},
-        "decoder":{meta},
-        "model":{{"type":"Unigram","unk_id":2,"vocab":[{}],"byte_fallback":false}}}}"#,
-        special(0, "<pad>"),
-        special(1, "</s>"),
-        special(2, "<unk>"),
-        vocab.join(",")
-    )
-}
-
-/// A small CLIP-style BPE tokenizer: bos/eos around the text, eos as padding.
-fn clip_tokenizer() -> String {
-    let bos = "<|startoftext|>";
-    let eos = "<|endoftext|>";
-    format!(
-        r#"{{"version":"1.0","truncation":null,"padding":null,
-        "added_tokens":[{},{}],
-        "normalizer":{{"type":"Lowercase"}},"pre_tokenizer":{{"type":"Whitespace"}},
-        "post_processor":{{"type":"TemplateProcessing",
-          "single":[{{"SpecialToken":{{"id":"{bos}","type_id":0}}}},{{"Sequence":{{"id":"A","type_id":0}}}},{{"SpecialToken":{{"id":"{eos}","type_id":0}}}}],
-          "pair":[{{"Sequence":{{"id":"A","type_id":0}}}},{{"Sequence":{{"id":"B","type_id":0}}}}],
-          "special_tokens":{{"{bos}":{{"id":"{bos}","ids":[7],"tokens":["{bos}"]}},"{eos}":{{"id":"{eos}","ids":[8],"tokens":["{eos}"]}}}}}},
-        "decoder":null,
-        "model":{{"type":"BPE","dropout":null,"unk_token":"{eos}","continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,"byte_fallback":false,
-          "vocab":{{"a":0,"b":1,"c":2,"ab":3,"abc":4,"r":5,"e":6,"{bos}":7,"{eos}":8}},
-          "merges":[["a","b"],["ab","c"]]}}}}"#,
-        special(7, bos),
-        special(8, eos),
-    )
-}
 
 /// The demo checkpoint set, written once per test into its own folder.
 struct Set {

@@ -15,3 +15,4 @@ pub mod t5;
 pub mod tensor_source;
 pub mod tokenizer;
 pub mod vae;
+pub mod vae_names;

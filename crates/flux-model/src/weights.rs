@@ -16,6 +16,8 @@ use std::sync::Arc;
 const MAX_RANK: usize = 8;
 /// Largest single dimension accepted (anything bigger is a corrupt or hostile header).
 const MAX_DIM: usize = 1 << 36;
+/// How the shard index of a sharded checkpoint is named (`model.safetensors.index.json`).
+const INDEX_SUFFIX: &str = ".safetensors.index.json";
 
 /// An error loading weights.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +46,9 @@ pub enum WeightError {
         dtype: String,
         files: String,
     },
+    /// A shard index (`*.safetensors.index.json`) is unreadable or does not match its shards.
+    #[error("{path}: {message}")]
+    Index { path: PathBuf, message: String },
     /// The model configuration cannot be derived from the tensors.
     #[error("{0}")]
     Config(String),
@@ -171,8 +176,9 @@ fn map_file(path: &Path) -> Result<flux_kernels::model_ops::ByteOwner, WeightErr
 }
 
 impl Weights {
-    /// Opens a file, or a directory: its `transformer/` subfolder if present, else every
-    /// `*.safetensors` file in it (shards).
+    /// Opens a file, a shard index (`*.safetensors.index.json`), or a directory: its
+    /// `transformer/` subfolder if present; in the folder, its shard index if it has one, else
+    /// every `*.safetensors` file in it (shards).
     pub fn open(path: &Path) -> Result<Self, WeightError> {
         let io = |e: std::io::Error| WeightError::Io {
             path: path.to_path_buf(),
@@ -184,13 +190,37 @@ impl Weights {
             } else {
                 path.to_path_buf()
             };
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(io)?
-                .filter_map(std::result::Result::ok)
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
+            let mut files = Vec::new();
+            let mut indexes = Vec::new();
+            for entry in std::fs::read_dir(&dir).map_err(io)?.flatten() {
+                let p = entry.path();
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.ends_with(INDEX_SUFFIX) {
+                    indexes.push(p);
+                } else if p.extension().is_some_and(|x| x == "safetensors") {
+                    files.push(p);
+                }
+            }
+            indexes.sort();
             files.sort();
+            match indexes.as_slice() {
+                [one] => return Self::open_index(one),
+                [] => {}
+                _ => {
+                    return Err(WeightError::Io {
+                        path: dir,
+                        message: format!(
+                            "several shard indexes ({}); pass the one to use",
+                            indexes
+                                .iter()
+                                .filter_map(|p| p.file_name())
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    });
+                }
+            }
             if files.is_empty() {
                 return Err(WeightError::Io {
                     path: dir,
@@ -200,9 +230,91 @@ impl Weights {
             let mut w = Self::open_files(&files)?;
             w.dir = Some(dir);
             Ok(w)
+        } else if path.to_string_lossy().ends_with(INDEX_SUFFIX) {
+            Self::open_index(path)
         } else {
             Self::open_files(&[path.to_path_buf()])
         }
+    }
+
+    /// Opens the shards a `*.safetensors.index.json` names (its `weight_map`: tensor name ->
+    /// shard file in the same folder) and checks that every tensor it lists is in the shard it
+    /// names.
+    pub fn open_index(index: &Path) -> Result<Self, WeightError> {
+        let bad = |message: String| WeightError::Index {
+            path: index.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(index).map_err(|e| WeightError::Io {
+            path: index.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a JSON shard index: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(serde_json::Value::as_object)
+            .ok_or_else(|| bad("no `weight_map` object (tensor name -> shard file)".into()))?;
+        let dir = index.parent().unwrap_or(Path::new("")).to_path_buf();
+        let mut wanted: Vec<(&str, &str)> = Vec::with_capacity(map.len());
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                bad(format!(
+                    "weight_map entry `{name}`: expected a shard file name, found {file}"
+                ))
+            })?;
+            let plain = Path::new(file)
+                .file_name()
+                .is_some_and(|n| n == std::ffi::OsStr::new(file));
+            if !plain {
+                return Err(bad(format!(
+                    "weight_map entry `{name}`: shard `{file}` is not a file name in the index's folder"
+                )));
+            }
+            wanted.push((name, file));
+        }
+        let mut shards: Vec<&str> = wanted.iter().map(|(_, f)| *f).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        if shards.is_empty() {
+            return Err(bad("the weight_map is empty".into()));
+        }
+        let mut paths = Vec::with_capacity(shards.len());
+        for s in &shards {
+            let p = dir.join(s);
+            if !p.is_file() {
+                return Err(bad(format!(
+                    "names shard {s}, which does not exist (looked for {})",
+                    p.display()
+                )));
+            }
+            paths.push(p);
+        }
+        let mut w = Self::open_files(&paths)?;
+        for (name, file) in wanted {
+            let shard = shards.binary_search(&file).unwrap_or(usize::MAX);
+            let stored = w
+                .entries
+                .get(name)
+                .and_then(|e| e.pieces.first())
+                .map(|p| p.file);
+            match stored {
+                Some(i) if i == shard => {}
+                Some(i) => {
+                    return Err(bad(format!(
+                        "tensor {name} is listed in shard {file} but stored in {}",
+                        shards.get(i).copied().unwrap_or("another shard")
+                    )));
+                }
+                None => {
+                    return Err(bad(format!(
+                        "tensor {name} is listed in shard {file} but that shard does not hold it"
+                    )));
+                }
+            }
+        }
+        w.dir = Some(dir);
+        Ok(w)
     }
 
     /// Opens the given files as one set of tensors (a name in two files is an error).
@@ -336,6 +448,32 @@ impl Weights {
                 e = Self::swapped(new, e)?;
             }
             entries.insert(new.clone(), e);
+        }
+        Ok(Self {
+            files: self.files.clone(),
+            entries,
+            dir: self.dir.clone(),
+        })
+    }
+
+    /// The same tensors with some stored shapes replaced by others of the same element count
+    /// (e.g. a linear weight `[o, i]` read as a 1x1 convolution `[o, i, 1, 1]`).
+    pub fn reshaped(&self, changes: &[(String, Vec<usize>)]) -> Result<Self, WeightError> {
+        let mut entries = self.entries.clone();
+        for (name, shape) in changes {
+            let e = entries.get_mut(name).ok_or_else(|| WeightError::Missing {
+                name: name.clone(),
+                files: self.files_desc(),
+            })?;
+            if e.shape.iter().product::<usize>() != shape.iter().product::<usize>() {
+                return Err(WeightError::Shape {
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: e.shape.clone(),
+                    files: self.files_desc(),
+                });
+            }
+            e.shape.clone_from(shape);
         }
         Ok(Self {
             files: self.files.clone(),

@@ -303,6 +303,9 @@ pub struct VaeNet<B: Backend> {
 impl<B: Backend> VaeNet<B> {
     /// Loads the autoencoder from `w`.
     pub fn load(be: &B, w: &Weights, json: Option<&Value>, dtype: DType) -> Result<Self> {
+        // diffusers files hold the same tensors under other names.
+        let w =
+            &flux_model::vae_names::normalize_layout(w).map_err(|e| model_err("autoencoder", e))?;
         let cfg = vae_config(w, json)?;
         let mut src = source(be, w, dtype, "autoencoder")?;
         let net = Vae::load(cfg, &mut src).map_err(|e| model_err("autoencoder", e))?;

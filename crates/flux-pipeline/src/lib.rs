@@ -4,6 +4,7 @@
 //! * [`image_io`]: inputs from files, URLs, data URIs and base64; the resize rule; PNG, JPEG and
 //!   WebP output with metadata.
 //! * [`model`]: the traits the pipeline drives the networks through.
+//! * [`model_files`]: finding the weights and tokenizers in ComfyUI and diffusers folders.
 //! * [`comfy`]: one run, step by step, with an optional trace of every intermediate.
 //! * [`pipeline`]: [`Pipeline`], models loaded once and reused across requests.
 //! * [`demo`]: a tiny built-in model with deterministic weights, used when none is configured.
@@ -14,6 +15,7 @@ pub mod error;
 pub mod flux;
 pub mod image_io;
 pub mod model;
+pub mod model_files;
 pub mod pipeline;
 
 pub use pipeline::{Img2ImgRequest, ModelFiles, Output, Pipeline, Progress};

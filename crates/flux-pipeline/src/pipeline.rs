@@ -5,12 +5,13 @@ use crate::demo;
 use crate::flux::{FluxNet, TextNets, VaeNet, sibling_config};
 use crate::image_io::{self, ImageSource, OutputFormat, SizeRule};
 use crate::model::{HostTensor, PromptTokenizer, TextEncoders};
+pub use crate::model_files::ModelFiles;
 use crate::{PipelineError, Result};
 use flux_kernels::{Backend, Cpu, DType};
 use flux_model::Weights;
 use flux_samplers::Sampler;
 use flux_schedulers::Scheduler;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Most steps a request may ask for.
@@ -113,86 +114,6 @@ pub struct Output {
     pub demo: bool,
 }
 
-/// Where the model files are.
-#[derive(Clone, Debug, Default)]
-pub struct ModelFiles {
-    /// Transformer safetensors.
-    pub transformer: PathBuf,
-    /// Autoencoder safetensors.
-    pub vae: PathBuf,
-    /// T5 safetensors.
-    pub t5: PathBuf,
-    /// CLIP safetensors.
-    pub clip: PathBuf,
-}
-
-impl ModelFiles {
-    /// Finds the files in a ComfyUI-style models folder: the transformer in `diffusion_models/`
-    /// or `unet/`, the autoencoder in `vae/`, the text encoders in `text_encoders/` or `clip/`
-    /// (T5: a name containing `t5`; CLIP: a name containing `clip`). Each folder must hold
-    /// exactly one candidate `.safetensors` file.
-    pub fn from_models_dir(dir: &Path) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(PipelineError::Model(format!(
-                "models folder {} does not exist",
-                dir.display()
-            )));
-        }
-        let pick =
-            |subdirs: &[&str], filter: &dyn Fn(&str) -> bool, what: &str| -> Result<PathBuf> {
-                let mut found = Vec::new();
-                for s in subdirs {
-                    let Ok(entries) = std::fs::read_dir(dir.join(s)) else {
-                        continue;
-                    };
-                    for e in entries.flatten() {
-                        let p = e.path();
-                        let name = p
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .unwrap_or("")
-                            .to_ascii_lowercase();
-                        if name.ends_with(".safetensors") && filter(&name) {
-                            found.push(p);
-                        }
-                    }
-                }
-                found.sort();
-                match found.len() {
-                    1 => Ok(found.remove(0)),
-                    0 => Err(PipelineError::Model(format!(
-                        "no {what} .safetensors file in {} ({})",
-                        dir.display(),
-                        subdirs.join("/ or ") + "/"
-                    ))),
-                    _ => Err(PipelineError::Model(format!(
-                        "several {what} files in {}: {}; pass the one to use explicitly",
-                        dir.display(),
-                        found
-                            .iter()
-                            .map(|p| p.display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ))),
-                }
-            };
-        Ok(Self {
-            transformer: pick(&["diffusion_models", "unet"], &|_| true, "transformer")?,
-            vae: pick(&["vae"], &|_| true, "autoencoder")?,
-            t5: pick(
-                &["text_encoders", "clip"],
-                &|n| n.contains("t5"),
-                "T5 encoder",
-            )?,
-            clip: pick(
-                &["text_encoders", "clip"],
-                &|n| n.contains("clip"),
-                "CLIP text encoder",
-            )?,
-        })
-    }
-}
-
 /// Models loaded once on a backend (the CPU by default), reused by every request.
 pub struct Pipeline<B: Backend = Cpu> {
     be: B,
@@ -217,6 +138,34 @@ fn open(path: &Path, what: &str) -> Result<Weights> {
     Weights::open(path).map_err(|e| PipelineError::Model(format!("{what} {}: {e}", path.display())))
 }
 
+type Nets<B> = (FluxNet<B>, VaeNet<B>, TextNets<B>);
+
+/// The transformer, autoencoder and text encoders of `files`, on `be`.
+fn load_nets<B: Backend>(be: &B, files: &ModelFiles) -> Result<Nets<B>> {
+    let tw = open(&files.transformer, "transformer")?;
+    let vw = open(&files.vae, "autoencoder")?;
+    let t5w = open(&files.t5, "T5 encoder")?;
+    let cw = open(&files.clip, "CLIP text encoder")?;
+    let tj = sibling_config(&tw);
+    let ctx = |what: &str, p: &Path, e: PipelineError| {
+        PipelineError::Model(format!("{what} {}: {e}", p.display()))
+    };
+    let transformer = FluxNet::load(be, &tw, tj.as_ref(), DType::F32)
+        .map_err(|e| ctx("transformer", &files.transformer, e))?;
+    let vae = VaeNet::load(be, &vw, sibling_config(&vw).as_ref(), DType::F32)
+        .map_err(|e| ctx("autoencoder", &files.vae, e))?;
+    let text = TextNets::load(
+        be,
+        &t5w,
+        sibling_config(&t5w).as_ref(),
+        &cw,
+        sibling_config(&cw).as_ref(),
+        DType::F32,
+    )
+    .map_err(|e| ctx("text encoders", &files.t5, e))?;
+    Ok((transformer, vae, text))
+}
+
 impl Pipeline<Cpu> {
     /// The built-in demo model on the CPU.
     pub fn demo() -> Result<Self> {
@@ -226,6 +175,11 @@ impl Pipeline<Cpu> {
     /// Loads model files with a prompt tokenizer, on the CPU.
     pub fn from_files(files: &ModelFiles, tokenizer: Box<dyn PromptTokenizer>) -> Result<Self> {
         Self::from_files_on(&Cpu, files, tokenizer)
+    }
+
+    /// Loads model files and their tokenizers on the CPU (see [`Pipeline::load_on`]).
+    pub fn load(files: &ModelFiles) -> Result<Self> {
+        Self::load_on(&Cpu, files)
     }
 }
 
@@ -254,30 +208,44 @@ impl<B: Backend> Pipeline<B> {
         files: &ModelFiles,
         tokenizer: Box<dyn PromptTokenizer>,
     ) -> Result<Self> {
-        let tw = open(&files.transformer, "transformer")?;
-        let vw = open(&files.vae, "autoencoder")?;
-        let t5w = open(&files.t5, "T5 encoder")?;
-        let cw = open(&files.clip, "CLIP text encoder")?;
-        let tj = sibling_config(&tw);
-        let ctx = |what: &str, p: &Path, e: PipelineError| {
-            PipelineError::Model(format!("{what} {}: {e}", p.display()))
-        };
+        let (transformer, vae, text) = load_nets(be, files)?;
         Ok(Self {
             be: be.clone(),
-            transformer: FluxNet::load(be, &tw, tj.as_ref(), DType::F32)
-                .map_err(|e| ctx("transformer", &files.transformer, e))?,
-            vae: VaeNet::load(be, &vw, sibling_config(&vw).as_ref(), DType::F32)
-                .map_err(|e| ctx("autoencoder", &files.vae, e))?,
-            text: TextNets::load(
-                be,
-                &t5w,
-                sibling_config(&t5w).as_ref(),
-                &cw,
-                sibling_config(&cw).as_ref(),
-                DType::F32,
-            )
-            .map_err(|e| ctx("text encoders", &files.t5, e))?,
+            transformer,
+            vae,
+            text,
             tokenizer,
+            demo: false,
+        })
+    }
+
+    /// Loads model files and the tokenizers they name (`files.t5_tokenizer` and
+    /// `files.clip_tokenizer`, both required), on `be`. The T5 sequence length follows the
+    /// transformer: 512 for models with a guidance embedding (dev), 256 without (schnell).
+    pub fn load_on(be: &B, files: &ModelFiles) -> Result<Self> {
+        let need = |p: &Option<std::path::PathBuf>, what: &str, sub: &str| {
+            p.clone().ok_or_else(|| {
+                PipelineError::Model(format!(
+                    "no {what} tokenizer.json: it is {sub}/tokenizer.json of the diffusers layout \
+                     of the FLUX.1 repositories (give it by path)"
+                ))
+            })
+        };
+        let t5_tok = need(&files.t5_tokenizer, "T5", "tokenizer_2")?;
+        let clip_tok = need(&files.clip_tokenizer, "CLIP", "tokenizer")?;
+        let (transformer, vae, text) = load_nets(be, files)?;
+        let t5_len = if crate::model::FlowTransformer::has_guidance(&transformer) {
+            flux_model::tokenizer::T5_LEN_DEV
+        } else {
+            flux_model::tokenizer::T5_LEN_SCHNELL
+        };
+        let tokenizer = FileTokenizer::load(&t5_tok, &clip_tok, t5_len)?;
+        Ok(Self {
+            be: be.clone(),
+            transformer,
+            vae,
+            text,
+            tokenizer: Box::new(tokenizer),
             demo: false,
         })
     }
