@@ -24,8 +24,9 @@ struct Cli {
 enum Command {
     /// Measure a whole loop and print one `key=value` line.
     Bench(bench::BenchArgs),
-    /// Compare two images: PSNR and largest difference, exit code by a threshold.
-    Compare(compare::CompareArgs),
+    /// Compare two images (PSNR, largest difference, exit code by a threshold), or render a
+    /// labelled grid of img2img results, one row per scheduler and one column per sampler.
+    Compare(Box<compare::CompareArgs>),
     /// Change an image to match a prompt (img2img); the built-in demo model when none is given.
     Img2img(Box<img2img::Img2ImgArgs>),
     /// Check every case of a reference directory against the reference outputs.
