@@ -8,7 +8,7 @@
 //! samples.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use flux_kernels::{Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_kernels::{Conv2dParams, ConvOps, Cpu, DType, HostData, SamplerOps, Tensor};
 use flux_model::clip::{ClipConfig, ClipTextModel};
 use flux_model::t5::{T5Config, T5Encoder};
 use flux_model::tensor_source::random_source;
@@ -36,6 +36,23 @@ fn vae(c: &mut Criterion) {
     g.bench_function("cpu_vae_decode_512", |b| {
         b.iter(|| black_box(vae.decode(&Cpu, &latent).unwrap()));
     });
+    g.finish();
+}
+
+/// The autoencoder's dominant convolutions on their own: 3x3 at the full-resolution width of a
+/// 512x512 decode (128 channels, 512x512, the decoder's last level), and at the latent width
+/// (512 channels, 64x64).
+fn conv(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_vae_conv");
+    g.sample_size(10);
+    for (ch, side) in [(128usize, 512usize), (512, 64)] {
+        let x = smooth(&[1, ch, side, side]);
+        let w = smooth(&[ch, ch, 3, 3]);
+        let b = smooth(&[ch]);
+        g.bench_function(format!("cpu_conv3x3_{ch}ch_{side}"), |bn| {
+            bn.iter(|| black_box(Cpu.conv2d(&x, &w, Some(&b), Conv2dParams::same(1)).unwrap()));
+        });
+    }
     g.finish();
 }
 
@@ -67,5 +84,5 @@ fn text(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, text, vae);
+criterion_group!(benches, text, conv, vae);
 criterion_main!(benches);

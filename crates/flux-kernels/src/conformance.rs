@@ -1038,6 +1038,47 @@ pub fn group_norm<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
                 swish,
             );
             c.check(&label, got, want, tol.rel);
+            // Statistics given by the caller (as a tiled image uses them): the moments of the
+            // backend must match, and normalising with shifted statistics must too.
+            let label = case(format_args!("{label} with_stats"));
+            let moments = (
+                be.group_moments(&gx, groups),
+                c.cpu.group_moments(&wx, groups),
+            );
+            let (Ok(m), Ok(mw)) = moments else {
+                c.fail(&label, "group_moments failed".into());
+                continue;
+            };
+            let close = |a: &[f64], b: &[f64]| {
+                a.iter()
+                    .zip(b)
+                    .all(|(x, y)| (x - y).abs() <= tol.rel * (1.0 + y.abs()))
+            };
+            if m.count != mw.count || !close(&m.mean, &mw.mean) || !close(&m.m2, &mw.m2) {
+                c.fail(&label, format!("group_moments {m:?}, expected {mw:?}"));
+            }
+            let (mean, rstd) = mw.mean_rstd(1e-6);
+            let mean: Vec<f64> = mean.iter().map(|v| v + 0.25).collect();
+            let rstd: Vec<f64> = rstd.iter().map(|v| v * 0.8).collect();
+            let got = be.group_norm_with_stats(
+                &gx,
+                groups,
+                &mean,
+                &rstd,
+                affine.then_some(&gw),
+                affine.then_some(&gb),
+                swish,
+            );
+            let want = c.cpu.group_norm_with_stats(
+                &wx,
+                groups,
+                &mean,
+                &rstd,
+                affine.then_some(&ww),
+                affine.then_some(&wb),
+                swish,
+            );
+            c.check(&label, got, want, tol.rel);
         }
     }
     c.done()

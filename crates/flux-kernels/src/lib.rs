@@ -17,7 +17,7 @@ pub mod model_ops;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};
-pub use conv_ops::{Conv2dParams, ConvOps};
+pub use conv_ops::{Conv2dParams, ConvOps, GroupMoments};
 pub use cpu::Cpu;
 pub use dtype::DType;
 pub use error::{KernelError, Result};

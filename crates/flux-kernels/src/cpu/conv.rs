@@ -6,13 +6,16 @@
 //! widened once per call.
 
 use super::{CpuStorage, PAR_THRESHOLD};
-use crate::conv_ops::{Conv2dParams, ConvOps};
+use crate::conv_ops::{Conv2dParams, ConvOps, GroupMoments, check_stats_len, group_layout};
 use crate::{Cpu, DType, KernelError, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
 
-/// Largest im2col buffer (elements) built at once; larger convolutions run in row bands.
-const COL_BUDGET: usize = 1 << 22;
+/// Target im2col buffer (elements) of one band of output rows: small enough to stay in a core's
+/// L2 cache between im2col and the GEMM that reads it.
+const COL_BAND: usize = 1 << 17;
+/// Fewest output pixels per band, so that the GEMM of a band amortises packing the weights.
+const MIN_BAND_WIDTH: usize = 128;
 /// Largest attention score block (elements) built at once; longer sequences run in query bands.
 const SCORE_BUDGET: usize = 1 << 22;
 
@@ -214,7 +217,7 @@ struct ConvGeom {
 /// Fills `col` `[C*kh*kw, rows*OW]` for output rows `oh0 .. oh0 + rows`.
 fn im2col<T: ConvElem>(x: &[T], g: &ConvGeom, oh0: usize, rows: usize, col: &mut [T]) {
     let width = rows * g.ow;
-    let fill = |(r, dst): (usize, &mut [T])| {
+    for (r, dst) in col.chunks_mut(width).enumerate() {
         let c = r / (g.kh * g.kw);
         let i = (r / g.kw) % g.kh;
         let j = r % g.kw;
@@ -227,16 +230,14 @@ fn im2col<T: ConvElem>(x: &[T], g: &ConvGeom, oh0: usize, rows: usize, col: &mut
             }
             let src = &plane[y as usize * g.w..(y as usize + 1) * g.w];
             if g.stride == 1 {
-                // Contiguous run: copy the in-range span, zero the padded edges.
-                let off = j as isize - g.left as isize;
-                for (o, d) in out_row.iter_mut().enumerate() {
-                    let xx = o as isize + off;
-                    *d = if xx >= 0 && xx < g.w as isize {
-                        src[xx as usize]
-                    } else {
-                        T::ZERO
-                    };
-                }
+                // Output column o reads input column o + j - left: one contiguous copy between
+                // the zero-padded edges.
+                let lo = g.left.saturating_sub(j).min(g.ow);
+                let hi = (g.w + g.left).saturating_sub(j).clamp(lo, g.ow);
+                out_row[..lo].fill(T::ZERO);
+                let s0 = lo + j - g.left;
+                out_row[lo..hi].copy_from_slice(&src[s0..s0 + hi - lo]);
+                out_row[hi..].fill(T::ZERO);
             } else {
                 for (o, d) in out_row.iter_mut().enumerate() {
                     let xx = (o * g.stride + j) as isize - g.left as isize;
@@ -248,11 +249,74 @@ fn im2col<T: ConvElem>(x: &[T], g: &ConvGeom, oh0: usize, rows: usize, col: &mut
                 }
             }
         }
-    };
-    if col.len() >= PAR_THRESHOLD {
-        col.par_chunks_mut(width).enumerate().for_each(fill);
-    } else {
-        col.chunks_mut(width).enumerate().for_each(fill);
+    }
+}
+
+/// The output buffer of a convolution, shared by the threads that each write a disjoint set of
+/// its elements.
+struct SharedOut<T>(*mut T, usize);
+
+// SAFETY: the pointer is only dereferenced through `SharedOut::band`, whose callers write disjoint
+// elements; T is f32 or f64.
+#[allow(unsafe_code)]
+unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl<T: ConvElem> SharedOut<T> {
+    /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]` into the output at element `offset`, rows
+    /// `dst_rs` apart; lhs is row-major and contiguous, rhs row-major with rows `rhs_rs` apart.
+    ///
+    /// # Safety
+    /// No other thread may access the `m x n` window at `offset` during the call.
+    #[allow(unsafe_code, clippy::too_many_arguments)]
+    unsafe fn gemm_into(
+        &self,
+        offset: usize,
+        dst_rs: usize,
+        m: usize,
+        n: usize,
+        k: usize,
+        lhs: &[T],
+        rhs: &[T],
+        rhs_rs: usize,
+        accumulate: bool,
+    ) {
+        if m == 0 || n == 0 || k == 0 {
+            return;
+        }
+        assert!(
+            offset + (m - 1) * dst_rs + n <= self.1,
+            "conv: output window out of range"
+        );
+        assert!(
+            lhs.len() >= m * k && rhs.len() >= (k - 1) * rhs_rs + n,
+            "conv: operands too short"
+        );
+        let one = T::from_f64(1.0);
+        // SAFETY: the asserts keep the window inside the buffer and the reads inside the
+        // operand slices; the caller guarantees that nothing else accesses the window.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                self.0.add(offset),
+                1,
+                dst_rs as isize,
+                accumulate,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                rhs.as_ptr(),
+                1,
+                rhs_rs as isize,
+                one,
+                one,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     }
 }
 
@@ -297,14 +361,18 @@ fn conv2d_impl<T: ConvElem>(
     let k = c * kh * kw;
     let plane = oh * ow;
     let mut out = vec![T::ZERO; n * o * plane];
+    // The bias is the GEMM's initial value: the products accumulate onto it.
     if let Some(b) = &bs {
         for img in out.chunks_exact_mut(o * plane) {
-            for (ch, dst) in img.chunks_exact_mut(plane.max(1)).enumerate() {
+            for (ch, dst) in img.chunks_exact_mut(plane).enumerate() {
                 dst.fill(b[ch]);
             }
         }
     }
     let acc = bs.is_some();
+    if out.is_empty() || k == 0 {
+        return Ok(tensor(out, vec![n, o, oh, ow]));
+    }
     let pointwise = kh == 1 && kw == 1 && p.stride == 1 && p.padding == [0; 4];
     let g = ConvGeom {
         h,
@@ -316,44 +384,165 @@ fn conv2d_impl<T: ConvElem>(
         top: p.padding[0],
         left: p.padding[2],
     };
-    let band = (COL_BUDGET / (k * ow).max(1)).clamp(1, oh.max(1));
-    let mut col = if pointwise {
-        Vec::new()
-    } else {
-        vec![T::ZERO; k * band * ow]
-    };
-    for b in 0..n {
+    // Bands of output rows: each band's im2col buffer stays in cache while its GEMM runs, and the
+    // bands are spread over the threads (each GEMM single-threaded), so no buffer is ever larger
+    // than a band whatever the image size.
+    let row_cost = if pointwise { c * ow } else { k * ow };
+    let mut band = (COL_BAND / row_cost.max(1))
+        .max(MIN_BAND_WIDTH.div_ceil(ow))
+        .clamp(1, oh);
+    let threads = rayon::current_num_threads();
+    if n * oh.div_ceil(band) < 2 * threads && o * plane * k >= 1 << 20 {
+        band = oh.div_ceil((2 * threads).div_ceil(n)).max(1);
+    }
+    let jobs: Vec<(usize, usize, usize)> = (0..n)
+        .flat_map(|b| {
+            (0..oh)
+                .step_by(band)
+                .map(move |oh0| (b, oh0, band.min(oh - oh0)))
+        })
+        .collect();
+    let shared = SharedOut(out.as_mut_ptr(), out.len());
+    let run = |col: &mut Vec<T>, &(b, oh0, rows): &(usize, usize, usize)| {
         let xb = &xs[b * c * h * w..(b + 1) * c * h * w];
-        let ob = &mut out[b * o * plane..(b + 1) * o * plane];
-        if pointwise {
-            gemm_strided(o, plane, c, ob, plane, 1, acc, &ws, k, 1, xb, plane, 1);
-            continue;
+        let offset = b * o * plane + oh0 * ow;
+        let width = rows * ow;
+        // A 1x1 convolution reads the input in place: the band is a strided window of x.
+        let (rhs, rhs_rs) = if pointwise {
+            (&xb[oh0 * ow..], plane)
+        } else {
+            im2col(xb, &g, oh0, rows, &mut col[..k * width]);
+            (&col[..k * width], width)
+        };
+        // SAFETY: band (b, oh0) writes columns oh0*ow .. (oh0+rows)*ow of image b's rows, which
+        // no other band touches.
+        #[allow(unsafe_code)]
+        unsafe {
+            shared.gemm_into(offset, plane, o, width, k, &ws, rhs, rhs_rs, acc);
         }
-        let mut oh0 = 0;
-        while oh0 < oh {
-            let rows = band.min(oh - oh0);
-            let width = rows * ow;
-            let colb = &mut col[..k * width];
-            im2col(xb, &g, oh0, rows, colb);
-            gemm_strided(
-                o,
-                width,
-                k,
-                &mut ob[oh0 * ow..],
-                plane,
-                1,
-                acc,
-                &ws,
-                k,
-                1,
-                colb,
-                width,
-                1,
-            );
-            oh0 += rows;
+    };
+    let col_len = if pointwise { 0 } else { k * band * ow };
+    if jobs.len() == 1 || o * plane * k < 1 << 18 {
+        let mut col = vec![T::ZERO; col_len];
+        for j in &jobs {
+            run(&mut col, j);
         }
+    } else {
+        jobs.par_iter()
+            .for_each_init(|| vec![T::ZERO; col_len], |col, j| run(col, j));
     }
     Ok(tensor(out, vec![n, o, oh, ow]))
+}
+
+/// Mean and sum of squared deviations of one group (two passes in f64).
+fn moments_of<T: ConvElem>(src: &[T]) -> (f64, f64) {
+    let len = src.len().max(1) as f64;
+    let mean = src.iter().map(|v| v.to_f64()).sum::<f64>() / len;
+    let m2 = src
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mean;
+            d * d
+        })
+        .sum::<f64>();
+    (mean, m2)
+}
+
+/// Normalises one group `src` (channels `c0 ..`, `spatial` values each) into `dst` with the given
+/// mean and reciprocal standard deviation, then the affine and swish.
+#[allow(clippy::too_many_arguments)]
+fn normalise_group<T: ConvElem>(
+    dst: &mut [T],
+    src: &[T],
+    spatial: usize,
+    c0: usize,
+    mean: f64,
+    rstd: f64,
+    ws: Option<&[T]>,
+    bs: Option<&[T]>,
+    swish: bool,
+) {
+    let one = T::from_f64(1.0);
+    for (ci, (d, s)) in dst
+        .chunks_exact_mut(spatial)
+        .zip(src.chunks_exact(spatial))
+        .enumerate()
+    {
+        let ch = c0 + ci;
+        let wv = ws.map_or(1.0, |w| w[ch].to_f64());
+        let bv = bs.map_or(0.0, |b| b[ch].to_f64());
+        // y = x * a + b with the normalisation folded into one multiply-add.
+        let a = T::from_f64(rstd * wv);
+        let b = T::from_f64(bv - mean * rstd * wv);
+        if swish {
+            for (dv, &sv) in d.iter_mut().zip(s) {
+                let y = sv * a + b;
+                *dv = y / (one + (T::ZERO - y).exp());
+            }
+        } else {
+            for (dv, &sv) in d.iter_mut().zip(s) {
+                *dv = sv * a + b;
+            }
+        }
+    }
+}
+
+/// Group norm of `x` with statistics from `stats(group index) -> (mean, rstd)`, where the group
+/// index runs image-major over `N * groups`.
+#[allow(clippy::too_many_arguments)]
+fn group_norm_with<T: ConvElem>(
+    op: &'static str,
+    x: &Tensor<Cpu>,
+    groups: usize,
+    weight: Option<&Tensor<Cpu>>,
+    bias: Option<&Tensor<Cpu>>,
+    swish: bool,
+    given: Option<(&[f64], &[f64])>,
+    eps: f64,
+) -> Result<Tensor<Cpu>> {
+    let (n, c, spatial) = group_layout(op, x.shape(), groups)?;
+    if let Some((mean, rstd)) = given {
+        check_stats_len(op, n * groups, mean, rstd)?;
+    }
+    if let Some(t) = weight {
+        check_param_len(op, "weight", t, c)?;
+    }
+    if let Some(t) = bias {
+        check_param_len(op, "bias", t, c)?;
+    }
+    let xs = input::<T>(op, x)?;
+    let ws = weight.map(param::<T>).transpose()?;
+    let bs = bias.map(param::<T>).transpose()?;
+    let cpg = c / groups;
+    let glen = cpg * spatial;
+    let mut out = vec![T::ZERO; xs.len()];
+    if glen == 0 {
+        return Ok(tensor(out, x.shape().to_vec()));
+    }
+    out.par_chunks_mut(glen)
+        .zip(xs.par_chunks(glen))
+        .enumerate()
+        .for_each(|(gi, (dst, src))| {
+            let (mean, rstd) = if let Some((m, r)) = given {
+                (m[gi], r[gi])
+            } else {
+                let (mean, m2) = moments_of(src);
+                (mean, 1.0 / (m2 / glen as f64 + eps).sqrt())
+            };
+            let c0 = (gi % groups) * cpg;
+            normalise_group(
+                dst,
+                src,
+                spatial,
+                c0,
+                mean,
+                rstd,
+                ws.as_deref(),
+                bs.as_deref(),
+                swish,
+            );
+        });
+    Ok(tensor(out, x.shape().to_vec()))
 }
 
 fn group_norm_impl<T: ConvElem>(
@@ -364,76 +553,45 @@ fn group_norm_impl<T: ConvElem>(
     bias: Option<&Tensor<Cpu>>,
     swish: bool,
 ) -> Result<Tensor<Cpu>> {
-    const OP: &str = "group_norm";
-    let (n, c) = match *x.shape() {
-        [n, c, ..] => (n, c),
-        ref s => {
-            return Err(invalid(
-                OP,
-                format!("expected [N, C, ...], found shape {s:?}"),
-            ));
-        }
-    };
-    if groups == 0 || c % groups != 0 {
-        return Err(invalid(
-            OP,
-            format!("{c} channels cannot be split into {groups} groups"),
-        ));
-    }
-    if let Some(t) = weight {
-        check_param_len(OP, "weight", t, c)?;
-    }
-    if let Some(t) = bias {
-        check_param_len(OP, "bias", t, c)?;
-    }
+    group_norm_with::<T>("group_norm", x, groups, weight, bias, swish, None, eps)
+}
+
+fn group_norm_stats_impl<T: ConvElem>(
+    x: &Tensor<Cpu>,
+    groups: usize,
+    stats: (&[f64], &[f64]),
+    weight: Option<&Tensor<Cpu>>,
+    bias: Option<&Tensor<Cpu>>,
+    swish: bool,
+) -> Result<Tensor<Cpu>> {
+    group_norm_with::<T>(
+        "group_norm_with_stats",
+        x,
+        groups,
+        weight,
+        bias,
+        swish,
+        Some(stats),
+        0.0,
+    )
+}
+
+fn group_moments_impl<T: ConvElem>(x: &Tensor<Cpu>, groups: usize) -> Result<GroupMoments> {
+    const OP: &str = "group_moments";
+    let (n, c, spatial) = group_layout(OP, x.shape(), groups)?;
     let xs = input::<T>(OP, x)?;
-    let ws = weight.map(param::<T>).transpose()?;
-    let bs = bias.map(param::<T>).transpose()?;
-    let spatial = x.numel() / (n * c).max(1);
-    let cpg = c / groups;
-    let glen = cpg * spatial;
-    let mut out = vec![T::ZERO; xs.len()];
+    let glen = c / groups * spatial;
+    let mut m = GroupMoments::empty(n, groups);
+    m.count = glen as f64;
     if glen == 0 {
-        return Ok(tensor(out, x.shape().to_vec()));
+        return Ok(m);
     }
-    let one = T::from_f64(1.0);
-    out.par_chunks_mut(glen)
-        .zip(xs.par_chunks(glen))
-        .enumerate()
-        .for_each(|(gi, (dst, src))| {
-            let mean = src.iter().map(|v| v.to_f64()).sum::<f64>() / glen as f64;
-            let var = src
-                .iter()
-                .map(|v| {
-                    let d = v.to_f64() - mean;
-                    d * d
-                })
-                .sum::<f64>()
-                / glen as f64;
-            let rstd = 1.0 / (var + eps).sqrt();
-            let c0 = (gi % groups) * cpg;
-            for (ci, (d, s)) in dst
-                .chunks_exact_mut(spatial)
-                .zip(src.chunks_exact(spatial))
-                .enumerate()
-            {
-                let ch = c0 + ci;
-                let wv = ws.as_ref().map_or(1.0, |w| w[ch].to_f64());
-                let bv = bs.as_ref().map_or(0.0, |b| b[ch].to_f64());
-                // y = x * a + b with the normalisation folded into one multiply-add.
-                let a = T::from_f64(rstd * wv);
-                let b = T::from_f64(bv - mean * rstd * wv);
-                for (dv, &sv) in d.iter_mut().zip(s) {
-                    let y = sv * a + b;
-                    *dv = if swish {
-                        y / (one + (T::ZERO - y).exp())
-                    } else {
-                        y
-                    };
-                }
-            }
-        });
-    Ok(tensor(out, x.shape().to_vec()))
+    let per: Vec<(f64, f64)> = xs.par_chunks(glen).map(moments_of).collect();
+    for (k, (mean, m2)) in per.into_iter().enumerate() {
+        m.mean[k] = mean;
+        m.m2[k] = m2;
+    }
+    Ok(m)
 }
 
 fn upsample_impl<T: ConvElem>(x: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
@@ -634,6 +792,27 @@ impl ConvOps for Cpu {
         )
     }
 
+    fn group_moments(&self, x: &Tensor<Self>, groups: usize) -> Result<GroupMoments> {
+        dispatch!("group_moments", x, group_moments_impl(x, groups))
+    }
+
+    fn group_norm_with_stats(
+        &self,
+        x: &Tensor<Self>,
+        groups: usize,
+        mean: &[f64],
+        rstd: &[f64],
+        weight: Option<&Tensor<Self>>,
+        bias: Option<&Tensor<Self>>,
+        swish: bool,
+    ) -> Result<Tensor<Self>> {
+        dispatch!(
+            "group_norm_with_stats",
+            x,
+            group_norm_stats_impl(x, groups, (mean, rstd), weight, bias, swish)
+        )
+    }
+
     fn upsample_nearest2x(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         dispatch!("upsample_nearest2x", x, upsample_impl(x))
     }
@@ -781,12 +960,12 @@ mod tests {
 
     #[test]
     fn conv2d_runs_in_row_bands_when_large() {
-        // K * OW large enough that COL_BUDGET forces several bands.
+        // K * OW large enough that COL_BAND forces several bands.
         let xs = [1, 64, 40, 300];
         let x = values(xs.iter().product(), 3);
         let wt = values(2 * 64 * 9, 4);
         let (want, _) = naive_conv(&x, xs, &wt, [2, 3, 3], None, Conv2dParams::same(1));
-        const { assert!(64 * 9 * 300 * 40 > COL_BUDGET) };
+        const { assert!(64 * 9 * 300 * 40 > 4 * COL_BAND) };
         let got = Cpu
             .conv2d(
                 &up(&x, &xs, DType::F64),
@@ -796,6 +975,40 @@ mod tests {
             )
             .unwrap();
         assert_close(&Cpu.download_f64(&got).unwrap(), &want, 1e-13);
+    }
+
+    #[test]
+    fn conv2d_bands_over_threads_match_direct_sum() {
+        // Large enough for the multi-threaded band path; two images, 1x1 and stride 2 too.
+        let down = Conv2dParams {
+            stride: 2,
+            padding: [0, 1, 0, 1],
+        };
+        for (k, (xs, [o, kh, kw], p)) in [
+            ([2, 32, 40, 50], [8, 1, 1], Conv2dParams::same(0)),
+            ([2, 16, 37, 41], [12, 3, 3], down),
+            ([1, 16, 33, 70], [24, 3, 3], Conv2dParams::same(1)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seed = 100 + 10 * k as u64;
+            let x = values(xs.iter().product(), seed);
+            let wt = values(o * xs[1] * kh * kw, seed + 1);
+            let b = values(o, seed + 2);
+            let (want, shape) = naive_conv(&x, xs, &wt, [o, kh, kw], Some(&b), p);
+            assert!(o * shape[2] * shape[3] * xs[1] * kh * kw >= 1 << 18);
+            let got = Cpu
+                .conv2d(
+                    &up(&x, &xs, DType::F64),
+                    &up(&wt, &[o, xs[1], kh, kw], DType::F64),
+                    Some(&up(&b, &[o], DType::F64)),
+                    p,
+                )
+                .unwrap();
+            assert_eq!(got.shape(), shape, "case {k}");
+            assert_close(&Cpu.download_f64(&got).unwrap(), &want, 1e-13);
+        }
     }
 
     #[test]
