@@ -213,8 +213,13 @@ impl From<StoreError> for Failure {
 
 fn db_transient(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        // No SQL state: the connection broke (I/O error, closed socket).
-        None => true,
+        // No SQL state: the connection broke (closed, or an I/O error such as a refused or
+        // timed-out connect). Other errors without one (a parameter that does not convert,
+        // a protocol error) would only fail again.
+        None => {
+            let io = |s: &(dyn std::error::Error + 'static)| s.is::<std::io::Error>();
+            e.is_closed() || std::error::Error::source(e).is_some_and(io)
+        }
         Some(code) => {
             let c = code.code();
             // 08: connection exceptions; 57P01..57P03: shutdown, crash, not accepting yet;
