@@ -82,6 +82,89 @@ impl TokenizerKind {
     }
 }
 
+/// The CLIP tokenizer from the `vocab.json` and `merges.txt` of `dir`, with the pipeline of
+/// the original tokenizer (as `transformers` converts it): NFC, whitespace runs to one space and
+/// lower-case; words, single digits and punctuation runs split off (the special tokens kept
+/// whole), byte-level alphabet without prefix space; BPE with `</w>` ending each word and
+/// `<|endoftext|>` for unknown pieces; `<|startoftext|>` ... `<|endoftext|>` around the ids.
+fn clip_from_vocab_merges(dir: &Path) -> Result<Tokenizer, TokenizerError> {
+    let load = |path: PathBuf, message: String| TokenizerError::Load { path, message };
+    let vocab_path = dir.join("vocab.json");
+    let merges_path = dir.join("merges.txt");
+    let vocab_text = std::fs::read_to_string(&vocab_path)
+        .map_err(|e| load(vocab_path.clone(), e.to_string()))?;
+    let vocab: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&vocab_text)
+        .map_err(|e| {
+            load(
+                vocab_path.clone(),
+                format!("expected a JSON object of token ids: {e}"),
+            )
+        })?;
+    let merges_text = std::fs::read_to_string(&merges_path)
+        .map_err(|e| load(merges_path.clone(), e.to_string()))?;
+    let mut merges = Vec::new();
+    for (i, line) in merges_text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() || (i == 0 && line.starts_with("#version")) {
+            continue;
+        }
+        let parts: Vec<&str> = line.split(' ').collect();
+        if parts.len() != 2 {
+            return Err(load(
+                merges_path,
+                format!(
+                    "line {}: expected two tokens separated by a space, found {line:?}",
+                    i + 1
+                ),
+            ));
+        }
+        merges.push(serde_json::json!([parts[0], parts[1]]));
+    }
+    let bos = "<|startoftext|>";
+    let eos = "<|endoftext|>";
+    let id_of = |token: &str| {
+        vocab
+            .get(token)
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| TokenizerError::MissingToken {
+                path: vocab_path.clone(),
+                token: token.into(),
+                model: "CLIP",
+            })
+    };
+    let (bos_id, eos_id) = (id_of(bos)?, id_of(eos)?);
+    let special = |id: u64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": true, "special": true})
+    };
+    let spec = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(bos_id, bos), special(eos_id, eos)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"},
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex":
+                "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"},
+             "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false},
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [eos, eos_id], "cls": [bos, bos_id],
+            "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": eos, "continuing_subword_prefix": "",
+            "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false,
+            "vocab": vocab, "merges": merges},
+    });
+    spec.to_string()
+        .parse::<Tokenizer>()
+        .map_err(|e| load(dir.to_path_buf(), format!("vocab.json + merges.txt: {e}")))
+}
+
 /// A tokenizer producing fixed-length id rows for one text encoder.
 #[derive(Debug)]
 pub struct PromptTokenizer {
@@ -93,21 +176,54 @@ pub struct PromptTokenizer {
 
 impl PromptTokenizer {
     /// Reads `tokenizer.json` at `path` for `kind`, producing rows of `len` ids.
+    ///
+    /// `path` may also be a tokenizer folder: its `tokenizer.json`, or for CLIP, when that is
+    /// absent, its `vocab.json` + `merges.txt` (the files the FLUX.1 repositories ship in
+    /// `tokenizer/`), assembled into the pipeline of the original CLIP tokenizer.
     pub fn from_file(path: &Path, kind: TokenizerKind, len: usize) -> Result<Self, TokenizerError> {
+        let folder = if path.is_dir() {
+            Some(path)
+        } else if !path.exists() && path.file_name().is_some_and(|n| n == "tokenizer.json") {
+            path.parent()
+        } else {
+            None
+        };
+        if let Some(dir) = folder {
+            let json = dir.join("tokenizer.json");
+            if json.is_file() {
+                return Self::from_file(&json, kind, len);
+            }
+            if kind == TokenizerKind::Clip
+                && dir.join("vocab.json").is_file()
+                && dir.join("merges.txt").is_file()
+            {
+                let inner = clip_from_vocab_merges(dir)?;
+                return Self::with_tokenizer(inner, dir, kind, len);
+            }
+        }
         if !path.is_file() {
             return Err(TokenizerError::Missing {
                 path: path.to_path_buf(),
                 hint: format!(
-                    "the {} tokenizer ships as `{}/tokenizer.json` in the diffusers layout of the FLUX.1 repositories; pass its path",
+                    "the {} tokenizer ships as `{}/tokenizer.json` (CLIP also as `vocab.json` + `merges.txt`) in the diffusers layout of the FLUX.1 repositories; pass its path or folder",
                     kind.name(),
                     kind.folder()
                 ),
             });
         }
-        let mut inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        Self::with_tokenizer(inner, path, kind, len)
+    }
+
+    fn with_tokenizer(
+        mut inner: Tokenizer,
+        path: &Path,
+        kind: TokenizerKind,
+        len: usize,
+    ) -> Result<Self, TokenizerError> {
         let pad = kind.pad_token();
         let pad_id = inner
             .token_to_id(pad)
@@ -309,6 +425,35 @@ mod tests {
         assert!(t.check_vocab(9).is_ok());
         let err = t.check_vocab(8).unwrap_err().to_string();
         assert!(err.contains("9 ids") && err.contains("has 8"), "{err}");
+    }
+
+    #[test]
+    fn clip_from_vocab_and_merges_follows_the_clip_pipeline() {
+        let json = write("clip-vm", "");
+        std::fs::remove_file(&json).unwrap();
+        let dir = json.parent().unwrap().to_path_buf();
+        std::fs::write(
+            dir.join("vocab.json"),
+            r#"{"a":0,"b":1,"!":2,"a</w>":3,"b</w>":4,"!</w>":5,"ab</w>":6,"<|startoftext|>":7,"<|endoftext|>":8}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("merges.txt"), "#version: 0.2\na b</w>\n").unwrap();
+        // Given the missing tokenizer.json of that folder, or the folder itself.
+        for path in [dir.join("tokenizer.json"), dir.clone()] {
+            let t = PromptTokenizer::from_file(&path, TokenizerKind::Clip, 10).unwrap();
+            // Lower-cased, whitespace runs collapsed, punctuation split off, `</w>` ending
+            // each word: "ab" merges, "ba" does not; bos/eos around, eos padding.
+            assert_eq!(
+                t.encode("Ab  AB! ba").unwrap(),
+                vec![7, 6, 6, 5, 1, 3, 8, 8, 8, 8]
+            );
+        }
+        std::fs::write(dir.join("merges.txt"), "#version: 0.2\na b c\n").unwrap();
+        let err = PromptTokenizer::from_file(&dir, TokenizerKind::Clip, 10).unwrap_err();
+        assert!(err.to_string().contains("merges.txt"), "{err}");
+        // T5 has no such fallback: the missing tokenizer.json is named.
+        let err = PromptTokenizer::from_file(&dir, TokenizerKind::T5, 10).unwrap_err();
+        assert!(err.to_string().contains("tokenizer"), "{err}");
     }
 
     #[test]

@@ -157,9 +157,18 @@ impl ModelFiles {
                 )))
             }
         };
+        // CLIP's folder may hold only `vocab.json` + `merges.txt`; the folder is then given to
+        // the tokenizer loader, which assembles the tokenizer from them.
         let tokenizer = |sub: &str| {
             let p = dir.join(sub).join("tokenizer.json");
-            p.is_file().then_some(p)
+            let vocab_merges = sub == "tokenizer"
+                && dir.join(sub).join("vocab.json").is_file()
+                && dir.join(sub).join("merges.txt").is_file();
+            if p.is_file() {
+                Some(p)
+            } else {
+                vocab_merges.then(|| dir.join(sub))
+            }
         };
         Ok(Self {
             transformer: weights("transformer", "diffusion_pytorch_model", "transformer")?,
