@@ -769,13 +769,7 @@ impl PostgresStore {
         for row in client.query(&stmt, &[]).await? {
             let status: String = row.try_get(0)?;
             let n = to_u64("(counts)", "count", row.try_get(1)?)?;
-            match JobStatus::from_name(&status) {
-                Some(JobStatus::Queued) => counts.queued = n,
-                Some(JobStatus::Processing) => counts.processing = n,
-                Some(JobStatus::Completed) => counts.completed = n,
-                Some(JobStatus::Failed) => counts.failed = n,
-                None => {}
-            }
+            counts.set_named(&status, n);
         }
         Ok(counts)
     }

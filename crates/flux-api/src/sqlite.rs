@@ -321,13 +321,7 @@ impl JobStore for SqliteStore {
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
             for row in rows {
                 let (status, n) = row?;
-                match JobStatus::from_name(&status) {
-                    Some(JobStatus::Queued) => counts.queued = n,
-                    Some(JobStatus::Processing) => counts.processing = n,
-                    Some(JobStatus::Completed) => counts.completed = n,
-                    Some(JobStatus::Failed) => counts.failed = n,
-                    None => {}
-                }
+                counts.set_named(&status, n);
             }
             Ok(counts)
         })

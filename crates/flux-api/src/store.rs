@@ -133,6 +133,19 @@ pub struct StateCounts {
     pub failed: u64,
 }
 
+impl StateCounts {
+    /// Records `n` jobs in the state named `status` (a name not of [`JobStatus`] is ignored).
+    pub fn set_named(&mut self, status: &str, n: u64) {
+        match JobStatus::from_name(status) {
+            Some(JobStatus::Queued) => self.queued = n,
+            Some(JobStatus::Processing) => self.processing = n,
+            Some(JobStatus::Completed) => self.completed = n,
+            Some(JobStatus::Failed) => self.failed = n,
+            None => {}
+        }
+    }
+}
+
 /// Durable storage of jobs, images and credits.
 ///
 /// State changes are conditional so that a job completes at most once: `claim_next` moves one

@@ -138,13 +138,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     };
     config.max_queue = args.max_queue;
     config.max_body_bytes = args.max_body_bytes;
-    let model = args.model.clone();
-    let factory: PipelineFactory =
-        Arc::new(move || load_pipeline(&model).map_err(|e| format!("{e:#}")));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let factory = pipeline_factory(&args.model);
+    let rt = runtime()?;
     rt.block_on(async move {
         let server = Server::start(config, factory).await?;
         // Printed on stdout so scripts (and tests) can read the bound port.
@@ -152,4 +147,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         server.run(flux_api::shutdown_signal()).await
     })?;
     Ok(())
+}
+
+/// Loads the configured model (or the demo model) once per worker.
+pub(crate) fn pipeline_factory(model: &ModelArgs) -> PipelineFactory {
+    let model = model.clone();
+    Arc::new(move || load_pipeline(&model).map_err(|e| format!("{e:#}")))
+}
+
+/// The multi-threaded async runtime the HTTP server and the job store run on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }

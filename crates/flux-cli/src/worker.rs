@@ -1,12 +1,10 @@
 //! `flux worker`: runs queued jobs from a shared (PostgreSQL) job store, without HTTP; API
 //! nodes (`flux serve --role api`) take the requests.
 
-use crate::img2img::{ModelArgs, load_pipeline};
-use crate::serve::StoreArgs;
-use anyhow::{Context, Result};
+use crate::img2img::ModelArgs;
+use crate::serve::{StoreArgs, pipeline_factory, runtime};
+use anyhow::Result;
 use clap::Args;
-use flux_api::PipelineFactory;
-use std::sync::Arc;
 
 /// Arguments of `flux worker`.
 #[derive(Args, Debug)]
@@ -23,13 +21,8 @@ pub struct WorkerArgs {
 /// Runs the workers until SIGINT or SIGTERM (in-flight jobs are re-queued).
 pub fn run(args: &WorkerArgs) -> Result<()> {
     let store = args.store.choice()?;
-    let model = args.model.clone();
-    let factory: PipelineFactory =
-        Arc::new(move || load_pipeline(&model).map_err(|e| format!("{e:#}")));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let factory = pipeline_factory(&args.model);
+    let rt = runtime()?;
     rt.block_on(flux_api::run_node(
         &store,
         args.workers.max(1),
