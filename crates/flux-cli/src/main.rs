@@ -43,6 +43,12 @@ enum Command {
     Worker(Box<worker::WorkerArgs>),
 }
 
+/// mimalloc keeps freed memory mapped for reuse: the sampler loop and the model ops allocate
+/// latent- and activation-sized buffers every step, and with the system allocator each of them
+/// is fresh memory whose page faults cost as much as the step's arithmetic.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

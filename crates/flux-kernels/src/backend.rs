@@ -99,6 +99,21 @@ pub trait SamplerOps {
     where
         Self: Backend;
 
+    /// A new tensor of `x`'s shape and dtype holding `f` applied to `x`'s values: `f` gets
+    /// blocks of the values widened to f64 and overwrites each value with its result, which is
+    /// rounded back to the dtype. Blocks may be of any length and are processed in any order,
+    /// possibly in parallel, so `f` must treat every element on its own. For host-side
+    /// elementwise functions such as an analytic test denoiser; the default implementation
+    /// downloads the whole tensor, applies `f` once and uploads the result.
+    fn map_f64(&self, x: &Tensor<Self>, f: &(dyn Fn(&mut [f64]) + Sync)) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        let mut host = self.download_f64(x)?;
+        f(&mut host);
+        self.upload(HostData::F64(&host), x.shape(), x.dtype())
+    }
+
     /// Sum of squares of all elements, accumulated in f64.
     fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64>
     where

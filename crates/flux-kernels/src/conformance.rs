@@ -401,6 +401,35 @@ pub fn memory<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
             Ok(_) => c.fail(&label, "write/copy gave other values".into()),
             Err(e) => c.fail(&label, format!("write/copy failed: {e}")),
         }
+        // A host function over f64 blocks, rounded back once: exact on every backend.
+        let sq = |b: &mut [f64]| b.iter_mut().for_each(|x| *x = *x * *x - 0.5);
+        let want: Vec<f32> = f
+            .iter()
+            .map(|&x| (f64::from(x) * f64::from(x) - 0.5) as f32)
+            .collect();
+        let mapped = be
+            .upload(HostData::F32(&f), &[n], DType::F32)
+            .and_then(|t| {
+                be.map_f64(&t, &sq)
+                    .and_then(|m| Ok((be.download_f32(&m)?, m)))
+            });
+        match mapped {
+            Ok((got, m)) if got == want && m.shape() == [n] && m.dtype() == DType::F32 => {}
+            Ok(_) => c.fail(&label, "map_f64 gave other values, shape or dtype".into()),
+            Err(e) => c.fail(&label, format!("map_f64 failed: {e}")),
+        }
+        if be.supports_dtype(DType::F64) {
+            let want: Vec<f64> = v.iter().map(|&x| x * x - 0.5).collect();
+            match be
+                .upload(HostData::F64(&v), &[n], DType::F64)
+                .and_then(|t| be.map_f64(&t, &sq))
+                .and_then(|m| be.download_f64(&m))
+            {
+                Ok(got) if got == want => {}
+                Ok(_) => c.fail(&label, "map_f64 on f64 gave other values".into()),
+                Err(e) => c.fail(&label, format!("map_f64 on f64 failed: {e}")),
+            }
+        }
     }
     // Empty tensors are legal.
     if let Err(e) = be

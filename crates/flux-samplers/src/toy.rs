@@ -118,35 +118,206 @@ impl Posterior {
     /// `E[x0 | x]`.
     #[inline]
     pub fn mean(&self, x: f64) -> f64 {
-        match self.comps.as_slice() {
-            [c0, c1] => {
-                let ((l0, m0), (l1, m1)) = (c0.eval(x), c1.eval(x));
-                if !(l0.is_finite() && l1.is_finite()) {
-                    return softmax_mean(&[(l0, m0), (l1, m1)]);
-                }
-                // The larger logit's weight is exp(0) = 1; the other one's is
-                // exp(smaller - larger) = exp(-|l0 - l1|) (negating a difference is exact), so
-                // one `exp` per element gives the general path's bits.
-                let e = (-(l0 - l1).abs()).exp();
-                let (e0, e1) = if l0 >= l1 { (1.0, e) } else { (e, 1.0) };
-                // Accumulated from zero as the general path does (keeps the sign of a zero).
-                (0.0 + e0 * m0 + e1 * m1) / (0.0 + e0 + e1)
+        if let Some(pair) = self.pair() {
+            if x.abs() <= Pair::MAX_ABS_X {
+                return pair.mean(x);
             }
-            comps => {
-                // A softmax-weighted mean; a fixed-size stack buffer avoids a per-element
-                // allocation for the usual small mixtures.
-                let mut buf = [(0.0f64, 0.0f64); 8];
-                if comps.len() > buf.len() {
-                    let parts: Vec<(f64, f64)> = comps.iter().map(|c| c.eval(x)).collect();
-                    return softmax_mean(&parts);
+        }
+        self.general_mean(x)
+    }
+
+    /// Replaces every value of `block` with its posterior mean; the same values as [`mean`]
+    /// element by element, vectorised for two-component mixtures.
+    ///
+    /// [`mean`]: Posterior::mean
+    pub fn mean_in_place(&self, block: &mut [f64]) {
+        match self.pair() {
+            Some(pair) => pair.apply(block, self),
+            None => block.iter_mut().for_each(|v| *v = self.general_mean(*v)),
+        }
+    }
+
+    /// The two-component fast path's constants, when it applies.
+    fn pair(&self) -> Option<Pair> {
+        match self.comps.as_slice() {
+            [c0, c1] => Pair::new(c0, c1),
+            _ => None,
+        }
+    }
+
+    /// The softmax-weighted mean of any number of components, for any inputs (infinities and
+    /// NaN included).
+    fn general_mean(&self, x: f64) -> f64 {
+        let comps = self.comps.as_slice();
+        // A fixed-size stack buffer avoids a per-element allocation for the usual small
+        // mixtures.
+        let mut buf = [(0.0f64, 0.0f64); 8];
+        if comps.len() > buf.len() {
+            let parts: Vec<(f64, f64)> = comps.iter().map(|c| c.eval(x)).collect();
+            return softmax_mean(&parts);
+        }
+        for (b, c) in buf.iter_mut().zip(comps) {
+            *b = c.eval(x);
+        }
+        softmax_mean(&buf[..comps.len()])
+    }
+}
+
+/// A two-component posterior with every per-call constant hoisted, including the reciprocal
+/// variances, so an element costs one `exp` and one division. Only built when every constant
+/// is finite and both variances are positive; with `|x| <= MAX_ABS_X` the logits are then
+/// finite too.
+#[derive(Clone, Copy, Debug)]
+struct Pair {
+    log_norm: [f64; 2],
+    a_mu: [f64; 2],
+    /// `1 / (2 v)`.
+    half_inv_v: [f64; 2],
+    mu: [f64; 2],
+    /// `a s^2 / v`.
+    gain_over_v: [f64; 2],
+}
+
+impl Pair {
+    /// Inputs beyond this magnitude (or NaN) take the general path: `x^2` stays finite below.
+    const MAX_ABS_X: f64 = 1e100;
+
+    fn new(c0: &Component, c1: &Component) -> Option<Pair> {
+        let pair = Pair {
+            log_norm: [c0.log_norm, c1.log_norm],
+            a_mu: [c0.a_mu, c1.a_mu],
+            half_inv_v: [0.5 / c0.v, 0.5 / c1.v],
+            mu: [c0.mu, c1.mu],
+            gain_over_v: [c0.gain / c0.v, c1.gain / c1.v],
+        };
+        let consts = [
+            pair.log_norm,
+            pair.a_mu,
+            pair.half_inv_v,
+            pair.mu,
+            pair.gain_over_v,
+        ];
+        let ok = c0.v > 0.0
+            && c1.v > 0.0
+            && consts
+                .iter()
+                .flatten()
+                .all(|v| v.is_finite() && v.abs() < 1e100);
+        ok.then_some(pair)
+    }
+
+    /// The posterior mean of one finite `x` with `|x| <= MAX_ABS_X`.
+    #[allow(clippy::inline_always)] // inlined into the feature-compiled block loops
+    #[inline(always)]
+    fn mean(&self, x: f64) -> f64 {
+        let r0 = x - self.a_mu[0];
+        let r1 = x - self.a_mu[1];
+        let l0 = self.log_norm[0] - r0 * r0 * self.half_inv_v[0];
+        let l1 = self.log_norm[1] - r1 * r1 * self.half_inv_v[1];
+        let m0 = self.mu[0] + self.gain_over_v[0] * r0;
+        let m1 = self.mu[1] + self.gain_over_v[1] * r1;
+        // Softmax of two logits: the larger one's weight is 1, the other's exp(-|l0 - l1|).
+        let d = l0 - l1;
+        let e = exp_nonpositive(-d.abs());
+        let (big, small) = if d >= 0.0 { (m0, m1) } else { (m1, m0) };
+        (big + e * small) / (1.0 + e)
+    }
+
+    /// [`Pair::mean`] over a block, compiled for the widest vector unit the CPU has (the
+    /// operations are the same IEEE ones on every path, so the values do not depend on it).
+    fn apply(&self, block: &mut [f64], post: &Posterior) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the function only requires the target features checked just above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.apply_avx512(block, post);
                 }
-                for (b, c) in buf.iter_mut().zip(comps) {
-                    *b = c.eval(x);
+                return;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: as above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    self.apply_avx2(block, post);
                 }
-                softmax_mean(&buf[..comps.len()])
+                return;
+            }
+        }
+        self.apply_portable(block, post);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn apply_avx512(&self, block: &mut [f64], post: &Posterior) {
+        self.apply_portable(block, post);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn apply_avx2(&self, block: &mut [f64], post: &Posterior) {
+        self.apply_portable(block, post);
+    }
+
+    #[allow(clippy::inline_always)] // inlined into the feature-compiled variants above
+    #[inline(always)]
+    fn apply_portable(&self, block: &mut [f64], post: &Posterior) {
+        for chunk in block.chunks_mut(64) {
+            let largest = chunk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            // `!(<=)` also catches NaN, which `max` would skip.
+            if !(largest <= Self::MAX_ABS_X) || chunk.iter().any(|v| v.is_nan()) {
+                chunk.iter_mut().for_each(|v| *v = post.mean(*v));
+                continue;
+            }
+            for v in chunk.iter_mut() {
+                *v = self.mean(*v);
             }
         }
     }
+}
+
+/// `exp(x)` for `x <= 0` (0 below -708, where the result would be subnormal), written so a
+/// loop over it vectorises: Cody-Waite reduction by `n ln 2`, the degree-13 Taylor polynomial
+/// on `|r| <= ln(2)/2` (truncation below 1e-17 relative), and `2^n` built from its bits.
+/// Within 2 ulp of the correctly rounded value; fused multiply-adds make it the same on every
+/// CPU.
+#[allow(clippy::inline_always)] // inlined into the feature-compiled block loops
+#[inline(always)]
+fn exp_nonpositive(x: f64) -> f64 {
+    const LOG2E: f64 = std::f64::consts::LOG2_E;
+    // ln 2 split so that `n * LN2_HI` is exact for every |n| < 2^11.
+    const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
+    // 1/k! for k = 13 down to 2.
+    const C: [f64; 12] = [
+        1.0 / 6_227_020_800.0,
+        1.0 / 479_001_600.0,
+        1.0 / 39_916_800.0,
+        1.0 / 3_628_800.0,
+        1.0 / 362_880.0,
+        1.0 / 40_320.0,
+        1.0 / 5_040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+    ];
+    let xc = if x < -708.0 { -708.0 } else { x };
+    let n = (xc * LOG2E).round_ties_even();
+    let r = (-n).mul_add(LN2_HI, xc);
+    let r = (-n).mul_add(LN2_LO, r);
+    let mut p = C[0];
+    for &c in &C[1..] {
+        p = p.mul_add(r, c);
+    }
+    let p = p.mul_add(r, 1.0).mul_add(r, 1.0);
+    // 2^n: n + 1023 lands in the low mantissa bits of 2^52 + n + 1023; shifted into the
+    // exponent field it is the power of two (n is in [-1022, 0] here).
+    let biased = (n + 1023.0 + 4_503_599_627_370_496.0).to_bits();
+    let scale = f64::from_bits(biased << 52);
+    if x < -708.0 { 0.0 } else { p * scale }
 }
 
 /// `exp(l - max)`; the largest logit gives exactly 1 (`exp(0)`), without calling `exp`.
@@ -260,12 +431,12 @@ impl MixtureDenoiser {
     ) -> (Vec<f64>, Option<Vec<f64>>) {
         let a = self.scale(sigma);
         let cond_at = self.cond.at(a, sigma);
-        let cond = map_elements(x, |v| cond_at.mean(v));
+        let cond = means(&cond_at, x);
         if self.cfg == 1.0 && !want_uncond {
             return (cond, None);
         }
         let uncond_at = self.uncond.at(a, sigma);
-        let uncond = map_elements(x, |v| uncond_at.mean(v));
+        let uncond = means(&uncond_at, x);
         let guided = cond
             .iter()
             .zip(&uncond)
@@ -278,25 +449,17 @@ impl MixtureDenoiser {
 /// Below this many elements the per-element work stays on the calling thread.
 const PAR_ELEMENTS: usize = 1 << 15;
 
-/// Applies `f` to every element, on the rayon pool for large latents (the elements are
+/// The posterior means of `x`, on the rayon pool for large latents (the elements are
 /// independent, so the result does not depend on the split).
-fn map_elements(x: &[f64], f: impl Fn(f64) -> f64 + Sync) -> Vec<f64> {
-    if x.len() >= PAR_ELEMENTS {
-        x.par_iter().map(|&v| f(v)).collect()
+fn means(post: &Posterior, x: &[f64]) -> Vec<f64> {
+    let mut out = x.to_vec();
+    if out.len() >= PAR_ELEMENTS {
+        out.par_chunks_mut(PAR_ELEMENTS / 8)
+            .for_each(|c| post.mean_in_place(c));
     } else {
-        x.iter().map(|&v| f(v)).collect()
+        post.mean_in_place(&mut out);
     }
-}
-
-/// [`map_elements`] in place.
-fn map_in_place(x: &mut [f64], f: impl Fn(f64) -> f64 + Sync) {
-    if x.len() >= PAR_ELEMENTS {
-        x.par_iter_mut().for_each(|v| *v = f(*v));
-    } else {
-        for v in x.iter_mut() {
-            *v = f(*v);
-        }
-    }
+    out
 }
 
 impl<B: Backend> Denoiser<B> for MixtureDenoiser {
@@ -307,17 +470,29 @@ impl<B: Backend> Denoiser<B> for MixtureDenoiser {
         sigma: f64,
         want_uncond: bool,
     ) -> Result<Denoised<B>> {
-        let mut host = backend.download_f64(x)?;
         self.calls += 1;
-        if self.record.is_none() && self.cfg == 1.0 && !want_uncond {
-            // The common unguided call: overwrite the downloaded values with the prediction.
-            let at = self.cond.at(self.scale(sigma), sigma);
-            map_in_place(&mut host, |v| at.mean(v));
+        if self.record.is_none() && !want_uncond {
+            // The common call: the backend streams the latent through the formula block by
+            // block, without a host copy of the whole tensor.
+            let a = self.scale(sigma);
+            let cond = self.cond.at(a, sigma);
+            let denoised = if self.cfg == 1.0 {
+                backend.map_f64(x, &|b| cond.mean_in_place(b))?
+            } else {
+                let (uncond, cfg) = (self.uncond.at(a, sigma), self.cfg);
+                backend.map_f64(x, &|b| {
+                    for v in b.iter_mut() {
+                        let (c, u) = (cond.mean(*v), uncond.mean(*v));
+                        *v = u + (c - u) * cfg;
+                    }
+                })?
+            };
             return Ok(Denoised {
-                denoised: backend.upload(HostData::F64(&host), x.shape(), x.dtype())?,
+                denoised,
                 uncond: None,
             });
         }
+        let host = backend.download_f64(x)?;
         let (denoised, uncond) = self.denoise_host(&host, sigma, want_uncond);
         let up = |v: &[f64]| backend.upload(HostData::F64(v), x.shape(), x.dtype());
         let out = Denoised {
@@ -380,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn hoisted_constants_give_the_same_bits() {
+    fn hoisted_constants_match_the_per_element_formula() {
         let three = Mixture::new(
             vec![0.2, 0.5, 0.3],
             vec![-1.5, 0.1, 2.0],
@@ -393,18 +568,123 @@ mod tests {
             (0..10).map(|i| 0.1 + f64::from(i) * 0.05).collect(),
         )
         .unwrap();
+        let zero_s = Mixture::new(vec![0.4, 0.6], vec![-1.0, 1.0], vec![0.0, 0.3]).unwrap();
         let reference = MixtureDenoiser::reference(1.0, true);
-        for m in [&reference.cond, &reference.uncond, &three, &ten] {
+        let mut worst = 0.0f64;
+        for m in [&reference.cond, &reference.uncond, &zero_s, &three, &ten] {
+            let two = m.w.len() == 2;
             for sigma in [1.0, 0.97, 0.5, 0.013, 1e-9] {
                 let a = 1.0 - sigma;
                 let at = m.at(a, sigma);
                 for k in -400..400 {
                     let x = f64::from(k) * 0.0173 + 1e-3;
                     let want = naive_mean(m, x, a, sigma);
-                    assert_eq!(at.mean(x).to_bits(), want.to_bits(), "x {x} sigma {sigma}");
-                    assert_eq!(m.posterior_mean(x, a, sigma).to_bits(), want.to_bits());
+                    let got = at.mean(x);
+                    assert_eq!(m.posterior_mean(x, a, sigma).to_bits(), got.to_bits());
+                    if two {
+                        // Reciprocal variances round the logits differently: an error of a
+                        // few ulp of |l| in l0 - l1 moves the weight e = exp(-|l0 - l1|) by that
+                        // much relative, which moves the mean by at most a quarter of it times
+                        // |m0 - m1|; the means themselves carry a few ulp of their size.
+                        let parts = [0, 1].map(|i| {
+                            let s2 = m.s[i] * m.s[i];
+                            let v = a * a * s2 + sigma * sigma;
+                            let r = x - a * m.mu[i];
+                            (
+                                m.w[i].ln() - 0.5 * v.ln() - 0.5 * r * r / v,
+                                m.mu[i] + a * s2 * r / v,
+                            )
+                        });
+                        let l_max = parts[0].0.abs().max(parts[1].0.abs());
+                        let m_max = parts[0].1.abs().max(parts[1].1.abs()).max(1.0);
+                        let scale = f64::EPSILON * m_max * (1.0 + l_max);
+                        let err = (got - want).abs() / scale;
+                        worst = worst.max(err);
+                        assert!(err <= 4.0, "x {x} sigma {sigma}: {got} vs {want} ({err})");
+                    } else {
+                        // More components take the general path: the same operations exactly.
+                        assert_eq!(got.to_bits(), want.to_bits(), "x {x} sigma {sigma}");
+                    }
                 }
             }
+        }
+        assert!(
+            worst > 0.0,
+            "the two paths are expected to round differently somewhere"
+        );
+    }
+
+    #[test]
+    fn polynomial_exp_is_within_two_ulp() {
+        let mut worst = 0.0f64;
+        let mut check = |x: f64| {
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            let ulp = (got - want).abs() / (f64::EPSILON * want);
+            worst = worst.max(ulp);
+            assert!(ulp <= 2.0, "exp({x}) = {got}, libm {want}");
+        };
+        for k in 0..=200_000 {
+            check(-708.0 * f64::from(k) / 200_000.0);
+        }
+        for k in 0..=10_000 {
+            check(-f64::from(k) * 1e-6);
+            check(-(f64::from(k) * 0.5f64.ln().abs() / 5_000.0));
+        }
+        check(-f64::MIN_POSITIVE);
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-708.5), 0.0);
+        assert_eq!(exp_nonpositive(f64::NEG_INFINITY), 0.0);
+        assert!(worst < 2.0);
+    }
+
+    #[test]
+    fn block_path_gives_the_element_path_bits() {
+        let reference = MixtureDenoiser::reference(1.0, true);
+        let mut x: Vec<f64> = (0..1_000)
+            .map(|k| (f64::from(k) * 0.731).sin() * 4.0)
+            .collect();
+        // Inputs the fast path leaves to the general one, inside a block of 64.
+        x[70] = f64::NAN;
+        x[200] = 1e200;
+        x[333] = f64::NEG_INFINITY;
+        for sigma in [1.0, 0.42, 1e-6] {
+            let at = reference.cond.at(1.0 - sigma, sigma);
+            let mut block = x.clone();
+            at.mean_in_place(&mut block);
+            for (i, (&b, &v)) in block.iter().zip(&x).enumerate() {
+                let e = at.mean(v);
+                assert!(
+                    b.to_bits() == e.to_bits() || (b.is_nan() && e.is_nan()),
+                    "element {i}: {b} vs {e}"
+                );
+                if i == 200 || i == 333 || i == 70 {
+                    let g = at.general_mean(v);
+                    assert!(b.to_bits() == g.to_bits() || (b.is_nan() && g.is_nan()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn streamed_and_host_denoising_agree() {
+        use flux_kernels::{Cpu, DType, SamplerOps};
+        let be = Cpu::new();
+        let x: Vec<f64> = (0..70_001)
+            .map(|k| (f64::from(k) * 0.173).cos() * 2.5)
+            .collect();
+        for (cfg, dtype) in [(1.0, DType::F64), (1.0, DType::F32), (3.5, DType::F64)] {
+            let mut m = MixtureDenoiser::reference(cfg, true);
+            let t = be.upload(HostData::F64(&x), &[x.len()], dtype).unwrap();
+            let d = Denoiser::<Cpu>::denoise(&mut m, &be, &t, 0.37, false).unwrap();
+            let host = be.download_f64(&t).unwrap();
+            let (want, _) = m.denoise_host(&host, 0.37, false);
+            let want = be.upload(HostData::F64(&want), &[x.len()], dtype).unwrap();
+            assert_eq!(
+                be.download_f64(&d.denoised).unwrap(),
+                be.download_f64(&want).unwrap(),
+                "cfg {cfg} {dtype}"
+            );
+            assert_eq!(m.calls(), 1);
         }
     }
 

@@ -201,6 +201,38 @@ pub(crate) fn map_new<S: Copy + Sync, T: Send>(v: &[S], f: impl Fn(S) -> T + Syn
     }
 }
 
+/// Values per block handed to the function of [`map_f64_new`]: 8 KiB of f64 on the stack,
+/// so a block stays in the L1 cache between widening, the function and narrowing.
+const MAP_BLOCK: usize = 1024;
+
+/// `f` applied to `v` widened to f64, block by block, into new memory (never zero-filled),
+/// on the rayon pool for large inputs.
+pub(crate) fn map_f64_new<T: Elem>(v: &[T], f: &(dyn Fn(&mut [f64]) + Sync)) -> Vec<T> {
+    let n = v.len();
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    split(&mut out.spare_capacity_mut()[..n], |o, start| {
+        let mut buf = [0.0f64; MAP_BLOCK];
+        for (j, ob) in o.chunks_mut(MAP_BLOCK).enumerate() {
+            let at = start + j * MAP_BLOCK;
+            let b = &mut buf[..ob.len()];
+            for (d, s) in b.iter_mut().zip(&v[at..at + ob.len()]) {
+                *d = s.to_f64();
+            }
+            f(b);
+            for (d, &s) in ob.iter_mut().zip(b.iter()) {
+                d.put(T::from_f64(s));
+            }
+        }
+    });
+    // SAFETY: `split` hands every chunk of the first `n` slots to the closure, which writes
+    // each position of it, and `T` is a plain float.
+    #[allow(unsafe_code)]
+    unsafe {
+        out.set_len(n);
+    }
+    out
+}
+
 fn sum_sq_chunk<T: Elem>(v: &[T]) -> f64 {
     // Eight independent accumulators keep the loop vectorisable and the sum well conditioned.
     let mut acc = [0.0f64; 8];

@@ -246,6 +246,15 @@ impl SamplerOps for Cpu {
         ))
     }
 
+    fn map_f64(&self, x: &Tensor<Self>, f: &(dyn Fn(&mut [f64]) + Sync)) -> Result<Tensor<Self>> {
+        let storage = match x.storage() {
+            CpuStorage::F64(v) => CpuStorage::F64(elementwise::map_f64_new(v, f)),
+            CpuStorage::F32(v) => CpuStorage::F32(elementwise::map_f64_new(v, f)),
+            CpuStorage::Weight(w) => return Err(unsupported("map_f64", w.dtype)),
+        };
+        Ok(Tensor::from_parts(storage, x.shape().to_vec(), x.dtype()))
+    }
+
     fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()> {
         let shape = out.shape().to_vec();
         check_terms("lincomb", &shape, out.dtype(), terms, MAX_LINCOMB_TERMS)?;
