@@ -26,7 +26,7 @@ fn main() {
     );
     cfg.keys = vec![KeyConfig::unlimited(KEY)];
     cfg.max_queue = 100_000;
-    let factory: PipelineFactory = Arc::new(|| Pipeline::demo().map_err(|e| e.to_string()));
+    let factory: PipelineFactory = flux_api::factory(Pipeline::demo);
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()

@@ -24,4 +24,4 @@ pub use request::{ImageInput, JobParams, ValidatedRequest, parse_request};
 pub use server::{Config, MODEL, Role, ServeError, Server, StoreChoice, shutdown_signal};
 pub use sqlite::SqliteStore;
 pub use store::{JobStatus, JobStore};
-pub use worker::{PipelineFactory, run_node};
+pub use worker::{PipelineFactory, factory, run_node};

@@ -1,4 +1,5 @@
-//! Worker threads: each loads a [`Pipeline`] once and then runs queued jobs one at a time.
+//! Worker threads: each loads a pipeline ([`Img2Img`], on its configured backend) once and then
+//! runs queued jobs one at a time.
 //!
 //! In `flux serve` they share the process with the HTTP side; [`run_node`] runs them alone
 //! (`flux worker`) against a shared store. With a store whose claims carry a lease, a task
@@ -8,7 +9,7 @@ use crate::log;
 use crate::metrics::Metrics;
 use crate::server::{SHARED_STORE_NEEDED, ServeError, StoreChoice};
 use crate::store::{JobRecord, JobStore, RunMetrics};
-use flux_pipeline::{Pipeline, PipelineError};
+use flux_pipeline::{Img2Img, PipelineError};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -17,8 +18,22 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// Builds the pipeline of one worker (called once per worker, on its thread).
-pub type PipelineFactory = Arc<dyn Fn() -> Result<Pipeline, String> + Send + Sync>;
+/// Builds the pipeline of one worker (called once per worker, on its thread), on whichever
+/// backend it was configured for.
+pub type PipelineFactory = Arc<dyn Fn() -> Result<Box<dyn Img2Img>, String> + Send + Sync>;
+
+/// A factory for a pipeline built by `load` (e.g. `Pipeline::demo`), boxed for the workers.
+pub fn factory<P, E>(load: impl Fn() -> Result<P, E> + Send + Sync + 'static) -> PipelineFactory
+where
+    P: Img2Img + 'static,
+    E: std::fmt::Display,
+{
+    Arc::new(move || {
+        load()
+            .map(|p| Box::new(p) as Box<dyn Img2Img>)
+            .map_err(|e| e.to_string())
+    })
+}
 
 /// Signals between the HTTP side and the workers.
 #[derive(Debug)]
@@ -121,6 +136,9 @@ pub struct Workers {
     handles: Vec<JoinHandle<()>>,
     /// Whether the workers run the demo model.
     pub demo: bool,
+    /// The backend the workers' pipelines run on (the first worker's, as all share one
+    /// configuration).
+    pub backend: String,
 }
 
 impl std::fmt::Debug for Workers {
@@ -168,7 +186,7 @@ impl Workers {
         metrics: &Arc<Metrics>,
         rt: &Handle,
     ) -> Result<Self, String> {
-        let (tx, rx) = std::sync::mpsc::channel::<Result<bool, String>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(bool, String), String>>();
         let mut handles = Vec::new();
         for i in 0..n.max(1) {
             let ctx = Ctx {
@@ -190,18 +208,24 @@ impl Workers {
                             return;
                         }
                     };
-                    let _ = tx.send(Ok(pipeline.is_demo()));
+                    let _ = tx.send(Ok((pipeline.is_demo(), pipeline.backend_name())));
                     drop(tx);
-                    run_worker(&name, &pipeline, &ctx);
+                    run_worker(&name, pipeline.as_ref(), &ctx);
                 })
                 .map_err(|e| format!("cannot start worker thread: {e}"))?;
             handles.push(handle);
         }
         drop(tx);
         let mut demo = false;
+        let mut backend = String::new();
         for _ in 0..handles.len() {
             match rx.recv() {
-                Ok(Ok(d)) => demo |= d,
+                Ok(Ok((d, name))) => {
+                    demo |= d;
+                    if backend.is_empty() {
+                        backend = name;
+                    }
+                }
                 Ok(Err(e)) => {
                     events.shutdown();
                     return Err(e);
@@ -212,7 +236,15 @@ impl Workers {
                 }
             }
         }
-        Ok(Self { handles, demo })
+        log::line(&format!(
+            "{} worker(s) loaded their model on backend {backend}",
+            handles.len()
+        ));
+        Ok(Self {
+            handles,
+            demo,
+            backend,
+        })
     }
 
     /// Number of workers.
@@ -236,7 +268,7 @@ impl Workers {
 /// How long an idle worker waits before looking at the queue again without a notice.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
-fn run_worker(name: &str, pipeline: &Pipeline, ctx: &Ctx) {
+fn run_worker(name: &str, pipeline: &dyn Img2Img, ctx: &Ctx) {
     while !ctx.events.is_shutting_down() {
         // Subscribed before claiming, so a job queued in between is not missed.
         let mut queued = ctx.store.changes().map(crate::store::Changes::queued);
@@ -300,7 +332,7 @@ fn start_heartbeat(
     }))
 }
 
-fn run_job(name: &str, pipeline: &Pipeline, ctx: &Ctx, job: &JobRecord, claim: &str) {
+fn run_job(name: &str, pipeline: &dyn Img2Img, ctx: &Ctx, job: &JobRecord, claim: &str) {
     let id = job.id.as_str();
     ctx.metrics.transition("PROCESSING");
     log::line(&format!(
@@ -371,7 +403,7 @@ fn run_job(name: &str, pipeline: &Pipeline, ctx: &Ctx, job: &JobRecord, claim: &
 }
 
 fn prepare_and_run(
-    pipeline: &Pipeline,
+    pipeline: &dyn Img2Img,
     ctx: &Ctx,
     job: &JobRecord,
     claim: &str,

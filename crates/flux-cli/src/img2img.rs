@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use flux_kernels::Backend;
 use flux_pipeline::image_io::{ImageSource, OutputFormat};
-use flux_pipeline::{Img2ImgRequest, ModelFiles, Pipeline};
+use flux_pipeline::{Img2Img, Img2ImgRequest, ModelFiles, Pipeline};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -85,15 +85,17 @@ pub struct ModelArgs {
     pub backend: BackendKind,
 }
 
-/// Loads the pipeline the arguments name on the CPU (the only backend this entry point serves).
-pub fn load_pipeline(m: &ModelArgs) -> Result<Pipeline> {
-    if m.backend != BackendKind::Cpu {
-        bail!(
-            "backend '{}' is not available here\nhint: use --backend cpu",
-            m.backend
-        );
+/// Loads the pipeline the arguments name on the backend `--backend` names, for code that
+/// holds it behind [`Img2Img`] (the job server's workers).
+pub fn load_pipeline(m: &ModelArgs) -> Result<Box<dyn Img2Img>> {
+    struct Load<'a>(&'a ModelArgs);
+    impl Job for Load<'_> {
+        type Output = Box<dyn Img2Img>;
+        fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
+            Ok(Box::new(load_pipeline_on(be, self.0)?))
+        }
     }
-    load_pipeline_on(&flux_kernels::Cpu, m)
+    run_on(m.backend, Load(m))
 }
 
 /// Loads the pipeline the arguments name on `be`.

@@ -1,5 +1,6 @@
-//! `flux img2img --backend wgpu` on the demo model against the CPU run. Both compute in f32 but
-//! sum in different orders, so the images are not bit-identical; they must agree to within
+//! `flux img2img --backend wgpu` on the demo model against the CPU run, and the same request
+//! served by `flux serve --backend wgpu` against `flux serve --backend cpu`. Both compute in f32
+//! but sum in different orders, so the images are not bit-identical; they must agree to within
 //! [`MAX_ABS`] 8-bit levels on every channel and [`MIN_PSNR`] dB.
 //!
 //! Built only with the `wgpu` feature. Ignored unless built with `FLUX_REQUIRE_ADAPTER=1` (CI
@@ -15,6 +16,23 @@ use common::{decode, demo_image, flux, ok};
 const MAX_ABS: u8 = 2;
 /// Smallest PSNR allowed over all channels, in dB.
 const MIN_PSNR: f64 = 45.0;
+
+/// Largest channel difference and PSNR (dB) of two images of the same size.
+fn compare(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
+    let (mut max, mut sq) = (0u8, 0.0f64);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sq += f64::from(d) * f64::from(d);
+    }
+    let mse = sq / a.as_raw().len().max(1) as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    };
+    (max, psnr)
+}
 
 #[test]
 #[cfg_attr(
@@ -59,20 +77,105 @@ fn wgpu_img2img_matches_the_cpu() {
     }
     let (a, b) = (decode(&cpu), decode(&gpu));
     assert_eq!(a.dimensions(), b.dimensions());
-    let (mut max, mut sq) = (0u8, 0.0f64);
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sq += f64::from(d) * f64::from(d);
-    }
-    let mse = sq / a.as_raw().len() as f64;
-    let psnr = if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    };
+    let (max, psnr) = compare(&a, &b);
     eprintln!("wgpu vs cpu: max_abs_diff={max} psnr_db={psnr:.2}");
     assert!(max <= MAX_ABS, "max abs diff {max} > {MAX_ABS} levels");
     assert!(psnr >= MIN_PSNR, "PSNR {psnr:.2} dB < {MIN_PSNR} dB");
     assert_ne!(a, decode(&demo_image()), "the run must change the image");
+}
+
+/// Starts `flux serve` with its workers on `backend`; returns the process and its address, or
+/// `None` when the backend is missing on a machine that does not require an adapter.
+fn serve_on(backend: &str, data_dir: &std::path::Path) -> Option<(std::process::Child, String)> {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--api-key", "test-key"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--backend", backend])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flux serve starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = lines.find_map(|l| {
+        l.ok()?
+            .strip_prefix("listening on http://")
+            .map(str::to_string)
+    });
+    match addr {
+        Some(addr) => Some((child, addr)),
+        None => {
+            let out = child.wait_with_output().expect("flux serve exits");
+            let err = String::from_utf8_lossy(&out.stderr);
+            let required = std::env::var("FLUX_REQUIRE_ADAPTER").is_ok_and(|v| v == "1")
+                || cfg!(flux_adapter_tests);
+            assert!(
+                !required && err.contains("not available on this machine"),
+                "flux serve --backend {backend} did not start: {err}"
+            );
+            eprintln!("skipped: no adapter ({err})");
+            None
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(flux_adapter_tests),
+    ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)"
+)]
+fn serve_runs_its_workers_on_wgpu() {
+    let png = std::fs::read(demo_image()).unwrap();
+    let body = serde_json::json!({
+        "prompt": "a red cab",
+        "image": flux_pipeline::image_io::to_base64(&png),
+        "steps": 3,
+        "seed": 5,
+        "denoise": 0.75,
+        "scheduler": "simple",
+        "sampler_name": "euler",
+        "image_format": "png",
+    })
+    .to_string();
+    let mut images = Vec::new();
+    for backend in ["cpu", "wgpu"] {
+        let dir = tempfile::tempdir().unwrap();
+        let Some((mut child, addr)) = serve_on(backend, dir.path()) else {
+            return;
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let reply = agent
+            .post(format!("http://{addr}/v1/flux-img2img"))
+            .header("x-api-key", "test-key")
+            .header("content-type", "application/json")
+            .send(body.as_bytes());
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        let mut reply = reply.expect("request answered");
+        let bytes = reply.body_mut().read_to_vec().unwrap();
+        assert_eq!(
+            reply.status().as_u16(),
+            200,
+            "{backend}: {}\n{log}",
+            String::from_utf8_lossy(&bytes)
+        );
+        // The workers say which device their pipelines were loaded on.
+        let want = format!("loaded their model on backend {backend}");
+        assert!(log.contains(&want), "{backend}: log lacks '{want}':\n{log}");
+        images.push(image::load_from_memory(&bytes).unwrap().to_rgb8());
+    }
+    // The same request as `wgpu_img2img_matches_the_cpu`, so the same bounds.
+    let (a, b) = (&images[0], &images[1]);
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (max, psnr) = compare(a, b);
+    eprintln!("served wgpu vs cpu: max_abs_diff={max} psnr_db={psnr:.2}");
+    assert!(max <= MAX_ABS, "served wgpu image differs by {max} levels");
+    assert!(psnr >= MIN_PSNR, "PSNR {psnr:.2} dB < {MIN_PSNR} dB");
+    assert_ne!(*a, decode(&demo_image()), "the job must change the image");
 }

@@ -340,6 +340,38 @@ impl<B: Backend> Pipeline<B> {
         finish(&decoded.data, steps_run, sampling_time)
     }
 }
+/// A loaded pipeline whose backend is chosen at run time: what servers and job workers hold,
+/// so one worker binary runs on whichever device its configuration names.
+pub trait Img2Img {
+    /// Whether this is the demo model.
+    fn is_demo(&self) -> bool;
+    /// The backend's name (`cpu`, `wgpu (...)`, `cuda:0 (...)`).
+    fn backend_name(&self) -> String;
+    /// Runs one request, as [`Pipeline::img2img`].
+    fn img2img(
+        &self,
+        req: &Img2ImgRequest,
+        progress: &mut dyn FnMut(&Progress) -> bool,
+    ) -> Result<Output>;
+}
+
+impl<B: Backend> Img2Img for Pipeline<B> {
+    fn is_demo(&self) -> bool {
+        Pipeline::is_demo(self)
+    }
+
+    fn backend_name(&self) -> String {
+        self.be.name()
+    }
+
+    fn img2img(
+        &self,
+        req: &Img2ImgRequest,
+        progress: &mut dyn FnMut(&Progress) -> bool,
+    ) -> Result<Output> {
+        Pipeline::img2img(self, req, progress)
+    }
+}
 
 /// The real T5 and CLIP tokenizers from `tokenizer.json` files.
 pub struct FileTokenizer {

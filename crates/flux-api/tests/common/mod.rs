@@ -47,7 +47,7 @@ impl Drop for TestServer {
 }
 
 pub fn demo_factory() -> PipelineFactory {
-    Arc::new(|| Pipeline::demo().map_err(|e| e.to_string()))
+    flux_api::factory(Pipeline::demo)
 }
 
 /// Settings for a test server in `dir` with the one unlimited key [`KEY`].
