@@ -4,7 +4,10 @@
 //!
 //! Then submission latency with 2 API nodes (`Role::Api` servers on their own runtimes, one
 //! store each) under 200 concurrent HTTP clients on loopback, each submitting in turn to
-//! both nodes: HTTP request to durable QUEUED job, printed as median and p99.
+//! both nodes: HTTP request to durable QUEUED job, printed as median and p99. Twice: in a
+//! closed loop (each client sends its next job as soon as the last is answered, so latency
+//! is 200 / throughput) and in an open loop (the clients together offer a fixed 2,000
+//! submissions per second, each latency counted from the job's scheduled send time).
 //!
 //! The server is a throw-away PostgreSQL on loopback with its default durability settings
 //! (fsync on), or `FLUX_TEST_PG_URL`. Without PostgreSQL the bench prints a note and skips.
@@ -177,6 +180,86 @@ fn api_node(url: &str) -> std::net::SocketAddr {
     rx.recv().expect("API node address")
 }
 
+/// Submissions of the open-loop run, in total per second.
+const OPEN_RATE: f64 = 2000.0;
+/// Submissions of each client in the open-loop run.
+const OPEN_PER_CLIENT: usize = 20;
+
+/// Runs `CLIENTS` client threads against `nodes`, each submitting `per_client` jobs, in turn
+/// to each node. Closed loop (`rate` `None`): each sends its next job when the last is
+/// answered. Open loop (`Some(total per second)`): client `c` sends job `i` at
+/// `(c + i * CLIENTS) / rate` seconds after the start, or as soon as it can when it is late,
+/// and the latency counts from that scheduled time, so time spent queued behind a slow
+/// answer is included. Returns the latencies in milliseconds and the seconds the run took.
+fn run_clients(
+    nodes: &[std::net::SocketAddr; 2],
+    body: &str,
+    per_client: usize,
+    rate: Option<f64>,
+) -> (Vec<f64>, f64) {
+    let barrier = std::sync::Barrier::new(CLIENTS + 1);
+    let start = std::sync::OnceLock::<Instant>::new();
+    let lat = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (barrier, start) = (&barrier, &start);
+                s.spawn(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder()
+                        .http_status_as_error(false)
+                        .build()
+                        .into();
+                    barrier.wait();
+                    // The main thread sets `start` before the barrier opens.
+                    let t0 = *start.get().expect("start time");
+                    let mut out = Vec::with_capacity(per_client);
+                    for i in 0..per_client {
+                        let addr = nodes[(c + i) % 2];
+                        let t = match rate {
+                            None => Instant::now(),
+                            Some(rate) => {
+                                let at =
+                                    t0 + Duration::from_secs_f64((c + i * CLIENTS) as f64 / rate);
+                                if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                                    std::thread::sleep(wait);
+                                }
+                                at
+                            }
+                        };
+                        let r = agent
+                            .post(format!("http://{addr}/v2/flux-img2img"))
+                            .header("x-api-key", KEY)
+                            .header("content-type", "application/json")
+                            .send(body.as_bytes())
+                            .expect("submit");
+                        out.push(t.elapsed().as_secs_f64() * 1e3);
+                        assert_eq!(r.status().as_u16(), 200, "submission answered");
+                    }
+                    out
+                })
+            })
+            .collect();
+        let _ = start.set(Instant::now());
+        barrier.wait();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client"))
+            .collect::<Vec<f64>>()
+    });
+    let secs = start.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
+    (lat, secs)
+}
+
+fn print_latency(name: &str, mut lat: Vec<f64>, secs: f64) {
+    lat.sort_by(f64::total_cmp);
+    println!(
+        "{name}: n={} median={:.3}ms p99={:.3}ms ({:.0} submissions/s)",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.len() as f64 / secs
+    );
+}
+
 fn submission_latency() {
     if !have_postgres() {
         return;
@@ -196,48 +279,19 @@ fn submission_latency() {
         "steps": 1,
     })
     .to_string();
-    let barrier = std::sync::Barrier::new(CLIENTS);
-    let start = Instant::now();
-    let mut lat: Vec<f64> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..CLIENTS)
-            .map(|c| {
-                let (barrier, body, nodes) = (&barrier, &body, &nodes);
-                s.spawn(move || {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .build()
-                        .into();
-                    barrier.wait();
-                    let mut out = Vec::with_capacity(PER_CLIENT);
-                    for i in 0..PER_CLIENT {
-                        let addr = nodes[(c + i) % 2];
-                        let t = Instant::now();
-                        let r = agent
-                            .post(format!("http://{addr}/v2/flux-img2img"))
-                            .header("x-api-key", KEY)
-                            .header("content-type", "application/json")
-                            .send(body.as_bytes())
-                            .expect("submit");
-                        out.push(t.elapsed().as_secs_f64() * 1e3);
-                        assert_eq!(r.status().as_u16(), 200, "submission answered");
-                    }
-                    out
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("client"))
-            .collect()
-    });
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    println!(
-        "postgres/submit_2_api_nodes_{CLIENTS}_clients: n={} median={:.3}ms p99={:.3}ms ({:.0} submissions/s)",
-        lat.len(),
-        percentile(&lat, 0.5),
-        percentile(&lat, 0.99),
-        lat.len() as f64 / secs
+    let (lat, secs) = run_clients(&nodes, &body, PER_CLIENT, None);
+    print_latency(
+        &format!("postgres/submit_2_api_nodes_{CLIENTS}_clients (closed loop, no think time)"),
+        lat,
+        secs,
+    );
+    let (lat, secs) = run_clients(&nodes, &body, OPEN_PER_CLIENT, Some(OPEN_RATE));
+    print_latency(
+        &format!(
+            "postgres/submit_2_api_nodes_{CLIENTS}_clients_open_loop_{OPEN_RATE}_per_s (from the scheduled send time)"
+        ),
+        lat,
+        secs,
     );
 }
 

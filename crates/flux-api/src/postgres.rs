@@ -17,6 +17,13 @@
 //!   [`Changes`], which wakes idle workers and synchronous requests on any node.
 //! * Per-key rate limits are token buckets in the database (`flux_rate`, refilled on the
 //!   database clock), so a key's limit holds across all API nodes together.
+//! * Submissions are group-committed: the requests waiting on a node at the same moment are
+//!   inserted (jobs, input images and one `NOTIFY`) by one statement, so one transaction and
+//!   one WAL flush serve them all; each request is answered after that commit. The queue
+//!   limit is checked against a per-node queue depth, counted again when older than
+//!   [`PostgresOptions::queue_depth_refresh`] (longer far below the limit) and exactly
+//!   before any refusal (a soft limit: nodes see each other's submissions at the next
+//!   count).
 
 use crate::request::JobParams;
 use crate::store::{
@@ -24,9 +31,11 @@ use crate::store::{
     StoreFuture,
 };
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -108,6 +117,15 @@ pub struct PostgresOptions {
     pub retry_for: Duration,
     /// Timeout of one connection attempt.
     pub connect_timeout: Duration,
+    /// Most submissions one group commit inserts.
+    pub submit_batch: usize,
+    /// Group commits of one store in flight at once; submissions arriving meanwhile wait and
+    /// go together into the next one.
+    pub submit_flushes: usize,
+    /// How old the node's count of queued jobs may be before a submission counts again, near
+    /// the queue limit (from half of it); 20 times that further below. A refusal always
+    /// counts first.
+    pub queue_depth_refresh: Duration,
 }
 
 impl Default for PostgresOptions {
@@ -118,6 +136,9 @@ impl Default for PostgresOptions {
             max_attempts: 3,
             retry_for: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
+            submit_batch: 256,
+            submit_flushes: 4,
+            queue_depth_refresh: Duration::from_millis(5),
         }
     }
 }
@@ -131,11 +152,15 @@ pub struct PostgresStore {
     epoch: Instant,
     changes: Arc<Changes>,
     listener: tokio::task::JoinHandle<()>,
+    /// Submissions waiting for the group commit.
+    submissions: mpsc::UnboundedSender<Pending>,
+    batcher: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
         self.listener.abort();
+        self.batcher.abort();
     }
 }
 
@@ -242,10 +267,6 @@ impl Failure {
         }
     }
 
-    fn is_unique_violation(&self) -> bool {
-        matches!(self, Self::Db(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION))
-    }
-
     fn into_store(self) -> StoreError {
         match self {
             Self::Pool(e) => StoreError::Backend(format!("PostgreSQL connection: {e}")),
@@ -281,6 +302,326 @@ macro_rules! retrying {
             }
         }
     }};
+}
+
+/// Most bytes of input images one group commit carries (a batch holds at least one job).
+const BATCH_BYTES: usize = 8 << 20;
+
+/// One statement stores a whole batch: the jobs (an id already taken is skipped and reported
+/// by its absence from `inserted`), the input images of the jobs inserted, and one
+/// `flux_queued` notice. Run outside an explicit transaction it commits on its own, so the
+/// batch is durable when the answer arrives.
+const SUBMIT_BATCH: &str = "\
+WITH input AS ( \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bytea[]) \
+        AS u(id, key, params, created_at, data)), \
+jobs AS ( \
+    INSERT INTO flux_jobs (id, status, key, params, created_at) \
+    SELECT id, 'QUEUED', key, params, created_at FROM input \
+    ON CONFLICT (id) DO NOTHING \
+    RETURNING id), \
+blobs AS ( \
+    INSERT INTO flux_blobs (job_id, kind, data) \
+    SELECT input.id, 'input', input.data FROM input JOIN jobs ON jobs.id = input.id) \
+SELECT ARRAY(SELECT id FROM jobs) AS inserted, \
+    (SELECT pg_notify('flux_queued', '')::text WHERE EXISTS (SELECT 1 FROM jobs)) AS notified";
+
+/// A submission waiting for the group commit.
+struct Pending {
+    job: NewJob,
+    /// `job.params` as JSON.
+    params: String,
+    max_queued: u64,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+impl Pending {
+    fn answer(self, result: Result<(), StoreError>) {
+        // The submitter may have gone (its client disconnected); the job stays queued.
+        let _ = self.done.send(result);
+    }
+}
+
+/// This node's view of the queue length. It may count too many (jobs claimed since, or
+/// the node's own jobs counted twice by a count that ran while they committed), which only
+/// makes the next refusal count again; it counts too few only by the jobs other nodes
+/// queued since the last count.
+#[derive(Debug, Default)]
+struct QueueDepth {
+    /// QUEUED jobs at the last count, plus those this node queued or is queuing since.
+    jobs: u64,
+    /// Jobs of this node's batches admitted and not yet stored (counted in `jobs`).
+    in_flight: u64,
+    /// Jobs this node has stored so far.
+    stored: u64,
+    /// Exact counts taken so far (a periodic count that overlapped one is dropped).
+    exact_counts: u64,
+    /// When the count was taken; `None` before the first.
+    counted: Option<Instant>,
+}
+/// The group commit of one store: batches of waiting submissions, each stored by one
+/// statement ([`SUBMIT_BATCH`]).
+struct Submitter {
+    pool: Pool,
+    options: PostgresOptions,
+    depth: Mutex<QueueDepth>,
+    /// Held shared by a batch from its admission until it is stored (or failed), and
+    /// exclusively by an exact count, which thus sees none of this node's batches half done.
+    gate: tokio::sync::RwLock<()>,
+}
+
+/// Takes the next batch off `waiting`: at most `max_jobs` jobs and [`BATCH_BYTES`] of images
+/// (at least one job), never the same id twice (a repeated id waits for a later batch, where
+/// it meets the row of the first).
+fn take_batch(waiting: &mut VecDeque<Pending>, max_jobs: usize) -> Vec<Pending> {
+    let mut batch: Vec<Pending> = Vec::new();
+    let mut ids = HashSet::new();
+    let mut bytes = 0usize;
+    let mut later = Vec::new();
+    while let Some(p) = waiting.pop_front() {
+        let full = batch.len() >= max_jobs
+            || (!batch.is_empty() && bytes + p.job.image.len() > BATCH_BYTES);
+        if full {
+            waiting.push_front(p);
+            break;
+        }
+        if !ids.insert(p.job.id.clone()) {
+            later.push(p);
+            continue;
+        }
+        bytes += p.job.image.len();
+        batch.push(p);
+    }
+    for p in later.into_iter().rev() {
+        waiting.push_front(p);
+    }
+    batch
+}
+
+/// Collects submissions and hands them to group commits, at most `submit_flushes` in flight:
+/// while those run, new submissions wait and form the next batch.
+async fn run_batcher(submitter: Arc<Submitter>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let flushes = Arc::new(Semaphore::new(submitter.options.submit_flushes));
+    let max_jobs = submitter.options.submit_batch;
+    let mut waiting: VecDeque<Pending> = VecDeque::new();
+    loop {
+        let Ok(permit) = Arc::clone(&flushes).acquire_owned().await else {
+            return;
+        };
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(p) => waiting.push_back(p),
+                None => return,
+            }
+        }
+        while waiting.len() < max_jobs {
+            match rx.try_recv() {
+                Ok(p) => waiting.push_back(p),
+                Err(_) => break,
+            }
+        }
+        let batch = take_batch(&mut waiting, max_jobs);
+        let submitter = Arc::clone(&submitter);
+        tokio::spawn(async move {
+            submitter.flush(batch).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Submitter {
+    fn depth(&self) -> std::sync::MutexGuard<'_, QueueDepth> {
+        self.depth.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn count_queued_once(&self) -> Result<u64, Failure> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED'")
+            .await?;
+        let n: i64 = client.query_one(&stmt, &[]).await?.try_get(0)?;
+        Ok(n.unsigned_abs())
+    }
+
+    /// The periodic count (other nodes' submissions, claims), taken without stopping this
+    /// node's batches: those that were in flight or were stored while it ran are added on
+    /// top, since the count may or may not have seen them (too many rather than too few).
+    async fn recount_periodic(&self) -> Result<(), Failure> {
+        let (stored, exact_counts) = {
+            let d = self.depth();
+            (d.stored, d.exact_counts)
+        };
+        let n = retrying!(self, |_attempt| self.count_queued_once())?;
+        let mut d = self.depth();
+        if d.exact_counts == exact_counts {
+            d.jobs = n + d.in_flight + (d.stored - stored);
+            d.counted = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// The count before a refusal: waits until none of this node's batches is in flight
+    /// and counts, so the depth is exactly the QUEUED jobs at that moment.
+    async fn recount_exact(&self) -> Result<(), Failure> {
+        let _alone = self.gate.write().await;
+        let n = retrying!(self, |_attempt| self.count_queued_once())?;
+        let mut d = self.depth();
+        d.jobs = n + d.in_flight;
+        d.exact_counts += 1;
+        d.counted = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Whether `depth` would refuse a job of `batch`.
+    fn would_refuse(depth: &QueueDepth, batch: &[Pending]) -> bool {
+        let mut n = depth.jobs;
+        batch.iter().any(|p| {
+            let full = n >= p.max_queued;
+            n += u64::from(!full);
+            full
+        })
+    }
+
+    /// Splits `batch` into the jobs the queue limit lets in (reserved in `depth`) and the
+    /// refused ones with the queue length that refused them.
+    fn admit(depth: &mut QueueDepth, batch: Vec<Pending>) -> (Vec<Pending>, Vec<(Pending, u64)>) {
+        let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+        for p in batch {
+            if depth.jobs >= p.max_queued {
+                refused.push((p, depth.jobs));
+            } else {
+                depth.jobs += 1;
+                depth.in_flight += 1;
+                accepted.push(p);
+            }
+        }
+        (accepted, refused)
+    }
+
+    /// Stores `batch` in one statement; per job, whether its row was inserted (`false`: the
+    /// id was taken).
+    async fn insert_once(&self, batch: &[Pending]) -> Result<Vec<bool>, Failure> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(SUBMIT_BATCH).await?;
+        let ids: Vec<&str> = batch.iter().map(|p| p.job.id.as_str()).collect();
+        let keys: Vec<Option<&str>> = batch.iter().map(|p| p.job.key.as_deref()).collect();
+        let params: Vec<&str> = batch.iter().map(|p| p.params.as_str()).collect();
+        let created: Vec<f64> = batch.iter().map(|p| p.job.created_at).collect();
+        let images: Vec<&[u8]> = batch.iter().map(|p| p.job.image.as_slice()).collect();
+        let row = client
+            .query_one(&stmt, &[&ids, &keys, &params, &created, &images])
+            .await?;
+        let inserted: Vec<String> = row.try_get(0)?;
+        let inserted: HashSet<&str> = inserted.iter().map(String::as_str).collect();
+        Ok(ids.iter().map(|id| inserted.contains(id)).collect())
+    }
+
+    /// Stores `batch` (retrying while the database is away); per job, its answer. A job whose
+    /// id is taken fails on the first try; on a retry it is taken to be the job's own row,
+    /// committed by a try whose answer was lost.
+    async fn insert(&self, batch: &[Pending]) -> Result<Vec<Result<(), StoreError>>, Failure> {
+        let mut retried;
+        let inserted = retrying!(self, |attempt| {
+            retried = attempt > 0;
+            self.insert_once(batch)
+        })?;
+        Ok(batch
+            .iter()
+            .zip(inserted)
+            .map(|(p, ok)| {
+                if ok || retried {
+                    Ok(())
+                } else {
+                    Err(StoreError::Backend(format!(
+                        "job id {} already exists",
+                        p.job.id
+                    )))
+                }
+            })
+            .collect())
+    }
+
+    /// Admits, stores and answers one batch. The depth is counted when its count is older
+    /// than `queue_depth_refresh` (20 times that while under half the limit), and exactly
+    /// before any refusal.
+    async fn flush(&self, batch: Vec<Pending>) {
+        let stale = {
+            let d = self.depth();
+            // Far from the limit (under half of it) a fresh count matters less: count 20
+            // times less often there, sparing the database a scan of a long queue.
+            let limit = batch.iter().map(|p| p.max_queued).min().unwrap_or(u64::MAX);
+            let refresh = if d.jobs.saturating_mul(2) >= limit {
+                self.options.queue_depth_refresh
+            } else {
+                self.options.queue_depth_refresh * 20
+            };
+            d.counted.is_none_or(|t| t.elapsed() >= refresh)
+        };
+        let mut counted_exactly = false;
+        let mut counting = if stale {
+            self.recount_periodic().await
+        } else {
+            Ok(())
+        };
+        let (guard, accepted, refused) = loop {
+            if let Err(f) = counting {
+                let message = f.into_store().to_string();
+                for p in batch {
+                    p.answer(Err(StoreError::Backend(message.clone())));
+                }
+                return;
+            }
+            let guard = self.gate.read().await;
+            if !counted_exactly && Self::would_refuse(&self.depth(), &batch) {
+                drop(guard);
+                counting = self.recount_exact().await;
+                counted_exactly = true;
+                continue;
+            }
+            let (accepted, refused) = Self::admit(&mut self.depth(), batch);
+            break (guard, accepted, refused);
+        };
+        for (p, n) in refused {
+            p.answer(Err(StoreError::QueueFull(n)));
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let results = match self.insert(&accepted).await {
+            Ok(results) => results,
+            // A batch that fails for good (not for a lost connection) may fail because of one
+            // job: store each on its own, so that only that one fails.
+            Err(f) if accepted.len() > 1 && !f.transient() => {
+                let mut results = Vec::with_capacity(accepted.len());
+                for p in &accepted {
+                    results.push(match self.insert(std::slice::from_ref(p)).await {
+                        Ok(mut r) => r.pop().unwrap_or(Ok(())),
+                        Err(f) => Err(f.into_store()),
+                    });
+                }
+                results
+            }
+            Err(f) => {
+                let message = f.into_store().to_string();
+                accepted
+                    .iter()
+                    .map(|_| Err(StoreError::Backend(message.clone())))
+                    .collect()
+            }
+        };
+        {
+            let mut d = self.depth();
+            let stored = results.iter().filter(|r| r.is_ok()).count() as u64;
+            let n = accepted.len() as u64;
+            d.in_flight = d.in_flight.saturating_sub(n);
+            d.jobs = d.jobs.saturating_sub(n - stored);
+            d.stored += stored;
+        }
+        drop(guard);
+        for (p, r) in accepted.into_iter().zip(results) {
+            p.answer(r);
+        }
+    }
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -360,6 +701,11 @@ impl PostgresStore {
                 "max attempts must be at least 1".into(),
             ));
         }
+        if options.submit_batch == 0 || options.submit_flushes == 0 {
+            return Err(StoreError::Backend(
+                "submission batches and flushes must be at least 1".into(),
+            ));
+        }
         let changes = Arc::new(Changes::default());
         let listener = tokio::spawn(listen(config.clone(), Arc::clone(&changes)));
         let manager = Manager::from_config(
@@ -377,6 +723,14 @@ impl PostgresStore {
             .recycle_timeout(Some(options.connect_timeout))
             .build()
             .map_err(|e| StoreError::Backend(format!("PostgreSQL pool: {e}")))?;
+        let submitter = Arc::new(Submitter {
+            pool: pool.clone(),
+            options: options.clone(),
+            depth: Mutex::new(QueueDepth::default()),
+            gate: tokio::sync::RwLock::new(()),
+        });
+        let (submissions, rx) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(run_batcher(submitter, rx));
         let store = Self {
             pool,
             options,
@@ -384,6 +738,8 @@ impl PostgresStore {
             epoch: Instant::now(),
             changes,
             listener,
+            submissions,
+            batcher,
         };
         retrying!(store, |_attempt| store.migrate_once()).map_err(Failure::into_store)?;
         Ok(store)
@@ -502,57 +858,6 @@ impl PostgresStore {
         if last == 0 || now.saturating_sub(last) >= every {
             self.reap_once().await?;
         }
-        Ok(())
-    }
-
-    async fn submit_once(
-        &self,
-        job: &NewJob,
-        params: &str,
-        max_queued: u64,
-    ) -> Result<(), Failure> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        // The queue length is checked without a lock, so that submitters on many nodes never
-        // wait on each other: concurrent submissions can pass the limit by at most their
-        // number, a small price for a soft back-pressure limit.
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO flux_jobs (id, status, key, params, created_at) \
-                 SELECT $1, 'QUEUED', $2, $3, $4 \
-                 WHERE (SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED') < $5",
-            )
-            .await?;
-        let n = tx
-            .execute(
-                &insert,
-                &[
-                    &job.id,
-                    &job.key,
-                    &params,
-                    &job.created_at,
-                    &to_i64(max_queued),
-                ],
-            )
-            .await?;
-        if n == 0 {
-            let queued: i64 = tx
-                .query_one(
-                    "SELECT COUNT(*) FROM flux_jobs WHERE status = 'QUEUED'",
-                    &[],
-                )
-                .await?
-                .try_get(0)?;
-            return Err(StoreError::QueueFull(queued.unsigned_abs()).into());
-        }
-        let blob = tx
-            .prepare_cached(
-                "WITH b AS (INSERT INTO flux_blobs (job_id, kind, data) VALUES ($1, 'input', $2)) \
-                 SELECT pg_notify('flux_queued', '')",
-            )
-            .await?;
-        tx.execute(&blob, &[&job.id, &job.image]).await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -854,20 +1159,17 @@ impl JobStore for PostgresStore {
         Box::pin(async move {
             let params = serde_json::to_string(&job.params)
                 .map_err(|e| StoreError::Backend(format!("parameters: {e}")))?;
-            let result = retrying!(self, |attempt| async {
-                match self.submit_once(&job, &params, max_queued).await {
-                    // A retry after a commit whose answer was lost finds its own row.
-                    Err(f) if attempt > 0 && f.is_unique_violation() => Ok(()),
-                    other => other,
-                }
-            });
-            result.map_err(|f| {
-                if f.is_unique_violation() {
-                    StoreError::Backend(format!("job id {} already exists", job.id))
-                } else {
-                    f.into_store()
-                }
-            })
+            let (done, answer) = oneshot::channel();
+            let stopped = || StoreError::Backend("the submission batcher stopped".into());
+            self.submissions
+                .send(Pending {
+                    job,
+                    params,
+                    max_queued,
+                    done,
+                })
+                .map_err(|_| stopped())?;
+            answer.await.map_err(|_| stopped())?
         })
     }
 
