@@ -1,7 +1,7 @@
 //! Flux transformer on the CPU backend: real-size blocks (hidden 3072, 24 heads, axes 16/56/56,
 //! 256 image + 64 text tokens) with random f32 and bf16 weights, the whole tiny reference model,
-//! attention alone at 1024 tokens, the linear layers, and a plain square GEMM of the `gemm` crate
-//! for reference. Throughputs are in FLOP ("elements" in criterion's report).
+//! attention alone at 320 and 1024 tokens, the linear layers, and a plain square GEMM of the
+//! `gemm` crate for reference. Throughputs are in FLOP ("elements" in criterion's report).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use flux_kernels::cpu::gemm::{Mat, gemm, pool_parallelism};
@@ -123,16 +123,19 @@ fn bench_tiny(c: &mut Criterion) {
 }
 
 fn bench_attention(c: &mut Criterion) {
-    let (l, h, d) = (1024, 24, 128);
-    let q = upload(&rand(l * h * d, 4), &[1, l, h, d]);
-    let k = upload(&rand(l * h * d, 5), &[1, l, h, d]);
-    let v = upload(&rand(l * h * d, 6), &[1, l, h, d]);
+    let (h, d) = (24, 128);
     let mut g = c.benchmark_group("cpu_attention");
     g.sample_size(10);
-    g.throughput(Throughput::Elements((4 * l * l * h * d) as u64));
-    g.bench_function("cpu_attention_1024tok_24x128_f32", |b| {
-        b.iter(|| black_box(Cpu.attention(&q, &k, &v, None, None).unwrap()));
-    });
+    // The sequence of the real-size block bench (256 image + 64 text tokens), and a longer one.
+    for l in [320, 1024] {
+        let q = upload(&rand(l * h * d, 4), &[1, l, h, d]);
+        let k = upload(&rand(l * h * d, 5), &[1, l, h, d]);
+        let v = upload(&rand(l * h * d, 6), &[1, l, h, d]);
+        g.throughput(Throughput::Elements((4 * l * l * h * d) as u64));
+        g.bench_function(format!("cpu_attention_{l}tok_24x128_f32"), |b| {
+            b.iter(|| black_box(Cpu.attention(&q, &k, &v, None, None).unwrap()));
+        });
+    }
     g.finish();
 }
 

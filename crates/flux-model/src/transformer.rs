@@ -716,7 +716,8 @@ impl<B: Backend> FluxTransformer<B> {
         self.final_linear.fwd(be, &xn)
     }
 
-    /// q, k, v `[B, L, nh, D]` from a qkv projection `[B, L, 3H]`, with q and k RMS-normalised.
+    /// q, k, v `[B, L, nh, D]` from a qkv projection (the first `3H` channels of `qkv`
+    /// `[B, L, C]`, read in place), with q and k RMS-normalised.
     fn split_qkv(
         &self,
         be: &B,
@@ -810,9 +811,8 @@ impl<B: Backend> FluxTransformer<B> {
         );
         let x1 = be.modulate(&be.layer_norm(x, None, None, 1e-6)?, &shift, &scale)?;
         let lin1 = blk.linear1.fwd(be, &x1)?;
-        let qkv = be.narrow(&lin1, 2, 0, 3 * h)?;
         let mlp = be.narrow(&lin1, 2, 3 * h, m)?;
-        let (q, k, v) = self.split_qkv(be, &qkv, &blk.q_norm, &blk.k_norm)?;
+        let (q, k, v) = self.split_qkv(be, &lin1, &blk.q_norm, &blk.k_norm)?;
         let q = be.rope(&q, pe)?;
         let k = be.rope(&k, pe)?;
         let att = be.attention(&q, &k, &v, None, None)?.reshape(&[b, l, h])?;

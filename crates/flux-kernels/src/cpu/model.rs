@@ -38,6 +38,16 @@ pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
     fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {
         activation_scalar(a, x, o);
     }
+    /// `x[j] = e^(x[j] - mx)` for a row of attention scores (all at most `mx`), returning the
+    /// sum of the new values.
+    fn exp_shifted_sum(x: &mut [Self], mx: Self) -> Self {
+        let mut sum = <Self as Elem>::ZERO;
+        for v in x.iter_mut() {
+            *v = (*v - mx).exp();
+            sum = sum + *v;
+        }
+        sum
+    }
 }
 
 impl Real for f32 {
@@ -70,6 +80,9 @@ impl Real for f32 {
             Activation::GeluTanh => gelu_tanh_f32(x, o),
             _ => activation_scalar(a, x, o),
         }
+    }
+    fn exp_shifted_sum(x: &mut [Self], mx: Self) -> Self {
+        exp_shifted_sum_f32(x, mx)
     }
 }
 
@@ -384,8 +397,22 @@ const SCRATCH_KEEP: usize = 4;
 /// every element). Reusing the linear layers' temporaries saves the page faults of mapping
 /// fresh memory for each of them.
 fn take_scratch<T: Real>(len: usize) -> Vec<T> {
+    // The smallest vector that holds `len`, else the largest (grown below): handing a small
+    // request the big vector of a linear layer would leave the next big request to grow a
+    // small one into freshly mapped pages.
     let mut v = T::scratch_pool()
-        .with(|p| p.borrow_mut().pop())
+        .with(|p| {
+            let mut p = p.borrow_mut();
+            let fits = p
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= len)
+                .min_by_key(|(_, v)| v.capacity());
+            let pick = fits
+                .or_else(|| p.iter().enumerate().max_by_key(|(_, v)| v.capacity()))
+                .map(|(i, _)| i);
+            pick.map(|i| p.swap_remove(i))
+        })
         .unwrap_or_default();
     if v.len() < len {
         v.resize(len, <T as Elem>::ZERO);
@@ -401,6 +428,11 @@ fn give_scratch<T: Real>(v: Vec<T>) {
             let mut p = p.borrow_mut();
             if p.len() < SCRATCH_KEEP {
                 p.push(v);
+            } else if let Some(small) = p.iter_mut().min_by_key(|s| s.capacity())
+                && small.capacity() < v.capacity()
+            {
+                // A full pool keeps the larger vectors.
+                *small = v;
             }
         });
     }
@@ -787,15 +819,88 @@ fn exp_f32(t: f32) -> f32 {
     er * f32::from_bits(((ni + 127) << 23) as u32)
 }
 
+/// Calls `$body($args)` compiled for AVX-512 or AVX2 when the CPU has them (detected at run
+/// time; the baseline x86-64 target has 4-lane vectors only), else for the baseline. The body
+/// is plain arithmetic without fused multiply-adds, so every variant gives the same bits.
+macro_rules! simd_dispatch {
+    ($body:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $avx512($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX-512F, checked just above.
+                return unsafe { $avx512($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $avx2($($arg),*) };
+            }
+        }
+        $body($($arg),*)
+    }};
+}
+
 /// GELU (tanh approximation) in f32 as `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`,
 /// which equals `0.5 x (1 + tanh(u))` and needs one vectorisable exponential.
 fn gelu_tanh_f32(x: &[f32], o: &mut [f32]) {
+    simd_dispatch!(gelu_tanh_f32_body, gelu_avx512, gelu_avx2, (x: &[f32], o: &mut [f32]) -> ());
+}
+
+#[inline(always)]
+fn gelu_tanh_f32_body(x: &[f32], o: &mut [f32]) {
     const C: f32 = 0.797_884_6;
     const K: f32 = 0.044_715;
     for (o, &v) in o.iter_mut().zip(x) {
         let u = C * (v + K * v * v * v);
         *o = v / (1.0 + exp_f32(-2.0 * u));
     }
+}
+
+/// [`Real::exp_shifted_sum`] in f32: the vectorisable [`exp_f32`] with 16 running sums.
+/// Differences below -87 give 0 rather than `exp_f32`'s floor of e^-87 (below 2^-125, far under
+/// an ulp of the sum, whose largest term is 1), so masked scores (`-inf`) drop out exactly.
+fn exp_shifted_sum_f32(x: &mut [f32], mx: f32) -> f32 {
+    simd_dispatch!(exp_shifted_sum_f32_body, exp_sum_avx512, exp_sum_avx2, (x: &mut [f32], mx: f32) -> f32)
+}
+
+#[inline(always)]
+fn exp_shifted_sum_f32_body(x: &mut [f32], mx: f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
+            let t = *v - mx;
+            let e = if t < -87.0 { 0.0 } else { exp_f32(t) };
+            *v = e;
+            *a += e;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(chunks.into_remainder()) {
+        let t = *v - mx;
+        let e = if t < -87.0 { 0.0 } else { exp_f32(t) };
+        *v = e;
+        *a += e;
+    }
+    let mut n = LANES / 2;
+    while n > 0 {
+        for i in 0..n {
+            acc[i] += acc[i + n];
+        }
+        n /= 2;
+    }
+    acc[0]
 }
 
 fn activation_t<T: Real>(x: &Tensor<Cpu>, a: Activation) -> Result<Tensor<Cpu>> {
@@ -933,9 +1038,181 @@ fn rope_t<T: Real>(x: &Tensor<Cpu>, cs: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
     Ok(out(o, s.to_vec()))
 }
 
-/// Query rows and key columns of one attention tile.
+/// Query rows per attention block and key columns per score tile. A block's scores
+/// (`ATT_BQ x ATT_BK`), its accumulator and the packed keys and values of its head stay in L2;
+/// sequences up to `ATT_BK` keys take one tile, without the rescaling of the online softmax.
 const ATT_BQ: usize = 64;
-const ATT_BK: usize = 256;
+const ATT_BK: usize = 512;
+
+/// `dst[c * dst_rs + r] = src[r * src_rs + c]` for `r < rows`, `c < cols`: the transpose of a
+/// strided `rows x cols` block, in 8 x 8 tiles.
+fn transpose_block<T: Copy>(
+    src: &[T],
+    src_rs: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [T],
+    dst_rs: usize,
+) {
+    const B: usize = 8;
+    for r0 in (0..rows).step_by(B) {
+        let rn = B.min(rows - r0);
+        for c0 in (0..cols).step_by(B) {
+            let cn = B.min(cols - c0);
+            for c in c0..c0 + cn {
+                let d = &mut dst[c * dst_rs + r0..c * dst_rs + r0 + rn];
+                for (i, o) in d.iter_mut().enumerate() {
+                    *o = src[(r0 + i) * src_rs + c];
+                }
+            }
+        }
+    }
+}
+
+/// One attention task: query rows `q0..q0 + out.len() / d` of head `hi` of batch item `bi`,
+/// written to `out` (`[rows, d]`), with the keys and values of the head packed once into
+/// contiguous scratch (K^T per key tile, so both products read their right-hand operand along
+/// unit strides).
+#[allow(clippy::too_many_arguments)]
+fn attention_task<T: Real>(
+    (qs, ks, vs): (&[T], &[T], &[T]),
+    bias: Option<(&[T], usize)>,
+    (lq, lk, h, d): (usize, usize, usize, usize),
+    (bi, hi, q0): (usize, usize, usize),
+    alpha: T,
+    out: &mut [T],
+) {
+    let hd = h * d;
+    let rows = out.len() / d;
+    let kvoff = bi * lk * hd + hi * d;
+    let mut kt = take_scratch::<T>(lk * d);
+    let mut vp = take_scratch::<T>(lk * d);
+    for j0 in (0..lk).step_by(ATT_BK) {
+        let bk = ATT_BK.min(lk - j0);
+        transpose_block(
+            &ks[kvoff + j0 * hd..],
+            hd,
+            bk,
+            d,
+            &mut kt[j0 * d..(j0 + bk) * d],
+            bk,
+        );
+    }
+    for (j, row) in vp.chunks_exact_mut(d).enumerate() {
+        row.copy_from_slice(&vs[kvoff + j * hd..kvoff + j * hd + d]);
+    }
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    let mut sc = take_scratch::<T>(ATT_BQ * ATT_BK.min(lk));
+    let mut mrow = [neg_inf; ATT_BQ];
+    let mut lrow = [<T as Elem>::ZERO; ATT_BQ];
+    for i0 in (0..rows).step_by(ATT_BQ) {
+        let bq = ATT_BQ.min(rows - i0);
+        let acc = &mut out[i0 * d..(i0 + bq) * d];
+        let qoff = (bi * lq + q0 + i0) * hd + hi * d;
+        mrow.fill(neg_inf);
+        lrow.fill(<T as Elem>::ZERO);
+        for j0 in (0..lk).step_by(ATT_BK) {
+            let bk = ATT_BK.min(lk - j0);
+            let sc = &mut sc[..bq * bk];
+            gemm(
+                bq,
+                bk,
+                d,
+                sc,
+                bk,
+                false,
+                Mat {
+                    data: &qs[qoff..],
+                    rs: hd,
+                    cs: 1,
+                },
+                Mat {
+                    data: &kt[j0 * d..(j0 + bk) * d],
+                    rs: bk,
+                    cs: 1,
+                },
+                alpha,
+                Parallelism::None,
+            );
+            if let Some((bt, base)) = bias {
+                for (i, srow) in sc.chunks_exact_mut(bk).enumerate() {
+                    let off = (base + q0 + i0 + i) * lk + j0;
+                    for (s, &bv) in srow.iter_mut().zip(&bt[off..off + bk]) {
+                        *s = *s + bv;
+                    }
+                }
+            }
+            let first = j0 == 0;
+            for (i, srow) in sc.chunks_exact_mut(bk).enumerate() {
+                let mx = mrow[i].max(row_max(srow));
+                if mx == neg_inf {
+                    srow.fill(<T as Elem>::ZERO);
+                    continue;
+                }
+                let sum = T::exp_shifted_sum(srow, mx);
+                if first {
+                    lrow[i] = sum;
+                } else {
+                    let corr = (mrow[i] - mx).exp();
+                    lrow[i] = lrow[i] * corr + sum;
+                    if corr != T::ONE {
+                        for a in &mut acc[i * d..(i + 1) * d] {
+                            *a = *a * corr;
+                        }
+                    }
+                }
+                mrow[i] = mx;
+            }
+            // The first tile overwrites the accumulator (scratch contents are unspecified).
+            gemm(
+                bq,
+                d,
+                bk,
+                acc,
+                d,
+                !first,
+                Mat {
+                    data: sc,
+                    rs: bk,
+                    cs: 1,
+                },
+                Mat {
+                    data: &vp[j0 * d..(j0 + bk) * d],
+                    rs: d,
+                    cs: 1,
+                },
+                T::ONE,
+                Parallelism::None,
+            );
+        }
+        for (i, row) in acc.chunks_exact_mut(d).enumerate() {
+            let inv = T::ONE / lrow[i];
+            for a in row {
+                *a = *a * inv;
+            }
+        }
+    }
+    give_scratch(sc);
+    give_scratch(vp);
+    give_scratch(kt);
+}
+
+/// The largest element of a row (`-inf` for an empty one), over 16 running maxima so the loop
+/// vectorises.
+fn row_max<T: Real>(x: &[T]) -> T {
+    const LANES: usize = 16;
+    let mut m = [T::from_f64(f64::NEG_INFINITY); LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in m.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for (m, &v) in m.iter_mut().zip(chunks.remainder()) {
+        *m = if v > *m { v } else { *m };
+    }
+    m.iter().fold(m[0], |a, &b| a.max(b))
+}
 
 fn attention_t<T: Real>(
     q: &Tensor<Cpu>,
@@ -980,112 +1257,61 @@ fn attention_t<T: Real>(
     };
     let alpha = T::from_f64(scale.unwrap_or(1.0 / (d as f64).sqrt()));
     let hd = h * d;
-    let nqb = lq.div_ceil(ATT_BQ);
-    let tiles: Vec<(usize, usize, usize, Vec<T>)> = (0..b * h * nqb)
-        .into_par_iter()
-        .map(|task| {
-            let (bh, qb) = (task / nqb, task % nqb);
-            let (bi, hi) = (bh / h, bh % h);
-            let i0 = qb * ATT_BQ;
-            let bq = ATT_BQ.min(lq - i0);
-            let qoff = (bi * lq + i0) * hd + hi * d;
-            let kvoff = bi * lk * hd + hi * d;
-            let mut acc = vec![<T as Elem>::ZERO; bq * d];
-            let mut mrow = vec![T::from_f64(f64::NEG_INFINITY); bq];
-            let mut lrow = vec![<T as Elem>::ZERO; bq];
-            let mut sc = vec![<T as Elem>::ZERO; bq * ATT_BK];
-            for j0 in (0..lk).step_by(ATT_BK) {
-                let bk = ATT_BK.min(lk - j0);
-                let sc = &mut sc[..bq * bk];
-                let koff = kvoff + j0 * hd;
-                gemm(
-                    bq,
-                    bk,
-                    d,
-                    sc,
-                    bk,
-                    false,
-                    Mat {
-                        data: &qs[qoff..],
-                        rs: hd,
-                        cs: 1,
-                    },
-                    Mat {
-                        data: &ks[koff..],
-                        rs: 1,
-                        cs: hd,
-                    },
-                    alpha,
-                    Parallelism::None,
-                );
-                if let Some((bt, bb, bh)) = &bias_info {
-                    let base =
-                        ((if *bb == 1 { 0 } else { bi }) * bh + if *bh == 1 { 0 } else { hi }) * lq;
-                    for i in 0..bq {
-                        let row = &bt[(base + i0 + i) * lk + j0..(base + i0 + i) * lk + j0 + bk];
-                        for (s, &bv) in sc[i * bk..(i + 1) * bk].iter_mut().zip(row) {
-                            *s = *s + bv;
-                        }
-                    }
-                }
-                for i in 0..bq {
-                    let row = &mut sc[i * bk..(i + 1) * bk];
-                    let mx = row.iter().fold(mrow[i], |m, &v| m.max(v));
-                    if mx == T::from_f64(f64::NEG_INFINITY) {
-                        row.fill(<T as Elem>::ZERO);
-                        continue;
-                    }
-                    let corr = (mrow[i] - mx).exp();
-                    let mut sum = <T as Elem>::ZERO;
-                    for x in row.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum = sum + *x;
-                    }
-                    lrow[i] = lrow[i] * corr + sum;
-                    mrow[i] = mx;
-                    if corr != T::ONE {
-                        for a in &mut acc[i * d..(i + 1) * d] {
-                            *a = *a * corr;
-                        }
-                    }
-                }
-                gemm(
-                    bq,
-                    d,
-                    bk,
-                    &mut acc,
-                    d,
-                    true,
-                    Mat {
-                        data: sc,
-                        rs: bk,
-                        cs: 1,
-                    },
-                    Mat {
-                        data: &vs[koff..],
-                        rs: hd,
-                        cs: 1,
-                    },
-                    T::ONE,
-                    Parallelism::None,
-                );
-            }
-            for i in 0..bq {
-                let inv = T::ONE / lrow[i];
-                for a in &mut acc[i * d..(i + 1) * d] {
-                    *a = *a * inv;
-                }
-            }
-            (bi, hi, i0, acc)
-        })
-        .collect();
     let mut o = vec![<T as Elem>::ZERO; b * lq * hd];
-    for (bi, hi, i0, acc) in tiles {
-        for (i, row) in acc.chunks(d.max(1)).enumerate() {
-            let off = (bi * lq + i0 + i) * hd + hi * d;
-            o[off..off + d].copy_from_slice(row);
-        }
+    if o.is_empty() {
+        return Ok(out(o, s.to_vec()));
     }
+    if lk == 0 {
+        // Softmax over no keys: 0 / 0, as the tiled loop would give.
+        o.fill(T::from_f64(f64::NAN));
+        return Ok(out(o, s.to_vec()));
+    }
+    // One task per head, or per chunk of query rows of a head when there are too few heads to
+    // keep every thread busy; each writes its rows to `[B, H, Lq, D]`, permuted at the end.
+    let heads = b * h;
+    let want_tasks = 4 * rayon::current_num_threads().max(1);
+    let rows = if heads >= want_tasks {
+        lq
+    } else {
+        lq.div_ceil(want_tasks.div_ceil(heads)).max(1)
+    };
+    let mut ob = take_scratch::<T>(heads * lq * d);
+    ob.par_chunks_mut(lq * d).enumerate().for_each(|(bh, hb)| {
+        let (bi, hi) = (bh / h, bh % h);
+        let bias = bias_info.as_ref().map(|(bt, nb, nh)| {
+            let base = ((if *nb == 1 { 0 } else { bi }) * nh + if *nh == 1 { 0 } else { hi }) * lq;
+            (&bt[..], base)
+        });
+        hb.par_chunks_mut(rows * d)
+            .enumerate()
+            .for_each(|(c, blk)| {
+                attention_task(
+                    (qs, ks, vs),
+                    bias,
+                    (lq, lk, h, d),
+                    (bi, hi, c * rows),
+                    alpha,
+                    blk,
+                );
+            });
+    });
+    let permute = |r: usize, row: &mut [T]| {
+        let (bi, i) = (r / lq, r % lq);
+        for (hi, o) in row.chunks_exact_mut(d).enumerate() {
+            let src = ((bi * h + hi) * lq + i) * d;
+            o.copy_from_slice(&ob[src..src + d]);
+        }
+    };
+    if o.len() >= PAR_THRESHOLD {
+        o.par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(r, row)| permute(r, row));
+    } else {
+        o.chunks_mut(hd)
+            .enumerate()
+            .for_each(|(r, row)| permute(r, row));
+    }
+    give_scratch(ob);
     Ok(out(o, s.to_vec()))
 }
 
@@ -1373,6 +1599,7 @@ pub(crate) fn widen_f32(t: &Tensor<Cpu>) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{HostData, SamplerOps};
 
     #[test]
     fn exp_f32_is_within_two_ulp_of_exp() {
@@ -1414,6 +1641,135 @@ mod tests {
                 err <= rel * want.abs() + 1e-36,
                 "gelu({x}) = {g}, expected {want}"
             );
+        }
+    }
+
+    #[test]
+    fn exp_shifted_sum_f32_matches_exp_and_every_simd_variant() {
+        // Scores at and below the maximum, a masked one, lengths around the 16 lanes.
+        for n in [0usize, 1, 15, 16, 17, 100, 333] {
+            let mx = 3.25f32;
+            let x: Vec<f32> = (0..n)
+                .map(|i| {
+                    if i % 29 == 7 {
+                        f32::NEG_INFINITY
+                    } else {
+                        mx - (i as f32 * 0.731).rem_euclid(95.0)
+                    }
+                })
+                .collect();
+            let mut got = x.clone();
+            let sum = exp_shifted_sum_f32(&mut got, mx);
+            let mut want_sum = 0f64;
+            for (&xi, &g) in x.iter().zip(&got) {
+                let t = f64::from(xi) - f64::from(mx);
+                let want = if t < -87.0 { 0.0 } else { t.exp() };
+                want_sum += want;
+                assert!(
+                    (f64::from(g) - want).abs() <= 2.0 * 2f64.powi(-23) * want,
+                    "e^{t} = {g}, expected {want}"
+                );
+            }
+            assert!((f64::from(sum) - want_sum).abs() <= 1e-6 * want_sum.max(1e-30));
+            // The plain body (baseline vectors) gives the same bits as the variant dispatched.
+            let mut base = x.clone();
+            let base_sum = exp_shifted_sum_f32_body(&mut base, mx);
+            assert_eq!(base_sum.to_bits(), sum.to_bits());
+            assert!(
+                base.iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+    }
+
+    /// Attention by the definition in f64 (`q [B, Lq, H, D]`, `bias [1, H, Lq, Lk]`).
+    #[allow(clippy::too_many_arguments)]
+    fn naive_attention(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        bias: &[f64],
+        (b, lq, lk, h, d): (usize, usize, usize, usize, usize),
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut o = vec![0.0; b * lq * h * d];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..lq {
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|e| {
+                                    q[((bi * lq + i) * h + hi) * d + e]
+                                        * k[((bi * lk + j) * h + hi) * d + e]
+                                })
+                                .sum();
+                            scale * dot + bias[(hi * lq + i) * lk + j]
+                        })
+                        .collect();
+                    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = p.iter().sum();
+                    for e in 0..d {
+                        o[((bi * lq + i) * h + hi) * d + e] = (0..lk)
+                            .map(|j| p[j] * v[((bi * lk + j) * h + hi) * d + e])
+                            .sum::<f64>()
+                            / z;
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn attention_matches_the_definition_across_tiles_and_tasks() {
+        let val = |i: usize, s: f64| ((i as f64 * 0.618_034 + s).fract() - 0.5) * 3.0;
+        // Several key tiles with a partial last one and query blocks with a partial last one,
+        // with few heads (query rows split over tasks) and with many (one task per head).
+        for &(b, lq, lk, h, d) in &[
+            (1, 2 * ATT_BQ + 5, 2 * ATT_BK + 37, 2, 8),
+            (2, 70, ATT_BK + 88, 5, 16),
+        ] {
+            let shape = (b, lq, lk, h, d);
+            let q: Vec<f64> = (0..b * lq * h * d).map(|i| val(i, 0.1)).collect();
+            let k: Vec<f64> = (0..b * lk * h * d).map(|i| val(i, 0.2)).collect();
+            let v: Vec<f64> = (0..b * lk * h * d).map(|i| val(i, 0.3)).collect();
+            // Row i of head 0 masks its whole first key tile when i is odd, and every row masks
+            // the keys after it plus ATT_BK; head 1 and up see all keys with a position bias.
+            let bias: Vec<f64> = (0..h * lq * lk)
+                .map(|idx| {
+                    let (hi, i, j) = (idx / (lq * lk), (idx / lk) % lq, idx % lk);
+                    if hi == 0 && ((i % 2 == 1 && j < ATT_BK) || j > i + ATT_BK) {
+                        f64::NEG_INFINITY
+                    } else {
+                        val(idx, 0.4) * 0.5
+                    }
+                })
+                .collect();
+            let scale = 0.4;
+            let want = naive_attention(&q, &k, &v, &bias, shape, scale);
+            for (dt, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
+                let t = |x: &[f64], s: &[usize]| Cpu.upload(HostData::F64(x), s, dt).unwrap();
+                let got = Cpu
+                    .attention(
+                        &t(&q, &[b, lq, h, d]),
+                        &t(&k, &[b, lk, h, d]),
+                        &t(&v, &[b, lk, h, d]),
+                        Some(&t(&bias, &[1, h, lq, lk])),
+                        Some(scale),
+                    )
+                    .unwrap();
+                assert_eq!(got.shape(), [b, lq, h, d]);
+                let got = widen_f64(&got);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= tol * (1.0 + e.abs()),
+                        "{shape:?} {dt:?}: element {idx} is {g}, expected {e}"
+                    );
+                }
+            }
         }
     }
 
