@@ -832,7 +832,7 @@ impl Server {
         } else {
             None
         };
-        let listener = tokio::net::TcpListener::bind(config.addr).await?;
+        let listener = bind(config.addr)?;
         let addr = listener.local_addr()?;
         let mut keys = HashMap::new();
         for k in config.keys {
@@ -930,6 +930,25 @@ impl Server {
         log::line("stopped");
         served.map_err(ServeError::Io)
     }
+}
+
+/// Connections waiting to be accepted. The default of 128 overflows when a few hundred
+/// clients connect at once to a busy node, and each connection refused costs its client a
+/// SYN retransmission (one second); the kernel caps this at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` does) and listens with
+/// [`LISTEN_BACKLOG`].
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGINT or SIGTERM.
