@@ -3,36 +3,12 @@
 
 use crate::blas::{Gemm, GemmKind};
 use crate::device::{Arg, Cuda, flag, suffix, u};
-use crate::model::{Operand, invalid, shape_err};
+use crate::model::Operand;
+use flux_kernels::shapes::{self, ChannelSlice, Conv2dDims, GroupNormDims};
 use flux_kernels::{Conv2dParams, ConvOps, DType, KernelError, Result, SamplerOps, Tensor};
 
 /// Largest temporary (im2col columns, a band of attention scores) in bytes.
 const TEMP_BUDGET: usize = 256 << 20;
-
-fn shape4(op: &'static str, t: &Tensor<Cuda>) -> Result<[usize; 4]> {
-    match *t.shape() {
-        [n, c, h, w] => Ok([n, c, h, w]),
-        ref s => Err(invalid(
-            op,
-            format!("expected a 4-D NCHW tensor, found shape {s:?}"),
-        )),
-    }
-}
-
-fn check_param_len(op: &'static str, what: &str, t: &Tensor<Cuda>, len: usize) -> Result<()> {
-    if t.numel() == len {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!(
-                "{what} has shape {:?} ({} values), expected {len} values",
-                t.shape(),
-                t.numel()
-            ),
-        ))
-    }
-}
 
 fn gemm_kind(d: DType) -> GemmKind {
     if d == DType::F64 {
@@ -52,37 +28,17 @@ impl ConvOps for Cuda {
     ) -> Result<Tensor<Self>> {
         const OP: &str = "conv2d";
         let s = suffix(OP, x.dtype())?;
-        let [n, c, h, w] = shape4(OP, x)?;
-        let [o, wc, kh, kw] = match *weight.shape() {
-            [o, wc, kh, kw] => [o, wc, kh, kw],
-            ref s => {
-                return Err(invalid(
-                    OP,
-                    format!("weight must be [out, in, kh, kw], found shape {s:?}"),
-                ));
-            }
-        };
-        if wc != c {
-            return Err(invalid(
-                OP,
-                format!(
-                    "weight {:?} expects {wc} input channels, input has {c}",
-                    weight.shape()
-                ),
-            ));
-        }
-        let (oh, ow) = p.output_hw(h, w, kh, kw).ok_or_else(|| {
-            invalid(
-                OP,
-                format!(
-                    "input {h}x{w} with padding {:?} is smaller than the {kh}x{kw} kernel (or stride 0)",
-                    p.padding
-                ),
-            )
-        })?;
-        if let Some(b) = bias {
-            check_param_len(OP, "bias", b, o)?;
-        }
+        let Conv2dDims {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+        } = shapes::conv2d(x.shape(), weight.shape(), bias.map(Tensor::shape), p)?;
         let wt = self.operand_as(weight, x.dtype())?;
         let k = c * kh * kw;
         let plane = oh * ow;
@@ -214,33 +170,19 @@ impl ConvOps for Cuda {
     ) -> Result<Tensor<Self>> {
         const OP: &str = "group_norm";
         let s = suffix(OP, x.dtype())?;
-        let (n, c) = match *x.shape() {
-            [n, c, ..] => (n, c),
-            ref s => {
-                return Err(invalid(
-                    OP,
-                    format!("expected [N, C, ...], found shape {s:?}"),
-                ));
-            }
-        };
-        if groups == 0 || !c.is_multiple_of(groups) {
-            return Err(invalid(
-                OP,
-                format!("{c} channels cannot be split into {groups} groups"),
-            ));
-        }
-        if let Some(t) = weight {
-            check_param_len(OP, "weight", t, c)?;
-        }
-        if let Some(t) = bias {
-            check_param_len(OP, "bias", t, c)?;
-        }
+        let GroupNormDims {
+            n, spatial, cpg, ..
+        } = shapes::group_norm(
+            OP,
+            x.shape(),
+            groups,
+            weight.map(Tensor::shape),
+            bias.map(Tensor::shape),
+        )?;
         let wt = weight.map(|t| self.operand_as(t, x.dtype())).transpose()?;
         let bt = bias.map(|t| self.operand_as(t, x.dtype())).transpose()?;
-        let spatial = x.numel() / (n * c).max(1);
-        let cpg = c / groups;
         let out = self.empty(x.shape(), x.dtype())?;
-        if cpg * spatial == 0 {
+        if n * cpg * spatial == 0 {
             return self.zeros(x.shape(), x.dtype());
         }
         let xb = &x.storage().buf;
@@ -267,7 +209,7 @@ impl ConvOps for Cuda {
     fn upsample_nearest2x(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         const OP: &str = "upsample_nearest2x";
         let s = suffix(OP, x.dtype())?;
-        let [n, c, h, w] = shape4(OP, x)?;
+        let [n, c, h, w] = shapes::nchw(OP, x.shape())?;
         let out = self.empty(&[n, c, 2 * h, 2 * w], x.dtype())?;
         self.launch(
             &format!("upsample2x_{s}"),
@@ -292,11 +234,8 @@ impl ConvOps for Cuda {
     ) -> Result<Tensor<Self>> {
         const OP: &str = "attention_nchw";
         let s = suffix(OP, q.dtype())?;
-        let [n, c, h, w] = shape4(OP, q)?;
+        let [n, c, h, w] = shapes::attention_nchw(q.shape(), k.shape(), v.shape())?;
         for t in [k, v] {
-            if t.shape() != q.shape() {
-                return Err(shape_err(OP, q.shape().to_vec(), t.shape()));
-            }
             if t.dtype() != q.dtype() {
                 return Err(KernelError::DTypeMismatch {
                     op: OP,
@@ -386,28 +325,13 @@ impl ConvOps for Cuda {
     fn narrow_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
         const OP: &str = "narrow_channels";
         suffix(OP, x.dtype())?;
-        let (n, c) = match *x.shape() {
-            [n, c, ..] => (n, c),
-            ref s => {
-                return Err(invalid(
-                    OP,
-                    format!("expected [N, C, ...], found shape {s:?}"),
-                ));
-            }
-        };
-        if start.checked_add(len).is_none_or(|e| e > c) {
-            return Err(invalid(
-                OP,
-                format!(
-                    "channels {start}..{} out of range for {c} channels",
-                    start.saturating_add(len)
-                ),
-            ));
-        }
-        let inner = x.numel() / (n * c).max(1);
-        let mut shape = x.shape().to_vec();
-        shape[1] = len;
-        let out = self.empty(&shape, x.dtype())?;
+        let ChannelSlice {
+            n,
+            c,
+            inner,
+            out_shape,
+        } = shapes::narrow_channels(x.shape(), start, len)?;
+        let out = self.empty(&out_shape, x.dtype())?;
         self.copy_rows(
             &out,
             x,
@@ -429,17 +353,7 @@ impl ConvOps for Cuda {
     ) -> Result<Tensor<Self>> {
         const OP: &str = "crop2d";
         let s = suffix(OP, x.dtype())?;
-        let [n, c, ih, iw] = shape4(OP, x)?;
-        if y0.checked_add(h).is_none_or(|e| e > ih) || x0.checked_add(w).is_none_or(|e| e > iw) {
-            return Err(invalid(
-                OP,
-                format!(
-                    "window rows {y0}..{} cols {x0}..{} exceeds {ih}x{iw}",
-                    y0.saturating_add(h),
-                    x0.saturating_add(w)
-                ),
-            ));
-        }
+        let [n, c, ih, iw] = shapes::crop2d(x.shape(), y0, x0, h, w)?;
         let out = self.empty(&[n, c, h, w], x.dtype())?;
         self.launch(
             &format!("crop_{s}"),

@@ -3,7 +3,7 @@
 
 use crate::blas::{Gemm, GemmKind};
 use crate::device::{Arg, Cuda, CudaStorage, flag, suffix, u};
-use flux_kernels::model_ops::split_at_dim;
+use flux_kernels::shapes::{self, AttentionDims, DimSplit, MatmulDims, RowDims};
 use flux_kernels::{
     Activation, BinaryOp, ByteView, DType, KernelError, ModelOps, Result, SamplerOps, Tensor,
 };
@@ -27,31 +27,7 @@ impl Operand<'_> {
     }
 }
 
-pub(crate) fn shape_err(op: &'static str, expected: Vec<usize>, found: &[usize]) -> KernelError {
-    KernelError::ShapeMismatch {
-        op,
-        expected,
-        found: found.to_vec(),
-    }
-}
-
-pub(crate) fn invalid(op: &'static str, message: String) -> KernelError {
-    KernelError::InvalidArgument { op, message }
-}
-
-fn last_dim(op: &'static str, t: &Tensor<Cuda>) -> Result<usize> {
-    t.shape()
-        .last()
-        .copied()
-        .ok_or_else(|| invalid(op, "needs a tensor of rank >= 1".into()))
-}
-
-fn check_vec(op: &'static str, t: Option<&Tensor<Cuda>>, c: usize) -> Result<()> {
-    match t {
-        Some(t) if t.numel() != c => Err(shape_err(op, vec![c], t.shape())),
-        _ => Ok(()),
-    }
-}
+pub(crate) use flux_kernels::shapes::invalid;
 
 /// Threads per block of the row kernels (norms, softmax).
 fn row_threads(c: usize) -> u32 {
@@ -61,26 +37,6 @@ fn row_threads(c: usize) -> u32 {
         128
     } else {
         64
-    }
-}
-
-/// Checks `x [B, L, C]` against a per-batch vector `[B, C]` (or a shared `[C]`).
-fn per_batch(
-    op: &'static str,
-    x: &Tensor<Cuda>,
-    v: &Tensor<Cuda>,
-) -> Result<(usize, usize, usize, bool)> {
-    let s = x.shape();
-    if s.len() != 3 {
-        return Err(invalid(op, format!("expects [B, L, C], found {s:?}")));
-    }
-    let (b, l, c) = (s[0], s[1], s[2]);
-    if v.numel() == b * c {
-        Ok((b, l, c, false))
-    } else if v.numel() == c {
-        Ok((b, l, c, true))
-    } else {
-        Err(shape_err(op, vec![b, c], v.shape()))
     }
 }
 
@@ -199,25 +155,12 @@ impl Cuda {
         bias: Option<&Tensor<Cuda>>,
     ) -> Result<Tensor<Cuda>> {
         let s = Self::act("linear", x)?;
-        let k = last_dim("linear", x)?;
-        if w.shape().len() != 2 || w.shape()[1] != k {
-            return Err(shape_err(
-                "linear",
-                vec![w.shape().first().copied().unwrap_or(0), k],
-                w.shape(),
-            ));
-        }
-        let n = w.shape()[0];
-        if let Some(b) = bias
-            && b.shape() != [n]
-        {
-            return Err(shape_err("linear bias", vec![n], b.shape()));
-        }
-        let m = x.numel().checked_div(k).unwrap_or(0);
-        let mut shape = x.shape().to_vec();
-        if let Some(last) = shape.last_mut() {
-            *last = n;
-        }
+        let shapes::LinearDims {
+            m,
+            k,
+            n,
+            out_shape: shape,
+        } = shapes::linear(x.shape(), w.shape(), bias.map(Tensor::shape))?;
         let out = self.empty(&shape, x.dtype())?;
         let tensor_cores =
             x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
@@ -308,30 +251,14 @@ impl Cuda {
         transpose_b: bool,
     ) -> Result<Tensor<Cuda>> {
         Self::act("matmul", a)?;
-        let (ar, br) = (a.shape().len(), b.shape().len());
-        if ar < 2 || br < 2 {
-            return Err(invalid(
-                "matmul",
-                format!(
-                    "needs rank >= 2 operands, found {:?} and {:?}",
-                    a.shape(),
-                    b.shape()
-                ),
-            ));
-        }
-        let (m, k) = (a.shape()[ar - 2], a.shape()[ar - 1]);
-        let (kb, n) = if transpose_b {
-            (b.shape()[br - 1], b.shape()[br - 2])
-        } else {
-            (b.shape()[br - 2], b.shape()[br - 1])
-        };
-        let batch: usize = a.shape()[..ar - 2].iter().product();
-        let shared = br == 2;
-        if kb != k || (!shared && b.shape()[..br - 2] != a.shape()[..ar - 2]) {
-            return Err(shape_err("matmul", a.shape().to_vec(), b.shape()));
-        }
-        let mut shape = a.shape().to_vec();
-        shape[ar - 1] = n;
+        let MatmulDims {
+            batch,
+            m,
+            k,
+            n,
+            shared_b: shared,
+            out_shape: shape,
+        } = shapes::matmul(a.shape(), b.shape(), transpose_b)?;
         if k == 0 {
             return self.zeros(&shape, a.dtype());
         }
@@ -387,37 +314,22 @@ impl Cuda {
             }
         }
         let s = q.shape();
-        if s.len() != 4 {
-            return Err(invalid(OP, format!("expects q [B, L, H, D], found {s:?}")));
-        }
-        let (b, lq, h, d) = (s[0], s[1], s[2], s[3]);
-        let lk = k.shape().get(1).copied().unwrap_or(0);
-        if k.shape() != [b, lk, h, d] {
-            return Err(shape_err("attention k", vec![b, lk, h, d], k.shape()));
-        }
-        if v.shape() != k.shape() {
-            return Err(shape_err("attention v", k.shape().to_vec(), v.shape()));
-        }
+        let AttentionDims {
+            b,
+            lq,
+            lk,
+            h,
+            d,
+            bias: bias_dims,
+        } = shapes::attention(s, k.shape(), v.shape(), bias.map(Tensor::shape))?;
         if d > 256 {
             return Err(invalid(
                 OP,
                 format!("head dim {d} exceeds the 256 the attention kernel holds per warp"),
             ));
         }
-        let (bias_op, bb, bh) = match bias {
-            None => (None, 1, 1),
-            Some(t) => {
-                let bs = t.shape();
-                let ok = bs.len() == 4
-                    && (bs[0] == 1 || bs[0] == b)
-                    && (bs[1] == 1 || bs[1] == h)
-                    && bs[2..] == [lq, lk];
-                if !ok {
-                    return Err(shape_err("attention bias", vec![b, h, lq, lk], bs));
-                }
-                (Some(self.operand_as(t, q.dtype())?), bs[0], bs[1])
-            }
-        };
+        let (bb, bh) = bias_dims.unwrap_or((1, 1));
+        let bias_op = bias.map(|t| self.operand_as(t, q.dtype())).transpose()?;
         let out = self.empty(s, q.dtype())?;
         if lk == 0 || out.numel() == 0 {
             return self.zeros(s, q.dtype());
@@ -500,15 +412,7 @@ impl ModelOps for Cuda {
         dtype: DType,
         scale: Option<f32>,
     ) -> Result<Tensor<Self>> {
-        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let need = n.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
-        if need != Some(bytes.len()) {
-            return Err(KernelError::LengthMismatch {
-                op: "upload_weight",
-                expected: need.unwrap_or(usize::MAX),
-                found: bytes.len(),
-            });
-        }
+        shapes::weight_len(shape, dtype, bytes.len())?;
         let mut buf = self.alloc_bytes(bytes.len())?;
         if !bytes.is_empty() {
             self.stream()
@@ -559,13 +463,14 @@ impl ModelOps for Cuda {
         eps: f64,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("layer_norm", x)?;
-        let c = last_dim("layer_norm", x)?;
-        check_vec("layer_norm weight", weight, c)?;
-        check_vec("layer_norm bias", bias, c)?;
+        let RowDims { rows, len: c } = shapes::layer_norm(
+            x.shape(),
+            weight.map(Tensor::shape),
+            bias.map(Tensor::shape),
+        )?;
         let w = weight.map(|t| self.operand_as(t, x.dtype())).transpose()?;
         let b = bias.map(|t| self.operand_as(t, x.dtype())).transpose()?;
         let xb = &x.storage().buf;
-        let rows = x.numel().checked_div(c).unwrap_or(0);
         self.unary(
             &format!("layer_norm_{s}"),
             x,
@@ -589,10 +494,8 @@ impl ModelOps for Cuda {
         eps: f64,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("rms_norm", x)?;
-        let c = last_dim("rms_norm", x)?;
-        check_vec("rms_norm scale", scale, c)?;
+        let RowDims { rows, len: c } = shapes::rms_norm(x.shape(), scale.map(Tensor::shape))?;
         let sc = scale.map(|t| self.operand_as(t, x.dtype())).transpose()?;
-        let rows = x.numel().checked_div(c).unwrap_or(0);
         self.unary(
             &format!("rms_norm_{s}"),
             x,
@@ -614,8 +517,13 @@ impl ModelOps for Cuda {
         scale: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("modulate", x)?;
-        let (_, l, c, sh_shared) = per_batch("modulate shift", x, shift)?;
-        let (_, _, _, sc_shared) = per_batch("modulate scale", x, scale)?;
+        let shapes::ModulateDims {
+            l,
+            c,
+            shift_shared: sh_shared,
+            scale_shared: sc_shared,
+            ..
+        } = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
         let sh = self.operand_as(shift, x.dtype())?;
         let sc = self.operand_as(scale, x.dtype())?;
         let n = x.numel();
@@ -643,9 +551,8 @@ impl ModelOps for Cuda {
         gate: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("gated_add", x)?;
-        if y.shape() != x.shape() {
-            return Err(shape_err("gated_add", x.shape().to_vec(), y.shape()));
-        }
+        let shapes::PerBatch { l, c, shared, .. } =
+            shapes::gated_add(x.shape(), y.shape(), gate.shape())?;
         if y.dtype() != x.dtype() {
             return Err(KernelError::DTypeMismatch {
                 op: "gated_add",
@@ -653,7 +560,6 @@ impl ModelOps for Cuda {
                 found: y.dtype(),
             });
         }
-        let (_, l, c, shared) = per_batch("gated_add gate", x, gate)?;
         let g = self.operand_as(gate, x.dtype())?;
         let n = x.numel();
         self.unary(
@@ -693,11 +599,7 @@ impl ModelOps for Cuda {
 
     fn binary(&self, a: &Tensor<Self>, b: &Tensor<Self>, op: BinaryOp) -> Result<Tensor<Self>> {
         let s = Self::act("binary", a)?;
-        let (sa, sb) = (a.shape(), b.shape());
-        if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
-            return Err(shape_err("binary", sa.to_vec(), sb));
-        }
-        let nb = b.numel();
+        let nb = shapes::binary(a.shape(), b.shape())?;
         if nb == 0 {
             return self.copy(a);
         }
@@ -711,7 +613,7 @@ impl ModelOps for Cuda {
         self.unary(
             &format!("binary_{s}"),
             a,
-            sa,
+            a.shape(),
             &[Arg::Buf(bv.buf()), u(n), u(nb), Arg::I32(code)],
             self.cfg_elems(n),
         )
@@ -731,8 +633,7 @@ impl ModelOps for Cuda {
 
     fn softmax(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         let s = Self::act("softmax", x)?;
-        let c = last_dim("softmax", x)?;
-        let rows = x.numel().checked_div(c).unwrap_or(0);
+        let RowDims { rows, len: c } = shapes::rows("softmax", x.shape())?;
         self.unary(
             &format!("softmax_{s}"),
             x,
@@ -745,30 +646,26 @@ impl ModelOps for Cuda {
     fn rope(&self, x: &Tensor<Self>, cos_sin: &Tensor<Self>) -> Result<Tensor<Self>> {
         let s = Self::act("rope", x)?;
         let sh = x.shape();
-        if sh.len() != 4 || !sh[3].is_multiple_of(2) {
-            return Err(invalid(
-                "rope",
-                format!("expects x [B, L, H, D] with even D, found {sh:?}"),
-            ));
-        }
-        let (b, l, h, d) = (sh[0], sh[1], sh[2], sh[3]);
-        let cb = cos_sin.shape().first().copied().unwrap_or(0);
-        if cos_sin.shape().len() != 4
-            || !(cb == 1 || cb == b)
-            || cos_sin.shape()[1..] != [l, d / 2, 2]
-        {
-            return Err(shape_err(
-                "rope table",
-                vec![b, l, d / 2, 2],
-                cos_sin.shape(),
-            ));
-        }
+        let shapes::RopeDims {
+            b,
+            l,
+            h,
+            d,
+            shared_table,
+        } = shapes::rope(sh, cos_sin.shape())?;
         let t = self.operand_as(cos_sin, x.dtype())?;
         self.unary(
             &format!("rope_{s}"),
             x,
             sh,
-            &[Arg::Buf(t.buf()), u(b), u(l), u(h), u(d), flag(cb == 1)],
+            &[
+                Arg::Buf(t.buf()),
+                u(b),
+                u(l),
+                u(h),
+                u(d),
+                flag(shared_table),
+            ],
             self.cfg_elems(x.numel() / 2),
         )
     }
@@ -785,33 +682,25 @@ impl ModelOps for Cuda {
     }
 
     fn concat(&self, xs: &[&Tensor<Self>], dim: usize) -> Result<Tensor<Self>> {
+        let DimSplit {
+            outer,
+            inner,
+            out_shape,
+            ..
+        } = shapes::concat(xs.iter().map(|t| t.shape()), dim)?;
         let first = xs
             .first()
-            .ok_or_else(|| invalid("concat", "needs at least one tensor".into()))?;
+            .ok_or_else(|| invalid("concat", "needs at least one tensor"))?;
         Self::act("concat", first)?;
-        let (outer, _, inner) = split_at_dim("concat", first.shape(), dim)?;
-        let mut total = 0;
-        for t in xs {
-            let s = t.shape();
-            if s.len() != first.shape().len()
-                || s[..dim] != first.shape()[..dim]
-                || s[dim + 1..] != first.shape()[dim + 1..]
-            {
-                return Err(shape_err("concat", first.shape().to_vec(), s));
-            }
-            if t.dtype() != first.dtype() {
-                return Err(KernelError::DTypeMismatch {
-                    op: "concat",
-                    expected: first.dtype(),
-                    found: t.dtype(),
-                });
-            }
-            total += s[dim];
+        if let Some(t) = xs.iter().find(|t| t.dtype() != first.dtype()) {
+            return Err(KernelError::DTypeMismatch {
+                op: "concat",
+                expected: first.dtype(),
+                found: t.dtype(),
+            });
         }
-        let mut shape = first.shape().to_vec();
-        shape[dim] = total;
-        let out = self.empty(&shape, first.dtype())?;
-        let row = total * inner;
+        let out = self.empty(&out_shape, first.dtype())?;
+        let row = out_shape[dim] * inner;
         let mut off = 0;
         for t in xs {
             let blk = t.shape()[dim] * inner;
@@ -829,16 +718,13 @@ impl ModelOps for Cuda {
         len: usize,
     ) -> Result<Tensor<Self>> {
         Self::act("narrow", x)?;
-        let (outer, size, inner) = split_at_dim("narrow", x.shape(), dim)?;
-        if start.checked_add(len).is_none_or(|e| e > size) {
-            return Err(invalid(
-                "narrow",
-                format!("range {start}+{len} exceeds dim {dim} of size {size}"),
-            ));
-        }
-        let mut shape = x.shape().to_vec();
-        shape[dim] = len;
-        let out = self.empty(&shape, x.dtype())?;
+        let DimSplit {
+            outer,
+            size,
+            inner,
+            out_shape,
+        } = shapes::narrow(x.shape(), dim, start, len)?;
+        let out = self.empty(&out_shape, x.dtype())?;
         self.copy_rows(
             &out,
             x,
@@ -852,36 +738,23 @@ impl ModelOps for Cuda {
 
     fn permute(&self, x: &Tensor<Self>, perm: &[usize]) -> Result<Tensor<Self>> {
         let sfx = Self::act("permute", x)?;
-        let s = x.shape();
-        let r = s.len();
-        let mut seen = vec![false; r];
-        if perm.len() != r
-            || perm
-                .iter()
-                .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
-        {
-            return Err(invalid(
-                "permute",
-                format!("{perm:?} is not a permutation of {r} dims"),
-            ));
-        }
+        let shapes::Permuted {
+            out_shape: shape,
+            src_strides,
+        } = shapes::permute(x.shape(), perm)?;
+        let r = shape.len();
         if r > 6 {
             return Err(invalid(
                 "permute",
                 format!("rank {r} exceeds the 6 dims the permute kernel handles"),
             ));
         }
-        let mut strides = vec![1usize; r];
-        for i in (0..r.saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * s[i + 1];
-        }
-        let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
         // Pad to six dims with leading size-1 dims.
         let mut s6 = [1usize; 6];
         let mut st6 = [0usize; 6];
-        for (i, &p) in perm.iter().enumerate() {
-            s6[6 - r + i] = s[p];
-            st6[6 - r + i] = strides[p];
+        for i in 0..r {
+            s6[6 - r + i] = shape[i];
+            st6[6 - r + i] = src_strides[i];
         }
         let n = x.numel();
         let mut args = vec![u(n)];
@@ -903,17 +776,7 @@ impl ModelOps for Cuda {
         dtype: DType,
     ) -> Result<Tensor<Self>> {
         suffix("gather_rows", dtype)?;
-        let s = table.shape();
-        if s.len() != 2 {
-            return Err(shape_err("gather_rows", vec![0, 0], s));
-        }
-        let (v, c) = (s[0], s[1]);
-        if let Some(&id) = ids.iter().find(|&&id| id >= v) {
-            return Err(invalid(
-                "gather_rows",
-                format!("id {id} out of range for a table of {v} rows"),
-            ));
-        }
+        let (_, c) = shapes::gather_rows(table.shape(), ids)?;
         let row_bytes = c * table.dtype().size_in_bytes();
         let ids64: Vec<u64> = ids.iter().map(|&i| i as u64).collect();
         let mut idbuf = self.alloc_bytes(ids64.len() * 8)?;

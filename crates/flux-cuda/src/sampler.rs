@@ -1,7 +1,7 @@
 //! Sampler ops on the device: memory, transfers, the fused linear combination, reductions.
 
 use crate::device::{Arg, Cuda, CudaStorage, dev, suffix, u};
-use flux_kernels::backend::check_terms;
+use flux_kernels::shapes;
 use flux_kernels::{
     Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor,
 };
@@ -211,8 +211,7 @@ impl SamplerOps for Cuda {
     }
 
     fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()> {
-        let shape = out.shape().to_vec();
-        check_terms("lincomb", &shape, out.dtype(), terms, MAX_LINCOMB_TERMS)?;
+        shapes::lincomb_terms(out, terms, false)?;
         self.lincomb_launch(out, None, terms)
     }
 
@@ -222,14 +221,7 @@ impl SamplerOps for Cuda {
         a: f64,
         terms: &[(f64, &Tensor<Self>)],
     ) -> Result<()> {
-        let shape = x.shape().to_vec();
-        check_terms(
-            "lincomb_inplace",
-            &shape,
-            x.dtype(),
-            terms,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        shapes::lincomb_terms(x, terms, true)?;
         self.lincomb_launch(x, Some(a), terms)
     }
 
@@ -265,14 +257,7 @@ impl SamplerOps for Cuda {
         atol: f64,
         rtol: f64,
     ) -> Result<f64> {
-        let shape = e.shape().to_vec();
-        check_terms(
-            "scaled_error_rms",
-            &shape,
-            e.dtype(),
-            &[(1.0, a), (1.0, b)],
-            2,
-        )?;
+        shapes::scaled_error(e, a, b)?;
         let s = suffix("scaled_error_rms", e.dtype())?;
         let n = e.numel();
         let sum = self.reduce(

@@ -6,6 +6,8 @@
 
 use crate::{Backend, DType, HostData, KernelError, Result, SamplerOps, Tensor};
 
+pub use crate::shapes::{check_stats_len, group_layout};
+
 /// Stride and zero padding of a 2-D convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -125,31 +127,6 @@ impl GroupMoments {
     }
 }
 
-/// `(N, C, spatial)` of an `[N, C, ...]` tensor whose `C` splits into `groups`.
-pub fn group_layout(
-    op: &'static str,
-    shape: &[usize],
-    groups: usize,
-) -> Result<(usize, usize, usize)> {
-    let (n, c) = match *shape {
-        [n, c, ..] => (n, c),
-        ref s => {
-            return Err(KernelError::InvalidArgument {
-                op,
-                message: format!("expected [N, C, ...], found shape {s:?}"),
-            });
-        }
-    };
-    if groups == 0 || c % groups != 0 {
-        return Err(KernelError::InvalidArgument {
-            op,
-            message: format!("{c} channels cannot be split into {groups} groups"),
-        });
-    }
-    let spatial = shape[2..].iter().product();
-    Ok((n, c, spatial))
-}
-
 /// Epsilon of the per-piece group norm inside [`group_norm_with_stats_composed`]; any positive
 /// value works (it cancels), it only keeps a constant piece finite.
 const COMPOSED_EPS: f64 = 1e-6;
@@ -220,22 +197,6 @@ pub fn group_norm_with_stats_composed<B: Backend>(
     }
     let refs: Vec<&Tensor<B>> = parts.iter().collect();
     be.concat(&refs, 0)
-}
-
-/// Checks that `mean` and `rstd` hold one value per `(image, group)`.
-pub fn check_stats_len(op: &'static str, want: usize, mean: &[f64], rstd: &[f64]) -> Result<()> {
-    for (what, v) in [("mean", mean), ("rstd", rstd)] {
-        if v.len() != want {
-            return Err(KernelError::InvalidArgument {
-                op,
-                message: format!(
-                    "{what} has {} values, expected one per image and group ({want})",
-                    v.len()
-                ),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Convolution-family ops (NCHW image tensors).

@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod dtype;
 pub mod error;
 pub mod model_ops;
+pub mod shapes;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};

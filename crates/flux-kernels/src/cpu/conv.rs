@@ -7,6 +7,7 @@
 
 use super::{CpuStorage, PAR_THRESHOLD};
 use crate::conv_ops::{Conv2dParams, ConvOps, GroupMoments, check_stats_len, group_layout};
+use crate::shapes::{self, ChannelSlice, Conv2dDims, GroupNormDims};
 use crate::{Cpu, DType, KernelError, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -142,10 +143,6 @@ fn unsupported(op: &'static str, dtype: DType) -> KernelError {
     }
 }
 
-fn invalid(op: &'static str, message: String) -> KernelError {
-    KernelError::InvalidArgument { op, message }
-}
-
 fn input<'a, T: ConvElem>(op: &'static str, t: &'a Tensor<Cpu>) -> Result<&'a [T]> {
     T::slice(t.storage()).ok_or(KernelError::DTypeMismatch {
         op,
@@ -165,31 +162,6 @@ fn param<T: ConvElem>(t: &Tensor<Cpu>) -> Result<Cow<'_, [T]>> {
 
 fn tensor<T: ConvElem>(v: Vec<T>, shape: Vec<usize>) -> Tensor<Cpu> {
     Tensor::from_parts(T::storage(v), shape, T::DTYPE)
-}
-
-fn shape4(op: &'static str, t: &Tensor<Cpu>) -> Result<[usize; 4]> {
-    match *t.shape() {
-        [n, c, h, w] => Ok([n, c, h, w]),
-        ref s => Err(invalid(
-            op,
-            format!("expected a 4-D NCHW tensor, found shape {s:?}"),
-        )),
-    }
-}
-
-fn check_param_len(op: &'static str, what: &str, t: &Tensor<Cpu>, len: usize) -> Result<()> {
-    if t.numel() == len {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!(
-                "{what} has shape {:?} ({} values), expected {len} values",
-                t.shape(),
-                t.numel()
-            ),
-        ))
-    }
 }
 
 /// Dispatches a generic kernel on the input's compute dtype.
@@ -327,34 +299,17 @@ fn conv2d_impl<T: ConvElem>(
     p: Conv2dParams,
 ) -> Result<Tensor<Cpu>> {
     const OP: &str = "conv2d";
-    let [n, c, h, w] = shape4(OP, x)?;
-    let [o, wc, kh, kw] = match *weight.shape() {
-        [o, wc, kh, kw] => [o, wc, kh, kw],
-        ref s => {
-            return Err(invalid(
-                OP,
-                format!("weight must be [out, in, kh, kw], found shape {s:?}"),
-            ));
-        }
-    };
-    if wc != c {
-        return Err(invalid(
-            OP,
-            format!(
-                "weight {:?} expects {wc} input channels, input has {c}",
-                weight.shape()
-            ),
-        ));
-    }
-    let (oh, ow) = p.output_hw(h, w, kh, kw).ok_or_else(|| {
-        invalid(
-            OP,
-            format!("input {h}x{w} with padding {:?} is smaller than the {kh}x{kw} kernel (or stride 0)", p.padding),
-        )
-    })?;
-    if let Some(b) = bias {
-        check_param_len(OP, "bias", b, o)?;
-    }
+    let Conv2dDims {
+        n,
+        c,
+        h,
+        w,
+        o,
+        kh,
+        kw,
+        oh,
+        ow,
+    } = shapes::conv2d(x.shape(), weight.shape(), bias.map(Tensor::shape), p)?;
     let xs = input::<T>(OP, x)?;
     let ws = param::<T>(weight)?;
     let bs = bias.map(param::<T>).transpose()?;
@@ -500,20 +455,21 @@ fn group_norm_with<T: ConvElem>(
     given: Option<(&[f64], &[f64])>,
     eps: f64,
 ) -> Result<Tensor<Cpu>> {
-    let (n, c, spatial) = group_layout(op, x.shape(), groups)?;
+    let GroupNormDims {
+        n, spatial, cpg, ..
+    } = shapes::group_norm(
+        op,
+        x.shape(),
+        groups,
+        weight.map(Tensor::shape),
+        bias.map(Tensor::shape),
+    )?;
     if let Some((mean, rstd)) = given {
         check_stats_len(op, n * groups, mean, rstd)?;
-    }
-    if let Some(t) = weight {
-        check_param_len(op, "weight", t, c)?;
-    }
-    if let Some(t) = bias {
-        check_param_len(op, "bias", t, c)?;
     }
     let xs = input::<T>(op, x)?;
     let ws = weight.map(param::<T>).transpose()?;
     let bs = bias.map(param::<T>).transpose()?;
-    let cpg = c / groups;
     let glen = cpg * spatial;
     let mut out = vec![T::ZERO; xs.len()];
     if glen == 0 {
@@ -596,7 +552,7 @@ fn group_moments_impl<T: ConvElem>(x: &Tensor<Cpu>, groups: usize) -> Result<Gro
 
 fn upsample_impl<T: ConvElem>(x: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
     const OP: &str = "upsample_nearest2x";
-    let [n, c, h, w] = shape4(OP, x)?;
+    let [n, c, h, w] = shapes::nchw(OP, x.shape())?;
     let xs = input::<T>(OP, x)?;
     let mut out = vec![T::ZERO; n * c * 4 * h * w];
     let plane_out = 4 * h * w;
@@ -650,16 +606,7 @@ fn attention_impl<T: ConvElem>(
     scale: f64,
 ) -> Result<Tensor<Cpu>> {
     const OP: &str = "attention_nchw";
-    let [n, c, h, w] = shape4(OP, q)?;
-    for t in [k, v] {
-        if t.shape() != q.shape() {
-            return Err(KernelError::ShapeMismatch {
-                op: OP,
-                expected: q.shape().to_vec(),
-                found: t.shape().to_vec(),
-            });
-        }
-    }
+    let [n, c, h, w] = shapes::attention_nchw(q.shape(), k.shape(), v.shape())?;
     let (qs, ks, vs) = (input::<T>(OP, q)?, input::<T>(OP, k)?, input::<T>(OP, v)?);
     let l = h * w;
     let mut out = vec![T::ZERO; n * c * l];
@@ -705,34 +652,19 @@ fn attention_impl<T: ConvElem>(
 
 fn narrow_impl<T: ConvElem>(x: &Tensor<Cpu>, start: usize, len: usize) -> Result<Tensor<Cpu>> {
     const OP: &str = "narrow_channels";
-    let (n, c) = match *x.shape() {
-        [n, c, ..] => (n, c),
-        ref s => {
-            return Err(invalid(
-                OP,
-                format!("expected [N, C, ...], found shape {s:?}"),
-            ));
-        }
-    };
-    if start + len > c {
-        return Err(invalid(
-            OP,
-            format!(
-                "channels {start}..{} out of range for {c} channels",
-                start + len
-            ),
-        ));
-    }
+    let ChannelSlice {
+        n,
+        c,
+        inner,
+        out_shape,
+    } = shapes::narrow_channels(x.shape(), start, len)?;
     let xs = input::<T>(OP, x)?;
-    let inner = x.numel() / (n * c).max(1);
     let mut out = Vec::with_capacity(n * len * inner);
     for b in 0..n {
         let off = (b * c + start) * inner;
         out.extend_from_slice(&xs[off..off + len * inner]);
     }
-    let mut shape = x.shape().to_vec();
-    shape[1] = len;
-    Ok(tensor(out, shape))
+    Ok(tensor(out, out_shape))
 }
 
 fn crop_impl<T: ConvElem>(
@@ -743,17 +675,7 @@ fn crop_impl<T: ConvElem>(
     cw: usize,
 ) -> Result<Tensor<Cpu>> {
     const OP: &str = "crop2d";
-    let [n, c, h, w] = shape4(OP, x)?;
-    if y0 + ch > h || x0 + cw > w {
-        return Err(invalid(
-            OP,
-            format!(
-                "window rows {y0}..{} cols {x0}..{} exceeds {h}x{w}",
-                y0 + ch,
-                x0 + cw
-            ),
-        ));
-    }
+    let [n, c, h, w] = shapes::crop2d(x.shape(), y0, x0, ch, cw)?;
     let xs = input::<T>(OP, x)?;
     let mut out = Vec::with_capacity(n * c * ch * cw);
     for p in 0..n * c {

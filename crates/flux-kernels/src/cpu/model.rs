@@ -6,7 +6,8 @@
 
 use super::gemm::{GemmElem, Mat, Parallelism, gemm, pool_parallelism};
 use super::{CpuStorage, Elem, PAR_THRESHOLD, WeightData, unsupported};
-use crate::model_ops::{Activation, BinaryOp, ByteView, ModelOps, split_at_dim};
+use crate::model_ops::{Activation, BinaryOp, ByteView, ModelOps};
+use crate::shapes::{self, AttentionDims, DimSplit, MatmulDims, RowDims};
 use crate::{Cpu, DType, KernelError, Result, Tensor};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -272,24 +273,6 @@ fn out<T: Real>(v: Vec<T>, shape: Vec<usize>) -> Tensor<Cpu> {
     Tensor::from_parts(T::wrap(v), shape, T::DTYPE)
 }
 
-fn shape_err(op: &'static str, expected: Vec<usize>, found: &[usize]) -> KernelError {
-    KernelError::ShapeMismatch {
-        op,
-        expected,
-        found: found.to_vec(),
-    }
-}
-
-fn last_dim(op: &'static str, t: &Tensor<Cpu>) -> Result<usize> {
-    t.shape()
-        .last()
-        .copied()
-        .ok_or_else(|| KernelError::InvalidArgument {
-            op,
-            message: "needs a tensor of rank >= 1".into(),
-        })
-}
-
 macro_rules! by_dtype {
     ($op:expr, $t:expr, $f:ident ( $($arg:expr),* )) => {
         match $t.dtype() {
@@ -448,23 +431,13 @@ fn linear_t<T: Real>(
     bias: Option<&Tensor<Cpu>>,
 ) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("linear", x)?;
-    let k = last_dim("linear", x)?;
-    if w.shape().len() != 2 || w.shape()[1] != k {
-        return Err(shape_err(
-            "linear",
-            vec![w.shape().first().copied().unwrap_or(0), k],
-            w.shape(),
-        ));
-    }
-    let n = w.shape()[0];
-    let m = xs.len().checked_div(k).unwrap_or(0);
-    let b = match bias {
-        Some(b) if b.shape() != [n] => return Err(shape_err("linear bias", vec![n], b.shape())),
-        Some(b) => Some(operand::<T>(b)),
-        None => None,
-    };
-    let mut shape = x.shape().to_vec();
-    *shape.last_mut().unwrap_or(&mut 0) = n;
+    let shapes::LinearDims {
+        m,
+        k,
+        n,
+        out_shape: shape,
+    } = shapes::linear(x.shape(), w.shape(), bias.map(Tensor::shape))?;
+    let b = bias.map(operand::<T>);
     let mut o = vec![<T as Elem>::ZERO; m * n];
     if m == 0 || n == 0 {
         return Ok(out(o, shape));
@@ -542,28 +515,14 @@ fn linear_t<T: Real>(
 
 fn matmul_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, transpose_b: bool) -> Result<Tensor<Cpu>> {
     let av = act::<T>("matmul", a)?;
-    let (ar, br) = (a.shape().len(), b.shape().len());
-    if ar < 2 || br < 2 {
-        return Err(KernelError::InvalidArgument {
-            op: "matmul",
-            message: format!(
-                "needs rank >= 2 operands, found {:?} and {:?}",
-                a.shape(),
-                b.shape()
-            ),
-        });
-    }
-    let (m, k) = (a.shape()[ar - 2], a.shape()[ar - 1]);
-    let (kb, n) = if transpose_b {
-        (b.shape()[br - 1], b.shape()[br - 2])
-    } else {
-        (b.shape()[br - 2], b.shape()[br - 1])
-    };
-    let batch: usize = a.shape()[..ar - 2].iter().product();
-    let shared = br == 2;
-    if kb != k || (!shared && b.shape()[..br - 2] != a.shape()[..ar - 2]) {
-        return Err(shape_err("matmul", a.shape().to_vec(), b.shape()));
-    }
+    let MatmulDims {
+        batch,
+        m,
+        k,
+        n,
+        shared_b: shared,
+        out_shape,
+    } = shapes::matmul(a.shape(), b.shape(), transpose_b)?;
     let bv = operand::<T>(b);
     let mut o = vec![<T as Elem>::ZERO; batch * m * n];
     for i in 0..batch {
@@ -598,16 +557,7 @@ fn matmul_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, transpose_b: bool) -> Res
             pool_parallelism(),
         );
     }
-    let mut shape = a.shape().to_vec();
-    shape[ar - 1] = n;
-    Ok(out(o, shape))
-}
-
-fn check_vec(op: &'static str, t: Option<&Tensor<Cpu>>, c: usize) -> Result<()> {
-    match t {
-        Some(t) if t.numel() != c => Err(shape_err(op, vec![c], t.shape())),
-        _ => Ok(()),
-    }
+    Ok(out(o, out_shape))
 }
 
 fn layer_norm_t<T: Real>(
@@ -617,9 +567,8 @@ fn layer_norm_t<T: Real>(
     eps: f64,
 ) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("layer_norm", x)?;
-    let c = last_dim("layer_norm", x)?;
-    check_vec("layer_norm weight", w, c)?;
-    check_vec("layer_norm bias", b, c)?;
+    let RowDims { len: c, .. } =
+        shapes::layer_norm(x.shape(), w.map(Tensor::shape), b.map(Tensor::shape))?;
     let w = w.map(operand::<T>);
     let b = b.map(operand::<T>);
     let o = map_rows(xs, c, |_, x, o| {
@@ -647,8 +596,7 @@ fn rms_norm_t<T: Real>(
     eps: f64,
 ) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("rms_norm", x)?;
-    let c = last_dim("rms_norm", x)?;
-    check_vec("rms_norm scale", scale, c)?;
+    let RowDims { len: c, .. } = shapes::rms_norm(x.shape(), scale.map(Tensor::shape))?;
     let s = scale.map(operand::<T>);
     let o = map_rows(xs, c, |_, x, o| {
         let ms = x.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / c as f64;
@@ -663,37 +611,19 @@ fn rms_norm_t<T: Real>(
     Ok(out(o, x.shape().to_vec()))
 }
 
-/// Checks `x [B, L, C]` against a per-batch vector `[B, C]` (or `[C]`/`[1, C]`, shared).
-fn per_batch(
-    op: &'static str,
-    x: &Tensor<Cpu>,
-    v: &Tensor<Cpu>,
-) -> Result<(usize, usize, usize, bool)> {
-    let s = x.shape();
-    if s.len() != 3 {
-        return Err(KernelError::InvalidArgument {
-            op,
-            message: format!("expects [B, L, C], found {s:?}"),
-        });
-    }
-    let (b, l, c) = (s[0], s[1], s[2]);
-    if v.numel() == b * c {
-        Ok((b, l, c, false))
-    } else if v.numel() == c {
-        Ok((b, l, c, true))
-    } else {
-        Err(shape_err(op, vec![b, c], v.shape()))
-    }
-}
-
 fn modulate_t<T: Real>(
     x: &Tensor<Cpu>,
     shift: &Tensor<Cpu>,
     scale: &Tensor<Cpu>,
 ) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("modulate", x)?;
-    let (_, l, c, sh_shared) = per_batch("modulate shift", x, shift)?;
-    let (_, _, _, sc_shared) = per_batch("modulate scale", x, scale)?;
+    let shapes::ModulateDims {
+        l,
+        c,
+        shift_shared: sh_shared,
+        scale_shared: sc_shared,
+        ..
+    } = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
     let (sh, sc) = (operand::<T>(shift), operand::<T>(scale));
     let o = map_rows(xs, c, |row, x, o| {
         let bi = row / l.max(1);
@@ -720,11 +650,9 @@ fn gated_add_t<T: Real>(
     gate: &Tensor<Cpu>,
 ) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("gated_add", x)?;
-    if y.shape() != x.shape() {
-        return Err(shape_err("gated_add", x.shape().to_vec(), y.shape()));
-    }
+    let shapes::PerBatch { l, c, shared, .. } =
+        shapes::gated_add(x.shape(), y.shape(), gate.shape())?;
     let ys = act::<T>("gated_add", y)?;
-    let (_, l, c, shared) = per_batch("gated_add gate", x, gate)?;
     let g = operand::<T>(gate);
     let o = map_rows(xs, c, |row, x, o| {
         let bi = row / l.max(1);
@@ -913,14 +841,10 @@ fn activation_t<T: Real>(x: &Tensor<Cpu>, a: Activation) -> Result<Tensor<Cpu>> 
 
 fn binary_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, op: BinaryOp) -> Result<Tensor<Cpu>> {
     let av = act::<T>("binary", a)?;
-    let (sa, sb) = (a.shape(), b.shape());
-    if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
-        return Err(shape_err("binary", sa.to_vec(), sb));
-    }
+    let n = shapes::binary(a.shape(), b.shape())?;
     let bv = operand::<T>(b);
-    let n = bv.len();
     if n == 0 {
-        return Ok(out(av.to_vec(), sa.to_vec()));
+        return Ok(out(av.to_vec(), a.shape().to_vec()));
     }
     let o = map_rows(av, n, |_, x, o| {
         for j in 0..n {
@@ -931,7 +855,7 @@ fn binary_t<T: Real>(a: &Tensor<Cpu>, b: &Tensor<Cpu>, op: BinaryOp) -> Result<T
             };
         }
     });
-    Ok(out(o, sa.to_vec()))
+    Ok(out(o, a.shape().to_vec()))
 }
 
 fn affine_t<T: Real>(x: &Tensor<Cpu>, mul: f64, add: f64) -> Result<Tensor<Cpu>> {
@@ -1001,7 +925,7 @@ fn softmax_row<T: Real>(x: &[T], o: &mut [T]) {
 
 fn softmax_t<T: Real>(x: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("softmax", x)?;
-    let c = last_dim("softmax", x)?;
+    let c = shapes::last_dim("softmax", x.shape())?;
     let o = map_rows(xs, c, |_, x, o| softmax_row(x, o));
     Ok(out(o, x.shape().to_vec()))
 }
@@ -1009,21 +933,17 @@ fn softmax_t<T: Real>(x: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
 fn rope_t<T: Real>(x: &Tensor<Cpu>, cs: &Tensor<Cpu>) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("rope", x)?;
     let s = x.shape();
-    if s.len() != 4 || !s[3].is_multiple_of(2) {
-        return Err(KernelError::InvalidArgument {
-            op: "rope",
-            message: format!("expects x [B, L, H, D] with even D, found {s:?}"),
-        });
-    }
-    let (b, l, h, d) = (s[0], s[1], s[2], s[3]);
-    let cb = cs.shape().first().copied().unwrap_or(0);
-    if cs.shape().len() != 4 || !(cb == 1 || cb == b) || cs.shape()[1..] != [l, d / 2, 2] {
-        return Err(shape_err("rope table", vec![b, l, d / 2, 2], cs.shape()));
-    }
+    let shapes::RopeDims {
+        l,
+        h,
+        d,
+        shared_table,
+        ..
+    } = shapes::rope(s, cs.shape())?;
     let t = operand::<T>(cs);
     let o = map_rows(xs, h * d, |row, x, o| {
         let (bi, li) = (row / l.max(1), row % l.max(1));
-        let tb = if cb == 1 { 0 } else { bi };
+        let tb = if shared_table { 0 } else { bi };
         let tab = &t[(tb * l + li) * d..(tb * l + li + 1) * d];
         for hh in 0..h {
             let (x, o) = (&x[hh * d..(hh + 1) * d], &mut o[hh * d..(hh + 1) * d]);
@@ -1227,34 +1147,17 @@ fn attention_t<T: Real>(
         act::<T>("attention", v)?,
     );
     let s = q.shape();
-    if s.len() != 4 {
-        return Err(KernelError::InvalidArgument {
-            op: "attention",
-            message: format!("expects q [B, L, H, D], found {s:?}"),
-        });
-    }
-    let (b, lq, h, d) = (s[0], s[1], s[2], s[3]);
-    let lk = k.shape().get(1).copied().unwrap_or(0);
-    if k.shape() != [b, lk, h, d] {
-        return Err(shape_err("attention k", vec![b, lk, h, d], k.shape()));
-    }
-    if v.shape() != k.shape() {
-        return Err(shape_err("attention v", k.shape().to_vec(), v.shape()));
-    }
-    let bias_info = match bias {
-        None => None,
-        Some(t) => {
-            let bs = t.shape();
-            let ok = bs.len() == 4
-                && (bs[0] == 1 || bs[0] == b)
-                && (bs[1] == 1 || bs[1] == h)
-                && bs[2..] == [lq, lk];
-            if !ok {
-                return Err(shape_err("attention bias", vec![b, h, lq, lk], bs));
-            }
-            Some((operand::<T>(t), bs[0], bs[1]))
-        }
-    };
+    let AttentionDims {
+        b,
+        lq,
+        lk,
+        h,
+        d,
+        bias: bias_dims,
+    } = shapes::attention(s, k.shape(), v.shape(), bias.map(Tensor::shape))?;
+    let bias_info = bias
+        .zip(bias_dims)
+        .map(|(t, (bb, bh))| (operand::<T>(t), bb, bh));
     let alpha = T::from_f64(scale.unwrap_or(1.0 / (d as f64).sqrt()));
     let hd = h * d;
     let mut o = vec![<T as Elem>::ZERO; b * lq * hd];
@@ -1316,75 +1219,48 @@ fn attention_t<T: Real>(
 }
 
 fn concat_t<T: Real>(xs: &[&Tensor<Cpu>], dim: usize) -> Result<Tensor<Cpu>> {
-    let first = xs.first().ok_or(KernelError::InvalidArgument {
-        op: "concat",
-        message: "needs at least one tensor".into(),
-    })?;
-    let (outer, _, inner) = split_at_dim("concat", first.shape(), dim)?;
-    let mut total = 0;
-    let mut parts = Vec::with_capacity(xs.len());
-    for t in xs {
-        let s = t.shape();
-        if s.len() != first.shape().len()
-            || s[..dim] != first.shape()[..dim]
-            || s[dim + 1..] != first.shape()[dim + 1..]
-        {
-            return Err(shape_err("concat", first.shape().to_vec(), s));
-        }
-        total += s[dim];
-        parts.push((act::<T>("concat", t)?, s[dim] * inner));
-    }
-    let mut o = Vec::with_capacity(outer * total * inner);
+    let DimSplit {
+        outer,
+        inner,
+        out_shape,
+        ..
+    } = shapes::concat(xs.iter().map(|t| t.shape()), dim)?;
+    let parts = xs
+        .iter()
+        .map(|t| Ok((act::<T>("concat", t)?, t.shape()[dim] * inner)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut o = Vec::with_capacity(outer * out_shape[dim] * inner);
     for i in 0..outer {
         for (data, blk) in &parts {
             o.extend_from_slice(&data[i * blk..(i + 1) * blk]);
         }
     }
-    let mut shape = first.shape().to_vec();
-    shape[dim] = total;
-    Ok(out(o, shape))
+    Ok(out(o, out_shape))
 }
 
 fn narrow_t<T: Real>(x: &Tensor<Cpu>, dim: usize, start: usize, len: usize) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("narrow", x)?;
-    let (outer, size, inner) = split_at_dim("narrow", x.shape(), dim)?;
-    if start.checked_add(len).is_none_or(|e| e > size) {
-        return Err(KernelError::InvalidArgument {
-            op: "narrow",
-            message: format!("range {start}+{len} exceeds dim {dim} of size {size}"),
-        });
-    }
+    let DimSplit {
+        outer,
+        size,
+        inner,
+        out_shape,
+    } = shapes::narrow(x.shape(), dim, start, len)?;
     let mut o = Vec::with_capacity(outer * len * inner);
     for i in 0..outer {
         let base = (i * size + start) * inner;
         o.extend_from_slice(&xs[base..base + len * inner]);
     }
-    let mut shape = x.shape().to_vec();
-    shape[dim] = len;
-    Ok(out(o, shape))
+    Ok(out(o, out_shape))
 }
 
 fn permute_t<T: Real>(x: &Tensor<Cpu>, perm: &[usize]) -> Result<Tensor<Cpu>> {
     let xs = act::<T>("permute", x)?;
-    let s = x.shape();
-    let r = s.len();
-    let mut seen = vec![false; r];
-    if perm.len() != r
-        || perm
-            .iter()
-            .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
-    {
-        return Err(KernelError::InvalidArgument {
-            op: "permute",
-            message: format!("{perm:?} is not a permutation of {r} dims"),
-        });
-    }
-    let mut strides = vec![1usize; r];
-    for i in (0..r.saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * s[i + 1];
-    }
-    let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
-    let pst: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    let shapes::Permuted {
+        out_shape: shape,
+        src_strides: pst,
+    } = shapes::permute(x.shape(), perm)?;
+    let r = shape.len();
     let n = xs.len();
     let mut o = Vec::with_capacity(n);
     let mut idx = vec![0usize; r];
@@ -1405,20 +1281,10 @@ fn permute_t<T: Real>(x: &Tensor<Cpu>, perm: &[usize]) -> Result<Tensor<Cpu>> {
 }
 
 fn gather_t<T: Real>(table: &Tensor<Cpu>, ids: &[usize]) -> Result<Tensor<Cpu>> {
-    let s = table.shape();
-    if s.len() != 2 {
-        return Err(shape_err("gather_rows", vec![0, 0], s));
-    }
-    let (v, c) = (s[0], s[1]);
+    let (_, c) = shapes::gather_rows(table.shape(), ids)?;
     let src = wsrc(table);
     let mut o = vec![<T as Elem>::ZERO; ids.len() * c];
     for (row, &id) in o.chunks_mut(c.max(1)).zip(ids) {
-        if id >= v {
-            return Err(KernelError::InvalidArgument {
-                op: "gather_rows",
-                message: format!("id {id} out of range for a table of {v} rows"),
-            });
-        }
         src.widen_into(id * c, row);
     }
     Ok(out(o, vec![ids.len(), c]))
@@ -1437,15 +1303,7 @@ impl ModelOps for Cpu {
         dtype: DType,
         scale: Option<f32>,
     ) -> Result<Tensor<Self>> {
-        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let need = n.and_then(|n| n.checked_mul(dtype.size_in_bytes()));
-        if need != Some(bytes.len()) {
-            return Err(KernelError::LengthMismatch {
-                op: "upload_weight",
-                expected: need.unwrap_or(usize::MAX),
-                found: bytes.len(),
-            });
-        }
+        shapes::weight_len(shape, dtype, bytes.len())?;
         let scale = scale.unwrap_or(1.0);
         let storage = CpuStorage::Weight(WeightData {
             bytes,
