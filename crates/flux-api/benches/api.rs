@@ -6,7 +6,6 @@ use flux_api::keys::KeyConfig;
 use flux_api::{Config, PipelineFactory, Server};
 use flux_pipeline::Pipeline;
 use flux_pipeline::image_io::{OutputFormat, encode_image, to_base64};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const KEY: &str = "bench-key";

@@ -146,6 +146,7 @@ impl std::fmt::Debug for Workers {
         f.debug_struct("Workers")
             .field("count", &self.handles.len())
             .field("demo", &self.demo)
+            .field("backend", &self.backend)
             .finish()
     }
 }

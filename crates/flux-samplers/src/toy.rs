@@ -118,10 +118,10 @@ impl Posterior {
     /// `E[x0 | x]`.
     #[inline]
     pub fn mean(&self, x: f64) -> f64 {
-        if let Some(pair) = self.pair() {
-            if x.abs() <= Pair::MAX_ABS_X {
-                return pair.mean(x);
-            }
+        if let Some(pair) = self.pair()
+            && x.abs() <= Pair::MAX_ABS_X
+        {
+            return pair.mean(x);
         }
         self.general_mean(x)
     }
@@ -264,10 +264,12 @@ impl Pair {
     #[inline(always)]
     fn apply_portable(&self, block: &mut [f64], post: &Posterior) {
         for chunk in block.chunks_mut(64) {
+            // `max` skips NaN, so NaN is looked for on its own.
             let largest = chunk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            // `!(<=)` also catches NaN, which `max` would skip.
-            if !(largest <= Self::MAX_ABS_X) || chunk.iter().any(|v| v.is_nan()) {
-                chunk.iter_mut().for_each(|v| *v = post.mean(*v));
+            if largest > Self::MAX_ABS_X || chunk.iter().any(|v| v.is_nan()) {
+                for v in chunk.iter_mut() {
+                    *v = post.mean(*v);
+                }
                 continue;
             }
             for v in chunk.iter_mut() {

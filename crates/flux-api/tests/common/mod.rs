@@ -8,7 +8,6 @@ use flux_pipeline::image_io::{OutputFormat, encode_image, to_base64};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub const KEY: &str = "test-key";

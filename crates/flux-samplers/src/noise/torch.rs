@@ -268,6 +268,15 @@ fn convert_blocks<T: BoxMuller>(data: &mut [T]) {
 /// so they are compiled with those features too).
 fn convert_chunk<T: BoxMuller>(chunk: &mut [T]) {
     #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the function only requires the target features checked just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            convert_chunk_avx512(chunk);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("fma") && std::is_x86_feature_detected!("avx2") {
         // SAFETY: the function only requires the two target features checked just above.
         #[allow(unsafe_code)]
@@ -284,6 +293,16 @@ fn convert_chunk<T: BoxMuller>(chunk: &mut [T]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn convert_chunk_fma<T: BoxMuller>(chunk: &mut [T]) {
+    for block in chunk.chunks_exact_mut(BLOCK) {
+        T::box_muller(block);
+    }
+}
+
+/// The same loop in 512-bit registers: the lanes compute the same IEEE operations as the AVX2
+/// kernel, so the values are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn convert_chunk_avx512<T: BoxMuller>(chunk: &mut [T]) {
     for block in chunk.chunks_exact_mut(BLOCK) {
         T::box_muller(block);
     }
