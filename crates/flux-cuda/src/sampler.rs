@@ -29,19 +29,6 @@ pub(crate) fn host_bytes(op: &'static str, data: HostData<'_>, dtype: DType) -> 
     })
 }
 
-fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
-    let n: usize = shape.iter().product();
-    if n == len {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            op,
-            expected: n,
-            found: len,
-        })
-    }
-}
-
 impl Cuda {
     /// The tensor's bytes on the host, widened to a compute dtype first when it is a weight.
     fn download_bytes(&self, t: &Tensor<Cuda>, as_dtype: DType) -> Result<Vec<u8>> {
@@ -157,7 +144,7 @@ impl SamplerOps for Cuda {
     }
 
     fn upload(&self, data: HostData<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
-        check_len("upload", shape, data.len())?;
+        shapes::host_len("upload", shape, data.len())?;
         let bytes = host_bytes("upload", data, dtype)?;
         let mut t = self.empty(shape, dtype)?;
         if !bytes.is_empty() {
@@ -169,7 +156,7 @@ impl SamplerOps for Cuda {
     }
 
     fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()> {
-        check_len("write", dst.shape(), data.len())?;
+        shapes::host_len("write", dst.shape(), data.len())?;
         let bytes = host_bytes("write", data, dst.dtype())?;
         if dst.storage().buf.len() < bytes.len() {
             return Err(KernelError::Device(

@@ -52,6 +52,20 @@ pub fn weight_len(shape: &[usize], dtype: DType, len: usize) -> Result<usize> {
     }
 }
 
+/// Checks that host data of `len` elements fills a tensor of `shape` (uploads and writes).
+pub fn host_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n == len {
+        Ok(())
+    } else {
+        Err(KernelError::LengthMismatch {
+            op,
+            expected: n,
+            found: len,
+        })
+    }
+}
+
 /// Rows and row length of an op over the last dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RowDims {
@@ -807,6 +821,20 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(weight_len(&[usize::MAX, 2], DType::F32, 8).is_err());
+    }
+
+    #[test]
+    fn host_len_is_the_element_count() {
+        assert!(host_len("upload", &[2, 3], 6).is_ok());
+        assert!(host_len("upload", &[], 1).is_ok());
+        match host_len("write", &[2, 3], 5) {
+            Err(KernelError::LengthMismatch {
+                op,
+                expected,
+                found,
+            }) => assert_eq!((op, expected, found), ("write", 6, 5)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2,47 +2,13 @@
 //! attention, channel slices and crops.
 
 use crate::context::bind;
-use crate::model::{Gemm, strides};
-use crate::{Wgpu, invalid, shaders, u32_of, wdtype_code};
-use flux_kernels::{Conv2dParams, ConvOps, DType, KernelError, Result, Tensor};
+use crate::model::Gemm;
+use crate::{Wgpu, shaders, u32_of, wdtype_code};
+use flux_kernels::shapes::{self, ChannelSlice, Conv2dDims, GroupNormDims, strides};
+use flux_kernels::{Conv2dParams, ConvOps, DType, Result, Tensor};
 
 /// Score elements of one band of pixel attention (rows of queries at a time).
 const SCORE_BUDGET: usize = 1 << 22;
-
-fn shape4(op: &'static str, t: &Tensor<Wgpu>) -> Result<[usize; 4]> {
-    match *t.shape() {
-        [n, c, h, w] => Ok([n, c, h, w]),
-        ref s => Err(invalid(
-            op,
-            format!("expected a 4-D NCHW tensor, found shape {s:?}"),
-        )),
-    }
-}
-
-fn check_param_len(op: &'static str, what: &str, t: &Tensor<Wgpu>, len: usize) -> Result<()> {
-    if t.numel() == len {
-        Ok(())
-    } else {
-        Err(invalid(
-            op,
-            format!(
-                "{what} has shape {:?} ({} values), expected {len} values",
-                t.shape(),
-                t.numel()
-            ),
-        ))
-    }
-}
-
-fn nc(op: &'static str, x: &Tensor<Wgpu>) -> Result<(usize, usize)> {
-    match *x.shape() {
-        [n, c, ..] => Ok((n, c)),
-        ref s => Err(invalid(
-            op,
-            format!("expected [N, C, ...], found shape {s:?}"),
-        )),
-    }
-}
 
 impl ConvOps for Wgpu {
     fn conv2d(
@@ -53,37 +19,17 @@ impl ConvOps for Wgpu {
         p: Conv2dParams,
     ) -> Result<Tensor<Self>> {
         const OP: &str = "conv2d";
-        let [n, c, h, w] = shape4(OP, x)?;
-        let [o, wc, kh, kw] = match *weight.shape() {
-            [o, wc, kh, kw] => [o, wc, kh, kw],
-            ref s => {
-                return Err(invalid(
-                    OP,
-                    format!("weight must be [out, in, kh, kw], found shape {s:?}"),
-                ));
-            }
-        };
-        if wc != c {
-            return Err(invalid(
-                OP,
-                format!(
-                    "weight {:?} expects {wc} input channels, input has {c}",
-                    weight.shape()
-                ),
-            ));
-        }
-        let (oh, ow) = p.output_hw(h, w, kh, kw).ok_or_else(|| {
-            invalid(
-                OP,
-                format!(
-                    "input {h}x{w} with padding {:?} is smaller than the {kh}x{kw} kernel (or stride 0)",
-                    p.padding
-                ),
-            )
-        })?;
-        if let Some(b) = bias {
-            check_param_len(OP, "bias", b, o)?;
-        }
+        let Conv2dDims {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+        } = shapes::conv2d(x.shape(), weight.shape(), bias.map(Tensor::shape), p)?;
         let xs = self.act(OP, x)?;
         let ws = weight.storage();
         let (wbuf, wdtype, wscale, _keep) = match ws.single() {
@@ -144,25 +90,17 @@ impl ConvOps for Wgpu {
         swish: bool,
     ) -> Result<Tensor<Self>> {
         const OP: &str = "group_norm";
-        let (n, c) = nc(OP, x)?;
-        if groups == 0 || c % groups != 0 {
-            return Err(invalid(
-                OP,
-                format!("{c} channels cannot be split into {groups} groups"),
-            ));
-        }
-        if let Some(t) = weight {
-            check_param_len(OP, "weight", t, c)?;
-        }
-        if let Some(t) = bias {
-            check_param_len(OP, "bias", t, c)?;
-        }
+        let GroupNormDims { n, c, spatial, cpg } = shapes::group_norm(
+            OP,
+            x.shape(),
+            groups,
+            weight.map(Tensor::shape),
+            bias.map(Tensor::shape),
+        )?;
         let xs = self.act(OP, x)?;
         let wo = self.opt_operand(OP, weight, c)?;
         let bo = self.opt_operand(OP, bias, c)?;
         let out = self.empty(x.shape())?;
-        let spatial = x.numel() / (n * c).max(1);
-        let cpg = c / groups;
         let glen = cpg * spatial;
         if glen == 0 || n == 0 {
             return Ok(out);
@@ -198,7 +136,7 @@ impl ConvOps for Wgpu {
 
     fn upsample_nearest2x(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         const OP: &str = "upsample_nearest2x";
-        let [n, c, h, w] = shape4(OP, x)?;
+        let [n, c, h, w] = shapes::nchw(OP, x.shape())?;
         let xs = self.act(OP, x)?;
         let out = self.empty(&[n, c, 2 * h, 2 * w])?;
         // View the output as [N C, H, 2, W, 2]; the source repeats with stride 0.
@@ -224,16 +162,7 @@ impl ConvOps for Wgpu {
         scale: f64,
     ) -> Result<Tensor<Self>> {
         const OP: &str = "attention_nchw";
-        let [n, c, h, w] = shape4(OP, q)?;
-        for t in [k, v] {
-            if t.shape() != q.shape() {
-                return Err(KernelError::ShapeMismatch {
-                    op: OP,
-                    expected: q.shape().to_vec(),
-                    found: t.shape().to_vec(),
-                });
-            }
-        }
+        let [n, c, h, w] = shapes::attention_nchw(q.shape(), k.shape(), v.shape())?;
         let (qs, ks, vs) = (self.act(OP, q)?, self.act(OP, k)?, self.act(OP, v)?);
         let l = h * w;
         let out = self.empty(q.shape())?;
@@ -314,21 +243,14 @@ impl ConvOps for Wgpu {
 
     fn narrow_channels(&self, x: &Tensor<Self>, start: usize, len: usize) -> Result<Tensor<Self>> {
         const OP: &str = "narrow_channels";
-        let (n, c) = nc(OP, x)?;
-        if start + len > c {
-            return Err(invalid(
-                OP,
-                format!(
-                    "channels {start}..{} out of range for {c} channels",
-                    start + len
-                ),
-            ));
-        }
+        let ChannelSlice {
+            n,
+            c,
+            inner,
+            out_shape,
+        } = shapes::narrow_channels(x.shape(), start, len)?;
         let xs = self.act(OP, x)?;
-        let inner = x.numel() / (n * c).max(1);
-        let mut shape = x.shape().to_vec();
-        shape[1] = len;
-        let out = self.empty(&shape)?;
+        let out = self.empty(&out_shape)?;
         self.strided_copy(
             OP,
             Self::out_buf(&out),
@@ -351,17 +273,7 @@ impl ConvOps for Wgpu {
         cw: usize,
     ) -> Result<Tensor<Self>> {
         const OP: &str = "crop2d";
-        let [n, c, h, w] = shape4(OP, x)?;
-        if y0 + ch > h || x0 + cw > w {
-            return Err(invalid(
-                OP,
-                format!(
-                    "window rows {y0}..{} cols {x0}..{} exceeds {h}x{w}",
-                    y0 + ch,
-                    x0 + cw
-                ),
-            ));
-        }
+        let [n, c, h, w] = shapes::crop2d(x.shape(), y0, x0, ch, cw)?;
         let xs = self.act(OP, x)?;
         let out = self.empty(&[n, c, ch, cw])?;
         self.strided_copy(

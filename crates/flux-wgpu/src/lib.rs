@@ -22,6 +22,7 @@ mod sampler;
 mod shaders;
 
 use context::{Context, DevBuf};
+use flux_kernels::shapes::{invalid, shape_err};
 use flux_kernels::{Backend, DType, KernelError, Result, Tensor};
 use std::sync::Arc;
 
@@ -174,18 +175,6 @@ fn unsupported(op: &'static str, dtype: DType) -> KernelError {
         op,
         dtype,
     }
-}
-
-fn shape_err(op: &'static str, expected: Vec<usize>, found: &[usize]) -> KernelError {
-    KernelError::ShapeMismatch {
-        op,
-        expected,
-        found: found.to_vec(),
-    }
-}
-
-fn invalid(op: &'static str, message: String) -> KernelError {
-    KernelError::InvalidArgument { op, message }
 }
 
 /// `n` as a `u32` kernel parameter, or a clear error for tensors too large to index.

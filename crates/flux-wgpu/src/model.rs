@@ -2,10 +2,9 @@
 
 use crate::context::{Binding, MAX_GROUPS, bind, grid};
 use crate::{
-    Chunk, Operand, Wgpu, WgpuStorage, invalid, shaders, shape_err, u32_of, unsupported,
-    wdtype_code,
+    Chunk, Operand, Wgpu, WgpuStorage, invalid, shaders, u32_of, unsupported, wdtype_code,
 };
-use flux_kernels::model_ops::split_at_dim;
+use flux_kernels::shapes::{self, AttentionDims, DimSplit, MatmulDims, RowDims, strides};
 use flux_kernels::{Activation, BinaryOp, ByteView, DType, KernelError, ModelOps, Result, Tensor};
 
 /// Largest head dimension of the fused attention kernel (private arrays of this length).
@@ -34,22 +33,6 @@ pub(crate) struct Gemm {
     pub(crate) batch: usize,
     pub(crate) alpha: f32,
     pub(crate) wscale: f32,
-}
-
-fn last_dim(op: &'static str, t: &Tensor<Wgpu>) -> Result<usize> {
-    t.shape()
-        .last()
-        .copied()
-        .ok_or_else(|| invalid(op, "needs a tensor of rank >= 1".into()))
-}
-
-/// Row-major strides of `shape`.
-pub(crate) fn strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1usize; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
 }
 
 impl Wgpu {
@@ -194,7 +177,8 @@ impl Wgpu {
         )
     }
 
-    /// Layer norm (mode 0) or RMS norm (mode 1) over the last dim.
+    /// Layer norm (mode 0) or RMS norm (mode 1) over the last dim (`dims`, checked).
+    #[allow(clippy::too_many_arguments)]
     fn row_norm(
         &self,
         op: &'static str,
@@ -203,13 +187,12 @@ impl Wgpu {
         w: Option<&Tensor<Self>>,
         b: Option<&Tensor<Self>>,
         eps: f64,
+        RowDims { rows, len: c }: RowDims,
     ) -> Result<Tensor<Self>> {
         let xs = self.act(op, x)?;
-        let c = last_dim(op, x)?;
         let wo = self.opt_operand(op, w, c)?;
         let bo = self.opt_operand(op, b, c)?;
         let out = self.empty(x.shape())?;
-        let rows = x.numel().checked_div(c).unwrap_or(0);
         let words = [
             u32_of(op, c)?,
             u32_of(op, rows)?,
@@ -236,22 +219,6 @@ impl Wgpu {
             rows,
         )?;
         Ok(out)
-    }
-
-    /// Checks `x [B, L, C]` against a per-batch vector `[B, C]` (or a shared `[C]`).
-    fn per_batch(op: &'static str, x: &Tensor<Self>, v: &Tensor<Self>) -> Result<bool> {
-        let s = x.shape();
-        if s.len() != 3 {
-            return Err(invalid(op, format!("expects [B, L, C], found {s:?}")));
-        }
-        let (b, c) = (s[0], s[2]);
-        if v.numel() == b * c {
-            Ok(false)
-        } else if v.numel() == c {
-            Ok(true)
-        } else {
-            Err(shape_err(op, vec![b, c], v.shape()))
-        }
     }
 
     fn modulation(
@@ -298,22 +265,8 @@ impl ModelOps for Wgpu {
         if dtype == DType::F64 {
             return Err(unsupported("upload_weight", dtype));
         }
-        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let n = shapes::weight_len(shape, dtype, bytes.len())?;
         let es = dtype.size_in_bytes();
-        let need = n.and_then(|n| n.checked_mul(es));
-        let (Some(n), Some(need)) = (n, need) else {
-            return Err(invalid(
-                "upload_weight",
-                format!("shape {shape:?} overflows"),
-            ));
-        };
-        if need != bytes.len() {
-            return Err(KernelError::LengthMismatch {
-                op: "upload_weight",
-                expected: need,
-                found: bytes.len(),
-            });
-        }
         // Split by rows of the first dim so each chunk stays under the binding limit.
         let rows = shape.first().copied().unwrap_or(1).max(1);
         let row_len = n.checked_div(rows).unwrap_or(0);
@@ -375,27 +328,10 @@ impl ModelOps for Wgpu {
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
         let xs = self.act("linear", x)?;
-        let k = last_dim("linear", x)?;
-        if w.shape().len() != 2 || w.shape()[1] != k {
-            return Err(shape_err(
-                "linear",
-                vec![w.shape().first().copied().unwrap_or(0), k],
-                w.shape(),
-            ));
-        }
-        let n = w.shape()[0];
-        let m = x.numel().checked_div(k).unwrap_or(0);
-        let bo = match bias {
-            Some(b) if b.shape() != [n] => {
-                return Err(shape_err("linear bias", vec![n], b.shape()));
-            }
-            b => self.opt_operand("linear bias", b, n)?,
-        };
-        let mut shape = x.shape().to_vec();
-        if let Some(l) = shape.last_mut() {
-            *l = n;
-        }
-        let out = self.empty(&shape)?;
+        let shapes::LinearDims { m, k, n, out_shape } =
+            shapes::linear(x.shape(), w.shape(), bias.map(Tensor::shape))?;
+        let bo = self.opt_operand("linear bias", bias, n)?;
+        let out = self.empty(&out_shape)?;
         let ws = w.storage();
         if ws.dtype == DType::F64 {
             return Err(unsupported("linear", DType::F64));
@@ -445,31 +381,15 @@ impl ModelOps for Wgpu {
         transpose_b: bool,
     ) -> Result<Tensor<Self>> {
         let av = self.act("matmul", a)?;
-        let (ar, br) = (a.shape().len(), b.shape().len());
-        if ar < 2 || br < 2 {
-            return Err(invalid(
-                "matmul",
-                format!(
-                    "needs rank >= 2 operands, found {:?} and {:?}",
-                    a.shape(),
-                    b.shape()
-                ),
-            ));
-        }
-        let (m, k) = (a.shape()[ar - 2], a.shape()[ar - 1]);
-        let (kb, n) = if transpose_b {
-            (b.shape()[br - 1], b.shape()[br - 2])
-        } else {
-            (b.shape()[br - 2], b.shape()[br - 1])
-        };
-        let batch: usize = a.shape()[..ar - 2].iter().product();
-        let shared = br == 2;
-        if kb != k || (!shared && b.shape()[..br - 2] != a.shape()[..ar - 2]) {
-            return Err(shape_err("matmul", a.shape().to_vec(), b.shape()));
-        }
-        let mut shape = a.shape().to_vec();
-        shape[ar - 1] = n;
-        let out = self.empty(&shape)?;
+        let MatmulDims {
+            batch,
+            m,
+            k,
+            n,
+            shared_b: shared,
+            out_shape,
+        } = shapes::matmul(a.shape(), b.shape(), transpose_b)?;
+        let out = self.empty(&out_shape)?;
         let bs = b.storage();
         // A packed single-chunk weight is read in place; anything else is widened first.
         let (bbuf, bdtype, bscale, _keep) = match bs.single() {
@@ -529,7 +449,12 @@ impl ModelOps for Wgpu {
         bias: Option<&Tensor<Self>>,
         eps: f64,
     ) -> Result<Tensor<Self>> {
-        self.row_norm("layer_norm", 0.0, x, weight, bias, eps)
+        let d = shapes::layer_norm(
+            x.shape(),
+            weight.map(Tensor::shape),
+            bias.map(Tensor::shape),
+        )?;
+        self.row_norm("layer_norm", 0.0, x, weight, bias, eps, d)
     }
 
     fn rms_norm(
@@ -538,7 +463,8 @@ impl ModelOps for Wgpu {
         scale: Option<&Tensor<Self>>,
         eps: f64,
     ) -> Result<Tensor<Self>> {
-        self.row_norm("rms_norm", 1.0, x, scale, None, eps)
+        let d = shapes::rms_norm(x.shape(), scale.map(Tensor::shape))?;
+        self.row_norm("rms_norm", 1.0, x, scale, None, eps, d)
     }
 
     fn modulate(
@@ -547,13 +473,12 @@ impl ModelOps for Wgpu {
         shift: &Tensor<Self>,
         scale: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
-        let sh_shared = Self::per_batch("modulate shift", x, shift)?;
-        let sc_shared = Self::per_batch("modulate scale", x, scale)?;
+        let d = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
         let (sh, sc) = (
             self.operand("modulate", shift)?,
             self.operand("modulate", scale)?,
         );
-        let mask = u32::from(sh_shared) | (u32::from(sc_shared) << 1);
+        let mask = u32::from(d.shift_shared) | (u32::from(d.scale_shared) << 1);
         self.modulation("modulate", x, &sh, &sc, mask)
     }
 
@@ -563,12 +488,9 @@ impl ModelOps for Wgpu {
         y: &Tensor<Self>,
         gate: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
-        if y.shape() != x.shape() {
-            return Err(shape_err("gated_add", x.shape().to_vec(), y.shape()));
-        }
-        let shared = Self::per_batch("gated_add gate", x, gate)?;
+        let d = shapes::gated_add(x.shape(), y.shape(), gate.shape())?;
         let (ys, g) = (self.act("gated_add", y)?, self.operand("gated_add", gate)?);
-        self.modulation("gated_add", x, &ys, &g, u32::from(shared) << 1)
+        self.modulation("gated_add", x, &ys, &g, u32::from(d.shared) << 1)
     }
 
     fn activation(&self, x: &Tensor<Self>, act: Activation) -> Result<Tensor<Self>> {
@@ -596,13 +518,9 @@ impl ModelOps for Wgpu {
 
     fn binary(&self, a: &Tensor<Self>, b: &Tensor<Self>, op: BinaryOp) -> Result<Tensor<Self>> {
         let av = self.act("binary", a)?;
-        let (sa, sb) = (a.shape(), b.shape());
-        if sb.len() > sa.len() || sa[sa.len() - sb.len()..] != *sb {
-            return Err(shape_err("binary", sa.to_vec(), sb));
-        }
+        let nb = shapes::binary(a.shape(), b.shape())?;
         let bv = self.operand("binary", b)?;
-        let out = self.empty(sa)?;
-        let nb = b.numel();
+        let out = self.empty(a.shape())?;
         if nb == 0 {
             let n = a.numel();
             self.ctx
@@ -639,40 +557,23 @@ impl ModelOps for Wgpu {
 
     fn softmax(&self, x: &Tensor<Self>) -> Result<Tensor<Self>> {
         let xs = self.act("softmax", x)?;
-        let c = last_dim("softmax", x)?;
+        let RowDims { rows, len } = shapes::rows("softmax", x.shape())?;
         let out = self.empty(x.shape())?;
-        self.softmax_rows(
-            Self::out_buf(&out),
-            xs.buffer(),
-            c,
-            x.numel().checked_div(c).unwrap_or(0),
-        )?;
+        self.softmax_rows(Self::out_buf(&out), xs.buffer(), len, rows)?;
         Ok(out)
     }
 
     fn rope(&self, x: &Tensor<Self>, cos_sin: &Tensor<Self>) -> Result<Tensor<Self>> {
         let xs = self.act("rope", x)?;
-        let s = x.shape();
-        if s.len() != 4 || !s[3].is_multiple_of(2) {
-            return Err(invalid(
-                "rope",
-                format!("expects x [B, L, H, D] with even D, found {s:?}"),
-            ));
-        }
-        let (b, l, h, d) = (s[0], s[1], s[2], s[3]);
-        let cb = cos_sin.shape().first().copied().unwrap_or(0);
-        if cos_sin.shape().len() != 4
-            || !(cb == 1 || cb == b)
-            || cos_sin.shape()[1..] != [l, d / 2, 2]
-        {
-            return Err(shape_err(
-                "rope table",
-                vec![b, l, d / 2, 2],
-                cos_sin.shape(),
-            ));
-        }
+        let shapes::RopeDims {
+            l,
+            h,
+            d,
+            shared_table,
+            ..
+        } = shapes::rope(x.shape(), cos_sin.shape())?;
         let t = self.operand("rope", cos_sin)?;
-        let out = self.empty(s)?;
+        let out = self.empty(x.shape())?;
         let pairs = x.numel() / 2;
         self.pointwise(
             "rope",
@@ -691,7 +592,7 @@ impl ModelOps for Wgpu {
                     u32_of("rope", l)?,
                     u32_of("rope", h)?,
                     u32_of("rope", d)?,
-                    u32::from(cb == 1),
+                    u32::from(shared_table),
                 ],
             ),
             pairs,
@@ -708,34 +609,15 @@ impl ModelOps for Wgpu {
         scale: Option<f64>,
     ) -> Result<Tensor<Self>> {
         let s = q.shape();
-        if s.len() != 4 {
-            return Err(invalid(
-                "attention",
-                format!("expects q [B, L, H, D], found {s:?}"),
-            ));
-        }
-        let (b, lq, h, d) = (s[0], s[1], s[2], s[3]);
-        let lk = k.shape().get(1).copied().unwrap_or(0);
-        if k.shape() != [b, lk, h, d] {
-            return Err(shape_err("attention k", vec![b, lk, h, d], k.shape()));
-        }
-        if v.shape() != k.shape() {
-            return Err(shape_err("attention v", k.shape().to_vec(), v.shape()));
-        }
-        let (bias_b, bias_h) = match bias {
-            None => (1, 1),
-            Some(t) => {
-                let bs = t.shape();
-                let ok = bs.len() == 4
-                    && (bs[0] == 1 || bs[0] == b)
-                    && (bs[1] == 1 || bs[1] == h)
-                    && bs[2..] == [lq, lk];
-                if !ok {
-                    return Err(shape_err("attention bias", vec![b, h, lq, lk], bs));
-                }
-                (bs[0], bs[1])
-            }
-        };
+        let AttentionDims {
+            b,
+            lq,
+            lk,
+            h,
+            d,
+            bias: bias_dims,
+        } = shapes::attention(s, k.shape(), v.shape(), bias.map(Tensor::shape))?;
+        let (bias_b, bias_h) = bias_dims.unwrap_or((1, 1));
         if d > ATTN_DMAX {
             return Err(invalid(
                 "attention",
@@ -757,7 +639,7 @@ impl ModelOps for Wgpu {
         }
         if lk == 0 {
             // Softmax over no keys: the reference divides 0 by 0.
-            return Err(invalid("attention", "needs at least one key".into()));
+            return Err(invalid("attention", "needs at least one key"));
         }
         let alpha = scale.unwrap_or(1.0 / (d as f64).sqrt()) as f32;
         let u = |n: usize| u32_of("attention", n);
@@ -792,25 +674,9 @@ impl ModelOps for Wgpu {
     }
 
     fn concat(&self, xs: &[&Tensor<Self>], dim: usize) -> Result<Tensor<Self>> {
-        let first = xs
-            .first()
-            .ok_or_else(|| invalid("concat", "needs at least one tensor".into()))?;
-        split_at_dim("concat", first.shape(), dim)?;
-        let mut total = 0;
-        for t in xs {
-            let s = t.shape();
-            if s.len() != first.shape().len()
-                || s[..dim] != first.shape()[..dim]
-                || s[dim + 1..] != first.shape()[dim + 1..]
-            {
-                return Err(shape_err("concat", first.shape().to_vec(), s));
-            }
-            total += s[dim];
-        }
-        let mut shape = first.shape().to_vec();
-        shape[dim] = total;
-        let out = self.empty(&shape)?;
-        let ost = strides(&shape);
+        let DimSplit { out_shape, .. } = shapes::concat(xs.iter().map(|t| t.shape()), dim)?;
+        let out = self.empty(&out_shape)?;
+        let ost = strides(&out_shape);
         let mut at = 0;
         for t in xs {
             let src = self.act("concat", t)?;
@@ -837,16 +703,13 @@ impl ModelOps for Wgpu {
         len: usize,
     ) -> Result<Tensor<Self>> {
         let xs = self.act("narrow", x)?;
-        let (outer, size, inner) = split_at_dim("narrow", x.shape(), dim)?;
-        if start.checked_add(len).is_none_or(|e| e > size) {
-            return Err(invalid(
-                "narrow",
-                format!("range {start}+{len} exceeds dim {dim} of size {size}"),
-            ));
-        }
-        let mut shape = x.shape().to_vec();
-        shape[dim] = len;
-        let out = self.empty(&shape)?;
+        let DimSplit {
+            outer,
+            size,
+            inner,
+            out_shape,
+        } = shapes::narrow(x.shape(), dim, start, len)?;
+        let out = self.empty(&out_shape)?;
         self.strided_copy(
             "narrow",
             Self::out_buf(&out),
@@ -862,22 +725,10 @@ impl ModelOps for Wgpu {
 
     fn permute(&self, x: &Tensor<Self>, perm: &[usize]) -> Result<Tensor<Self>> {
         let xs = self.act("permute", x)?;
-        let s = x.shape();
-        let r = s.len();
-        let mut seen = vec![false; r];
-        if perm.len() != r
-            || perm
-                .iter()
-                .any(|&p| p >= r || std::mem::replace(&mut seen[p], true))
-        {
-            return Err(invalid(
-                "permute",
-                format!("{perm:?} is not a permutation of {r} dims"),
-            ));
-        }
-        let st = strides(s);
-        let shape: Vec<usize> = perm.iter().map(|&p| s[p]).collect();
-        let pst: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+        let shapes::Permuted {
+            out_shape: shape,
+            src_strides: pst,
+        } = shapes::permute(x.shape(), perm)?;
         let out = self.empty(&shape)?;
         self.strided_copy(
             "permute",
@@ -904,17 +755,7 @@ impl ModelOps for Wgpu {
                 message: format!("activations must be f32 on wgpu, found {dtype}"),
             });
         }
-        let s = table.shape();
-        if s.len() != 2 {
-            return Err(shape_err("gather_rows", vec![0, 0], s));
-        }
-        let (v, c) = (s[0], s[1]);
-        if let Some(&id) = ids.iter().find(|&&id| id >= v) {
-            return Err(invalid(
-                "gather_rows",
-                format!("id {id} out of range for a table of {v} rows"),
-            ));
-        }
+        let (_, c) = shapes::gather_rows(table.shape(), ids)?;
         let ts = table.storage();
         if ts.dtype == DType::F64 {
             return Err(unsupported("gather_rows", DType::F64));

@@ -2,21 +2,8 @@
 
 use crate::context::{bind, grid};
 use crate::{Chunk, Operand, Wgpu, WgpuStorage, shaders, u32_of, unsupported};
-use flux_kernels::backend::check_terms;
-use flux_kernels::{DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
-
-fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
-    let n: usize = shape.iter().product();
-    if n == len {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            op,
-            expected: n,
-            found: len,
-        })
-    }
-}
+use flux_kernels::shapes;
+use flux_kernels::{DType, HostData, Result, SamplerOps, Tensor};
 
 fn host_f32(data: HostData<'_>) -> Vec<f32> {
     match data {
@@ -150,7 +137,7 @@ impl SamplerOps for Wgpu {
 
     fn upload(&self, data: HostData<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
         require_f32("upload", dtype)?;
-        check_len("upload", shape, data.len())?;
+        shapes::host_len("upload", shape, data.len())?;
         let t = self.empty(shape)?;
         let v = host_f32(data);
         self.ctx
@@ -159,7 +146,7 @@ impl SamplerOps for Wgpu {
     }
 
     fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()> {
-        check_len("write", dst.shape(), data.len())?;
+        shapes::host_len("write", dst.shape(), data.len())?;
         let s = dst.storage();
         if !s.is_plain() {
             return Err(unsupported("write", s.dtype));
@@ -207,8 +194,7 @@ impl SamplerOps for Wgpu {
     }
 
     fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()> {
-        let shape = out.shape().to_vec();
-        check_terms("lincomb", &shape, out.dtype(), terms, MAX_LINCOMB_TERMS)?;
+        shapes::lincomb_terms(out, terms, false)?;
         require_f32("lincomb", out.dtype())?;
         if !out.storage().is_plain() {
             return Err(unsupported("lincomb", out.storage().dtype));
@@ -222,14 +208,7 @@ impl SamplerOps for Wgpu {
         a: f64,
         terms: &[(f64, &Tensor<Self>)],
     ) -> Result<()> {
-        let shape = x.shape().to_vec();
-        check_terms(
-            "lincomb_inplace",
-            &shape,
-            x.dtype(),
-            terms,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        shapes::lincomb_terms(x, terms, true)?;
         require_f32("lincomb_inplace", x.dtype())?;
         if !x.storage().is_plain() {
             return Err(unsupported("lincomb_inplace", x.storage().dtype));
@@ -255,14 +234,7 @@ impl SamplerOps for Wgpu {
         atol: f64,
         rtol: f64,
     ) -> Result<f64> {
-        let shape = e.shape().to_vec();
-        check_terms(
-            "scaled_error_rms",
-            &shape,
-            e.dtype(),
-            &[(1.0, a), (1.0, b)],
-            2,
-        )?;
+        shapes::scaled_error(e, a, b)?;
         require_f32("scaled_error_rms", e.dtype())?;
         let (xe, xa, xb) = (
             self.operand("scaled_error_rms", e)?,
