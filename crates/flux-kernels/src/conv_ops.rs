@@ -294,6 +294,22 @@ pub trait ConvOps: SamplerOps {
         Self: Backend;
 }
 
+/// A deterministic pseudo-random sequence in [-1, 1) (SplitMix64), for tests.
+#[cfg(test)]
+pub(crate) fn splitmix_values(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,16 +317,10 @@ mod tests {
 
     /// Deterministic values in [-1, 1) with a per-channel offset, so groups differ in mean.
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|i| {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0 + (i % 7) as f64 * 0.3
-            })
+        splitmix_values(n, seed)
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| v + (i % 7) as f64 * 0.3)
             .collect()
     }
 

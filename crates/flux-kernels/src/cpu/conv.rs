@@ -770,20 +770,7 @@ mod tests {
     use super::*;
     use crate::HostData;
 
-    /// A deterministic pseudo-random sequence in [-1, 1) (SplitMix64).
-    fn values(n: usize, seed: u64) -> Vec<f64> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                (z >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
+    use crate::conv_ops::splitmix_values as values;
 
     fn up(v: &[f64], shape: &[usize], dtype: DType) -> Tensor<Cpu> {
         Cpu.upload(HostData::F64(v), shape, dtype).unwrap()
