@@ -9,6 +9,7 @@ pub mod gemm;
 mod model;
 
 use crate::backend::check_terms;
+use crate::shapes;
 use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
 
@@ -89,7 +90,7 @@ impl Cpu {
 
     /// Wraps host f64 values as a tensor without copying.
     pub fn from_vec_f64(&self, data: Vec<f64>, shape: &[usize]) -> Result<Tensor<Self>> {
-        check_len("from_vec_f64", shape, data.len())?;
+        shapes::host_len("from_vec_f64", shape, data.len())?;
         Ok(Tensor::from_parts(
             CpuStorage::F64(data),
             shape.to_vec(),
@@ -99,7 +100,7 @@ impl Cpu {
 
     /// Wraps host f32 values as a tensor without copying.
     pub fn from_vec_f32(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>> {
-        check_len("from_vec_f32", shape, data.len())?;
+        shapes::host_len("from_vec_f32", shape, data.len())?;
         Ok(Tensor::from_parts(
             CpuStorage::F32(data),
             shape.to_vec(),
@@ -122,19 +123,6 @@ impl Cpu {
     pub fn from_ndarray(&self, a: &ndarray::ArrayD<f64>, dtype: DType) -> Result<Tensor<Self>> {
         let v: Vec<f64> = a.iter().copied().collect();
         self.upload(HostData::F64(&v), a.shape(), dtype)
-    }
-}
-
-fn check_len(op: &'static str, shape: &[usize], len: usize) -> Result<()> {
-    let n: usize = shape.iter().product();
-    if n == len {
-        Ok(())
-    } else {
-        Err(KernelError::LengthMismatch {
-            op,
-            expected: n,
-            found: len,
-        })
     }
 }
 
@@ -203,7 +191,7 @@ impl SamplerOps for Cpu {
     }
 
     fn upload(&self, data: HostData<'_>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
-        check_len("upload", shape, data.len())?;
+        shapes::host_len("upload", shape, data.len())?;
         let storage = match dtype {
             DType::F64 => CpuStorage::F64(convert_host(data)),
             DType::F32 => CpuStorage::F32(convert_host(data)),
@@ -213,7 +201,7 @@ impl SamplerOps for Cpu {
     }
 
     fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()> {
-        check_len("write", dst.shape(), data.len())?;
+        shapes::host_len("write", dst.shape(), data.len())?;
         match dst.storage_mut() {
             CpuStorage::F64(v) => write_host(v, data),
             CpuStorage::F32(v) => write_host(v, data),
@@ -256,8 +244,7 @@ impl SamplerOps for Cpu {
     }
 
     fn lincomb_into(&self, out: &mut Tensor<Self>, terms: &[(f64, &Tensor<Self>)]) -> Result<()> {
-        let shape = out.shape().to_vec();
-        check_terms("lincomb", &shape, out.dtype(), terms, MAX_LINCOMB_TERMS)?;
+        shapes::lincomb_terms(out, terms, false)?;
         match out.storage_mut() {
             CpuStorage::F64(o) => elementwise::lincomb(o, None, &slices::<f64>(terms)?),
             CpuStorage::F32(o) => elementwise::lincomb(o, None, &slices::<f32>(terms)?),
@@ -272,14 +259,7 @@ impl SamplerOps for Cpu {
         a: f64,
         terms: &[(f64, &Tensor<Self>)],
     ) -> Result<()> {
-        let shape = x.shape().to_vec();
-        check_terms(
-            "lincomb_inplace",
-            &shape,
-            x.dtype(),
-            terms,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        shapes::lincomb_terms(x, terms, true)?;
         match x.storage_mut() {
             CpuStorage::F64(o) => elementwise::lincomb(o, Some(a), &slices::<f64>(terms)?),
             CpuStorage::F32(o) => elementwise::lincomb(o, Some(a as f32), &slices::<f32>(terms)?),
@@ -312,14 +292,7 @@ impl SamplerOps for Cpu {
         atol: f64,
         rtol: f64,
     ) -> Result<f64> {
-        let shape = e.shape().to_vec();
-        check_terms(
-            "scaled_error_rms",
-            &shape,
-            e.dtype(),
-            &[(1.0, a), (1.0, b)],
-            2,
-        )?;
+        shapes::scaled_error(e, a, b)?;
         let s = match (e.storage(), a.storage(), b.storage()) {
             (CpuStorage::F64(e), CpuStorage::F64(a), CpuStorage::F64(b)) => {
                 elementwise::scaled_error_sq(e, a, b, atol, rtol)
