@@ -15,6 +15,7 @@ pub mod dtype;
 pub mod error;
 pub mod model_ops;
 pub mod shapes;
+pub mod simd;
 pub mod tensor;
 
 pub use backend::{Backend, HostData, MAX_LINCOMB_TERMS, SamplerOps};

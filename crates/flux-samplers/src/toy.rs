@@ -7,7 +7,7 @@
 //! error, and convergence tests have a known answer.
 
 use crate::{Denoised, Denoiser, Result, SamplerError};
-use flux_kernels::{Backend, HostData, Tensor};
+use flux_kernels::{Backend, HostData, Tensor, simd_dispatch};
 use rayon::prelude::*;
 
 /// A Gaussian mixture over one scalar: weights, means and standard deviations.
@@ -77,7 +77,7 @@ impl Mixture {
                 }
             })
             .collect();
-        Posterior { comps }
+        Posterior::new(comps)
     }
 }
 
@@ -112,13 +112,15 @@ impl Component {
 #[derive(Clone, Debug)]
 pub struct Posterior {
     comps: Vec<Component>,
+    /// The two-component fast path's constants, when it applies (computed once per call).
+    pair: Option<Pair>,
 }
 
 impl Posterior {
     /// `E[x0 | x]`.
     #[inline]
     pub fn mean(&self, x: f64) -> f64 {
-        if let Some(pair) = self.pair()
+        if let Some(pair) = &self.pair
             && x.abs() <= Pair::MAX_ABS_X
         {
             return pair.mean(x);
@@ -131,18 +133,18 @@ impl Posterior {
     ///
     /// [`mean`]: Posterior::mean
     pub fn mean_in_place(&self, block: &mut [f64]) {
-        match self.pair() {
+        match &self.pair {
             Some(pair) => pair.apply(block, self),
             None => block.iter_mut().for_each(|v| *v = self.general_mean(*v)),
         }
     }
 
-    /// The two-component fast path's constants, when it applies.
-    fn pair(&self) -> Option<Pair> {
-        match self.comps.as_slice() {
+    fn new(comps: Vec<Component>) -> Self {
+        let pair = match comps.as_slice() {
             [c0, c1] => Pair::new(c0, c1),
             _ => None,
-        }
+        };
+        Self { comps, pair }
     }
 
     /// The softmax-weighted mean of any number of components, for any inputs (infinities and
@@ -224,57 +226,29 @@ impl Pair {
     }
 
     /// [`Pair::mean`] over a block, compiled for the widest vector unit the CPU has (the
-    /// operations are the same IEEE ones on every path, so the values do not depend on it).
+    /// values do not depend on it).
     fn apply(&self, block: &mut [f64], post: &Posterior) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the function only requires the target features checked just above.
-                #[allow(unsafe_code)]
-                unsafe {
-                    self.apply_avx512(block, post);
-                }
-                return;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: as above.
-                #[allow(unsafe_code)]
-                unsafe {
-                    self.apply_avx2(block, post);
-                }
-                return;
-            }
-        }
-        self.apply_portable(block, post);
+        let pair = self;
+        simd_dispatch!(pair_apply, pair_apply_avx512, pair_apply_avx2, (pair: &Pair, block: &mut [f64], post: &Posterior) -> ());
     }
+}
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn apply_avx512(&self, block: &mut [f64], post: &Posterior) {
-        self.apply_portable(block, post);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn apply_avx2(&self, block: &mut [f64], post: &Posterior) {
-        self.apply_portable(block, post);
-    }
-
-    #[allow(clippy::inline_always)] // inlined into the feature-compiled variants above
-    #[inline(always)]
-    fn apply_portable(&self, block: &mut [f64], post: &Posterior) {
-        for chunk in block.chunks_mut(64) {
-            // `max` skips NaN, so NaN is looked for on its own.
-            let largest = chunk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            if largest > Self::MAX_ABS_X || chunk.iter().any(|v| v.is_nan()) {
-                for v in chunk.iter_mut() {
-                    *v = post.mean(*v);
-                }
-                continue;
-            }
+/// [`Pair::apply`]'s loop: chunks with an input the fast path does not take go to the general
+/// path.
+#[allow(clippy::inline_always)] // inlined into the feature-compiled variants
+#[inline(always)]
+fn pair_apply(pair: &Pair, block: &mut [f64], post: &Posterior) {
+    for chunk in block.chunks_mut(64) {
+        // `max` skips NaN, so NaN is looked for on its own.
+        let largest = chunk.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        if largest > Pair::MAX_ABS_X || chunk.iter().any(|v| v.is_nan()) {
             for v in chunk.iter_mut() {
-                *v = self.mean(*v);
+                *v = post.mean(*v);
             }
+            continue;
+        }
+        for v in chunk.iter_mut() {
+            *v = pair.mean(*v);
         }
     }
 }

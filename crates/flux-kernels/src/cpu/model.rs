@@ -8,7 +8,7 @@ use super::gemm::{GemmElem, Mat, Parallelism, gemm, pool_parallelism};
 use super::{CpuStorage, Elem, PAR_THRESHOLD, WeightData, unsupported};
 use crate::model_ops::{Activation, BinaryOp, ByteView, ModelOps};
 use crate::shapes::{self, AttentionDims, DimSplit, MatmulDims, RowDims};
-use crate::{Cpu, DType, KernelError, Result, Tensor};
+use crate::{Cpu, DType, KernelError, Result, Tensor, simd_dispatch};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -745,38 +745,6 @@ fn exp_f32(t: f32) -> f32 {
     let er = p * r * r + r + 1.0;
     let ni = (y.to_bits() as i32).wrapping_sub(SHIFTER.to_bits() as i32);
     er * f32::from_bits(((ni + 127) << 23) as u32)
-}
-
-/// Calls `$body($args)` compiled for AVX-512 or AVX2 when the CPU has them (detected at run
-/// time; the baseline x86-64 target has 4-lane vectors only), else for the baseline. The body
-/// is plain arithmetic without fused multiply-adds, so every variant gives the same bits.
-macro_rules! simd_dispatch {
-    ($body:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f")]
-        fn $avx512($($arg: $ty),*) -> $ret {
-            $body($($arg),*)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        fn $avx2($($arg: $ty),*) -> $ret {
-            $body($($arg),*)
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                #[allow(unsafe_code)]
-                // SAFETY: the CPU supports AVX-512F, checked just above.
-                return unsafe { $avx512($($arg),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") {
-                #[allow(unsafe_code)]
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { $avx2($($arg),*) };
-            }
-        }
-        $body($($arg),*)
-    }};
 }
 
 /// GELU (tanh approximation) in f32 as `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`,
