@@ -17,6 +17,19 @@ const MAX_ABS: u8 = 2;
 /// Smallest PSNR allowed over all channels, in dB.
 const MIN_PSNR: f64 = 45.0;
 
+/// A wgpu run that failed: allowed (reported as skipped) only when no adapter is required and
+/// the error says the backend is missing; otherwise the test fails with `what` and the error.
+fn skip_without_adapter(what: &str, stderr: &[u8]) {
+    let err = String::from_utf8_lossy(stderr);
+    let required =
+        std::env::var("FLUX_REQUIRE_ADAPTER").is_ok_and(|v| v == "1") || cfg!(flux_adapter_tests);
+    assert!(
+        !required && err.contains("not available on this machine"),
+        "{what}: {err}"
+    );
+    eprintln!("skipped: no adapter ({err})");
+}
+
 /// Largest channel difference and PSNR (dB) of two images of the same size.
 fn compare(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
     let (mut max, mut sq) = (0u8, 0.0f64);
@@ -65,14 +78,7 @@ fn wgpu_img2img_matches_the_cpu() {
     ok(&o);
     let (o, gpu) = run("wgpu");
     if !o.status.success() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        let required = std::env::var("FLUX_REQUIRE_ADAPTER").is_ok_and(|v| v == "1")
-            || cfg!(flux_adapter_tests);
-        assert!(
-            !required && err.contains("not available on this machine"),
-            "flux img2img --backend wgpu failed: {err}"
-        );
-        eprintln!("skipped: no adapter ({err})");
+        skip_without_adapter("flux img2img --backend wgpu failed", &o.stderr);
         return;
     }
     let (a, b) = (decode(&cpu), decode(&gpu));
@@ -104,21 +110,15 @@ fn serve_on(backend: &str, data_dir: &std::path::Path) -> Option<(std::process::
             .strip_prefix("listening on http://")
             .map(str::to_string)
     });
-    match addr {
-        Some(addr) => Some((child, addr)),
-        None => {
-            let out = child.wait_with_output().expect("flux serve exits");
-            let err = String::from_utf8_lossy(&out.stderr);
-            let required = std::env::var("FLUX_REQUIRE_ADAPTER").is_ok_and(|v| v == "1")
-                || cfg!(flux_adapter_tests);
-            assert!(
-                !required && err.contains("not available on this machine"),
-                "flux serve --backend {backend} did not start: {err}"
-            );
-            eprintln!("skipped: no adapter ({err})");
-            None
-        }
+    if let Some(addr) = addr {
+        return Some((child, addr));
     }
+    let out = child.wait_with_output().expect("flux serve exits");
+    skip_without_adapter(
+        &format!("flux serve --backend {backend} did not start"),
+        &out.stderr,
+    );
+    None
 }
 
 #[test]
