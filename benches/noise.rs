@@ -4,12 +4,19 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use flux_kernels::DType;
-use flux_samplers::noise::{BrownianTreeNoise, randn};
+use flux_samplers::noise::{BrownianTreeNoise, Mt19937, randn};
 use std::hint::black_box;
 
 const LATENT: [usize; 4] = [1, 16, 128, 128];
 
 fn noise(c: &mut Criterion) {
+    // The raw engine output one f32 latent draw needs (one 32-bit word per element).
+    let numel: usize = LATENT.iter().product();
+    let mut words = vec![0u32; numel];
+    let mut engine = Mt19937::new(42);
+    c.bench_function("mt19937_fill_u32_262144", |b| {
+        b.iter(|| engine.fill_u32(black_box(&mut words)));
+    });
     for dtype in [DType::F32, DType::F64] {
         c.bench_function(&format!("cpu_randn_{dtype}_1x16x128x128"), |b| {
             b.iter(|| randn(black_box(&LATENT), black_box(42), dtype));

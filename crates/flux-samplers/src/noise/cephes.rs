@@ -5,8 +5,8 @@
 //! Written lane by lane in portable code; every rounding step of the vector code is kept, so
 //! the results agree bit for bit with the vector kernel.
 
-const SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
-const LOG_P: [f32; 9] = [
+pub(super) const SQRT_HALF: f32 = std::f64::consts::FRAC_1_SQRT_2 as f32;
+pub(super) const LOG_P: [f32; 9] = [
     7.0376836292E-2_f64 as f32,
     -1.1514610310E-1_f64 as f32,
     1.1676998740E-1_f64 as f32,
@@ -17,25 +17,25 @@ const LOG_P: [f32; 9] = [
     -2.4999993993E-1_f64 as f32,
     3.3333331174E-1_f64 as f32,
 ];
-const LOG_Q1: f32 = -2.12194440e-4_f64 as f32;
-const LOG_Q2: f32 = 0.693359375_f64 as f32;
+pub(super) const LOG_Q1: f32 = -2.12194440e-4_f64 as f32;
+pub(super) const LOG_Q2: f32 = 0.693359375_f64 as f32;
 
-const FOUR_OVER_PI: f32 = 1.27323954473516_f64 as f32;
-const MINUS_DP1: f32 = -0.78515625_f64 as f32;
-const MINUS_DP2: f32 = -2.4187564849853515625e-4_f64 as f32;
-const MINUS_DP3: f32 = -3.77489497744594108e-8_f64 as f32;
-const SIN_P: [f32; 3] = [
+pub(super) const FOUR_OVER_PI: f32 = 1.27323954473516_f64 as f32;
+pub(super) const MINUS_DP1: f32 = -0.78515625_f64 as f32;
+pub(super) const MINUS_DP2: f32 = -2.4187564849853515625e-4_f64 as f32;
+pub(super) const MINUS_DP3: f32 = -3.77489497744594108e-8_f64 as f32;
+pub(super) const SIN_P: [f32; 3] = [
     -1.9515295891E-4_f64 as f32,
     8.3321608736E-3_f64 as f32,
     -1.6666654611E-1_f64 as f32,
 ];
-const COS_P: [f32; 3] = [
+pub(super) const COS_P: [f32; 3] = [
     2.443315711809948E-005_f64 as f32,
     -1.388731625493765E-003_f64 as f32,
     4.166664568298827E-002_f64 as f32,
 ];
 
-const SIGN: u32 = 0x8000_0000;
+pub(super) const SIGN: u32 = 0x8000_0000;
 
 /// Natural logarithm of one lane (`log256_ps`); NaN for `v <= 0`.
 #[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop

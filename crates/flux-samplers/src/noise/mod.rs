@@ -1,5 +1,7 @@
 //! Where samplers get randomness from.
 
+#[cfg(target_arch = "x86_64")]
+mod box_muller_x86;
 pub mod brownian;
 mod cephes;
 pub mod default;

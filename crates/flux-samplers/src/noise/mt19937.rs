@@ -7,12 +7,160 @@ const UPPER_MASK: u32 = 0x8000_0000;
 const LOWER_MASK: u32 = 0x7fff_ffff;
 
 /// The output transformation of one state word.
-#[inline]
+#[allow(clippy::inline_always)] // must be inlined into the vector-compiled loop
+#[inline(always)]
 fn temper(mut y: u32) -> u32 {
     y ^= y >> 11;
     y ^= (y << 7) & 0x9d2c_5680;
     y ^= (y << 15) & 0xefc6_0000;
     y ^ (y >> 18)
+}
+
+/// One word of the recurrence: the new value of `s[i]` from `s[i]`, `s[i + 1]` and `s[i + M]`
+/// (indices modulo `N`, with the words before `i` already regenerated).
+#[inline]
+fn recur(cur: u32, next: u32, far: u32) -> u32 {
+    let y = (cur & UPPER_MASK) | (next & LOWER_MASK);
+    // `MATRIX_A` where the low bit of `y` is set, without a branch.
+    let mag = (y & 1).wrapping_neg() & MATRIX_A;
+    far ^ (y >> 1) ^ mag
+}
+
+/// Regenerates the whole state (the same words as the reference's one-by-one loop, which
+/// `tests::reference_twist` keeps).
+///
+/// Word `i` reads words `i`, `i + 1` and `i + M` (modulo `N`), the last one already regenerated
+/// once `i + M` wraps, at least `N - M = 227` words back. A run of up to 227 consecutive words
+/// is therefore independent and the vector versions regenerate 16 or 8 at a time.
+fn twist(s: &mut [u32; N]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::twist_avx512(s);
+            }
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::twist_avx2(s);
+            }
+            return;
+        }
+    }
+    twist_words(s, 0, N);
+}
+
+/// Regenerates words `from .. to` one at a time (the scalar remainder of the vector loops).
+fn twist_words(s: &mut [u32; N], from: usize, to: usize) {
+    for i in from..to {
+        s[i] = recur(s[i], s[(i + 1) % N], s[(i + M) % N]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{LOWER_MASK, M, MATRIX_A, N, UPPER_MASK, twist_words};
+    use std::arch::x86_64::*;
+
+    /// Vector steps of `lanes` words over `from ..`, as far as every load stays inside the
+    /// state and, before the far index wraps, reads only old words; returns where they stopped.
+    fn vector_end(from: usize, to: usize, lanes: usize) -> usize {
+        // Loads reach word `i + lanes` (the next words), so stop one short of `to` at the end.
+        let limit = if to == N { N - 1 } else { to };
+        from + (limit - from) / lanes * lanes
+    }
+
+    /// The twist in 512-bit registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn twist_avx512(s: &mut [u32; N]) {
+        let upper = _mm512_set1_epi32(UPPER_MASK as i32);
+        let lower = _mm512_set1_epi32(LOWER_MASK as i32);
+        let matrix = _mm512_set1_epi32(MATRIX_A as i32);
+        let one = _mm512_set1_epi32(1);
+        let p = s.as_mut_ptr();
+        for (from, to, far_offset) in [(0, N - M, M), (N - M, N, 0)] {
+            let end = vector_end(from, to, 16);
+            let mut i = from;
+            while i < end {
+                let far = if far_offset == M { i + M } else { i + M - N };
+                // SAFETY: `i + 16 < N` words from `i + 1` and `far + 16 <= N` (vector_end), all
+                // inside the state; unaligned loads and stores.
+                unsafe {
+                    let cur = _mm512_loadu_si512(p.add(i).cast());
+                    let next = _mm512_loadu_si512(p.add(i + 1).cast());
+                    let far = _mm512_loadu_si512(p.add(far).cast());
+                    let y = _mm512_or_si512(
+                        _mm512_and_si512(cur, upper),
+                        _mm512_and_si512(next, lower),
+                    );
+                    let mag = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(y, one), matrix);
+                    let out =
+                        _mm512_xor_si512(_mm512_xor_si512(far, _mm512_srli_epi32::<1>(y)), mag);
+                    _mm512_storeu_si512(p.add(i).cast(), out);
+                }
+                i += 16;
+            }
+            twist_words(s, end, to);
+        }
+    }
+
+    /// The twist in 256-bit registers.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn twist_avx2(s: &mut [u32; N]) {
+        let upper = _mm256_set1_epi32(UPPER_MASK as i32);
+        let lower = _mm256_set1_epi32(LOWER_MASK as i32);
+        let matrix = _mm256_set1_epi32(MATRIX_A as i32);
+        let one = _mm256_set1_epi32(1);
+        let p = s.as_mut_ptr();
+        for (from, to, far_offset) in [(0, N - M, M), (N - M, N, 0)] {
+            let end = vector_end(from, to, 8);
+            let mut i = from;
+            while i < end {
+                let far = if far_offset == M { i + M } else { i + M - N };
+                // SAFETY: as in `twist_avx512`, with 8 words per step.
+                unsafe {
+                    let cur = _mm256_loadu_si256(p.add(i).cast());
+                    let next = _mm256_loadu_si256(p.add(i + 1).cast());
+                    let far = _mm256_loadu_si256(p.add(far).cast());
+                    let y = _mm256_or_si256(
+                        _mm256_and_si256(cur, upper),
+                        _mm256_and_si256(next, lower),
+                    );
+                    let odd = _mm256_cmpeq_epi32(_mm256_and_si256(y, one), one);
+                    let mag = _mm256_and_si256(odd, matrix);
+                    let out =
+                        _mm256_xor_si256(_mm256_xor_si256(far, _mm256_srli_epi32::<1>(y)), mag);
+                    _mm256_storeu_si256(p.add(i).cast(), out);
+                }
+                i += 8;
+            }
+            twist_words(s, end, to);
+        }
+    }
+}
+
+/// Tempers `words` into `out` (same lengths), in vector registers where the CPU has them.
+fn temper_into(out: &mut [u32], words: &[u32]) {
+    #[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch below
+    #[inline(always)]
+    fn body(out: &mut [u32], words: &[u32]) {
+        for (o, &y) in out.iter_mut().zip(words) {
+            *o = temper(y);
+        }
+    }
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [u32], words: &[u32]) -> ())
 }
 
 /// MT19937 with the standard 32-bit seeding (Matsumoto and Nishimura, 2002).
@@ -46,22 +194,7 @@ impl Mt19937 {
     }
 
     fn twist(&mut self) {
-        #[inline]
-        fn step(s: &mut [u32; N], i: usize, next: usize, far: usize) {
-            let y = (s[i] & UPPER_MASK) | (s[next] & LOWER_MASK);
-            let mag = if y & 1 == 0 { 0 } else { MATRIX_A };
-            s[i] = s[far] ^ (y >> 1) ^ mag;
-        }
-        let s = &mut *self.state;
-        // The index arithmetic `(i + 1) % N` and `(i + M) % N` split into three ranges, so
-        // the loops carry no division.
-        for i in 0..N - M {
-            step(s, i, i + 1, i + M);
-        }
-        for i in N - M..N - 1 {
-            step(s, i, i + 1, i + M - N);
-        }
-        step(s, N - 1, 0, M - 1);
+        twist(&mut self.state);
         self.index = 0;
     }
 
@@ -85,9 +218,7 @@ impl Mt19937 {
             }
             let n = out.len().min(N - self.index);
             let (now, later) = out.split_at_mut(n);
-            for (o, &y) in now.iter_mut().zip(&self.state[self.index..self.index + n]) {
-                *o = temper(y);
-            }
+            temper_into(now, &self.state[self.index..self.index + n]);
             self.index += n;
             out = later;
         }
@@ -120,7 +251,41 @@ mod tests {
         assert_eq!(first, [3_499_211_612, 581_869_302, 3_890_346_734]);
     }
 
+    /// The reference's loop: one word at a time, indices taken modulo N.
+    fn reference_twist(s: &mut [u32; super::N]) {
+        use super::{LOWER_MASK, M, MATRIX_A, N, UPPER_MASK};
+        for i in 0..N {
+            let y = (s[i] & UPPER_MASK) | (s[(i + 1) % N] & LOWER_MASK);
+            let mag = if y & 1 == 0 { 0 } else { MATRIX_A };
+            s[i] = s[(i + M) % N] ^ (y >> 1) ^ mag;
+        }
+    }
+
     proptest! {
+        #[test]
+        fn vector_twist_matches_the_reference_loop(words in proptest::collection::vec(any::<u32>(), super::N)) {
+            let mut a = [0u32; super::N];
+            a.copy_from_slice(&words);
+            let mut b = a;
+            let mut c = a;
+            super::twist(&mut a);
+            super::twist_words(&mut c, 0, super::N);
+            reference_twist(&mut b);
+            prop_assert_eq!(&a[..], &b[..]);
+            prop_assert_eq!(&c[..], &b[..]);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut d = c;
+                d.copy_from_slice(&words);
+                // SAFETY: the CPU supports AVX2, checked just above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    super::x86::twist_avx2(&mut d);
+                }
+                prop_assert_eq!(&d[..], &b[..]);
+            }
+        }
+
         #[test]
         fn same_seed_same_stream(seed in any::<u32>(), skip in 0usize..2000) {
             let mut a = Mt19937::new(seed);

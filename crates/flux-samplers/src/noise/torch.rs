@@ -69,6 +69,18 @@ fn uniform_f32_of(r: u32) -> f32 {
     (r & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
+/// The float uniforms of 32-bit draws, in vector registers where the CPU has them.
+fn uniforms_of_words(out: &mut [f32], words: &[u32]) {
+    #[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch below
+    #[inline(always)]
+    fn body(out: &mut [f32], words: &[u32]) {
+        for (o, &w) in out.iter_mut().zip(words) {
+            *o = uniform_f32_of(w);
+        }
+    }
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [f32], words: &[u32]) -> ())
+}
+
 /// The double uniform of one 64-bit draw (its low 53 bits).
 #[inline]
 fn uniform_f64_of(r: u64) -> f64 {
@@ -113,16 +125,14 @@ impl TorchGenerator {
         uniform_f64_of(self.next_u64())
     }
 
-    /// `numel` successive [`TorchGenerator::uniform_f32`] values.
-    fn uniforms_f32(&mut self, numel: usize) -> Vec<f32> {
-        let mut raw = vec![0u32; UNIFORM_BATCH.min(numel)];
-        let mut out = Vec::with_capacity(numel);
-        while out.len() < numel {
-            let raw = &mut raw[..UNIFORM_BATCH.min(numel - out.len())];
+    /// Fills `out` with successive [`TorchGenerator::uniform_f32`] values.
+    fn fill_uniforms_f32(&mut self, out: &mut [f32]) {
+        let mut raw = [0u32; UNIFORM_BATCH];
+        for out in out.chunks_mut(UNIFORM_BATCH) {
+            let raw = &mut raw[..out.len()];
             self.engine.fill_u32(raw);
-            out.extend(raw.iter().map(|&r| uniform_f32_of(r)));
+            uniforms_of_words(out, raw);
         }
-        out
     }
 
     /// `numel` successive [`TorchGenerator::uniform_f64`] values.
@@ -173,17 +183,31 @@ impl TorchGenerator {
     }
 
     /// `torch.randn(numel, dtype=float32, generator=self)` on an x86 build with AVX2.
+    ///
+    /// Large draws are pipelined: this thread draws the uniforms of one chunk (the engine is
+    /// sequential) while the rayon pool converts the chunks drawn before it.
     pub fn randn_f32(&mut self, numel: usize) -> Vec<f32> {
         if numel < BLOCK {
             return (0..numel).map(|_| self.normal_f64() as f32).collect();
         }
-        let mut data = self.uniforms_f32(numel);
-        convert_blocks(&mut data);
+        let mut data = vec![0.0f32; numel];
+        let whole = numel - numel % BLOCK;
+        if whole >= 2 * PAR_CHUNK {
+            let (blocks, rest) = data.split_at_mut(whole);
+            rayon::scope(|scope| {
+                for chunk in blocks.chunks_mut(PAR_CHUNK) {
+                    self.fill_uniforms_f32(chunk);
+                    scope.spawn(move |_| convert_chunk(chunk));
+                }
+            });
+            self.fill_uniforms_f32(rest);
+        } else {
+            self.fill_uniforms_f32(&mut data);
+            convert_chunk(&mut data[..whole]);
+        }
         if !numel.is_multiple_of(BLOCK) {
             let tail = &mut data[numel - BLOCK..];
-            for v in tail.iter_mut() {
-                *v = self.uniform_f32();
-            }
+            self.fill_uniforms_f32(tail);
             box_muller_f32(tail);
         }
         data
@@ -232,6 +256,12 @@ const PAR_CHUNK: usize = BLOCK * 1024;
 trait BoxMuller: Sized + Send {
     /// Converts 16 uniforms to 16 normals in place.
     fn box_muller(block: &mut [Self]);
+
+    /// Converts a leading part of `chunk` (whole blocks) with an explicitly vectorised kernel
+    /// where there is one for the type and CPU; returns how many values it converted.
+    fn convert_vectorised(_chunk: &mut [Self]) -> usize {
+        0
+    }
 }
 
 impl BoxMuller for f64 {
@@ -247,6 +277,17 @@ impl BoxMuller for f32 {
     #[inline(always)]
     fn box_muller(block: &mut [f32]) {
         box_muller_f32(block);
+    }
+
+    fn convert_vectorised(chunk: &mut [f32]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the function only requires the target features checked just above.
+            #[allow(unsafe_code)]
+            return unsafe { super::box_muller_x86::convert_f32_avx512(chunk) };
+        }
+        let _ = chunk;
+        0
     }
 }
 
@@ -267,6 +308,8 @@ fn convert_blocks<T: BoxMuller>(data: &mut [T]) {
 /// and AVX2 where the CPU has them (the conversion and what it calls are inlined into the loop,
 /// so they are compiled with those features too).
 fn convert_chunk<T: BoxMuller>(chunk: &mut [T]) {
+    let done = T::convert_vectorised(chunk);
+    let chunk = &mut chunk[done..];
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the function only requires the target features checked just above.
@@ -330,7 +373,7 @@ fn box_muller_f64(block: &mut [f64]) {
 /// The same in single precision, as the AVX2 kernel computes it.
 #[allow(clippy::inline_always)] // must be inlined into the FMA-compiled block loop
 #[inline(always)]
-fn box_muller_f32(block: &mut [f32]) {
+pub(super) fn box_muller_f32(block: &mut [f32]) {
     let two_pi = (2.0 * std::f64::consts::PI) as f32;
     let (lo, hi) = block.split_at_mut(HALF);
     for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
