@@ -121,18 +121,22 @@ proptest! {
         let x_t: Vec<f64> = z.iter().map(|z| a_t * mu + v * z).collect();
         let exact: Vec<f64> = z.iter().map(|z| mu + s * z).collect();
         for &sampler in ODE_SAMPLERS {
-            let errs: Vec<f64> = [8usize, 256].iter().map(|&n| {
+            let errs: Vec<f64> = [8usize, 16, 256].iter().map(|&n| {
                 let sig = if flow { flow_schedule(1e-3, n) } else { schedule(sigma_t, 1e-3, n) };
                 let mut den = gaussian_denoiser(mu, s, flow);
                 let out = run(sampler, &model, &mut den, &mut NoNoise, &x_t, &sig)
                     .unwrap_or_else(|e| panic!("{sampler}: {e}"));
                 max_err(&out, &exact)
             }).collect();
-            // Every one is at least first order: 32x the steps cuts the error well over 3x.
-            prop_assert!(errs[1] < 5e-2 * s, "{sampler}: error {} at 256 steps", errs[1]);
+            // Every one is at least first order: 16x the steps cuts the error well over 3x. The
+            // coarse error is the larger of 8 and 16 steps: at one step count the error of a
+            // high-order method can cancel by chance (deis lands within 2e-6 at 8 steps on
+            // some cases, then 1e-3 at 16).
+            let coarse = errs[0].max(errs[1]);
+            prop_assert!(errs[2] < 5e-2 * s, "{sampler}: error {} at 256 steps", errs[2]);
             prop_assert!(
-                3.0 * errs[1] < errs[0] || errs[1] < 1e-6,
-                "{sampler}: error {} (8 steps) -> {} (256 steps)", errs[0], errs[1]
+                3.0 * errs[2] < coarse || errs[2] < 1e-6,
+                "{sampler}: error {} (8 or 16 steps) -> {} (256 steps)", coarse, errs[2]
             );
         }
     }

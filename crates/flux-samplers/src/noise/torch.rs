@@ -14,6 +14,7 @@ use super::mt19937::Mt19937;
 use crate::{Result, SamplerError};
 use flux_kernels::{DType, HostData};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// PyTorch's CPU generator (`torch.Generator().manual_seed(seed)`).
 #[derive(Clone, Debug)]
@@ -70,15 +71,15 @@ fn uniform_f32_of(r: u32) -> f32 {
 }
 
 /// The float uniforms of 32-bit draws, in vector registers where the CPU has them.
-fn uniforms_of_words(out: &mut [f32], words: &[u32]) {
+fn uniforms_of_words(out: &mut [MaybeUninit<f32>], words: &[u32]) {
     #[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch below
     #[inline(always)]
-    fn body(out: &mut [f32], words: &[u32]) {
+    fn body(out: &mut [MaybeUninit<f32>], words: &[u32]) {
         for (o, &w) in out.iter_mut().zip(words) {
-            *o = uniform_f32_of(w);
+            o.write(uniform_f32_of(w));
         }
     }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [f32], words: &[u32]) -> ())
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [MaybeUninit<f32>], words: &[u32]) -> ())
 }
 
 /// The double uniform of one 64-bit draw (its low 53 bits).
@@ -125,13 +126,20 @@ impl TorchGenerator {
         uniform_f64_of(self.next_u64())
     }
 
-    /// Fills `out` with successive [`TorchGenerator::uniform_f32`] values.
-    fn fill_uniforms_f32(&mut self, out: &mut [f32]) {
+    /// Fills `out` with successive [`TorchGenerator::uniform_f32`] values and returns it as
+    /// initialised floats.
+    fn fill_uniforms_f32<'a>(&mut self, out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
         let mut raw = [0u32; UNIFORM_BATCH];
         for out in out.chunks_mut(UNIFORM_BATCH) {
             let raw = &mut raw[..out.len()];
             self.engine.fill_u32(raw);
             uniforms_of_words(out, raw);
+        }
+        // SAFETY: every element was written just above, and `MaybeUninit<f32>` has the layout
+        // of `f32`.
+        #[allow(unsafe_code)]
+        unsafe {
+            &mut *(std::ptr::from_mut::<[MaybeUninit<f32>]>(out) as *mut [f32])
         }
     }
 
@@ -190,24 +198,33 @@ impl TorchGenerator {
         if numel < BLOCK {
             return (0..numel).map(|_| self.normal_f64() as f32).collect();
         }
-        let mut data = vec![0.0f32; numel];
+        // Every element is written below before the vector takes its length: no zeroing pass.
+        let mut data: Vec<f32> = Vec::with_capacity(numel);
         let whole = numel - numel % BLOCK;
-        if whole >= 2 * PAR_CHUNK {
-            let (blocks, rest) = data.split_at_mut(whole);
-            rayon::scope(|scope| {
-                for chunk in blocks.chunks_mut(PAR_CHUNK) {
-                    self.fill_uniforms_f32(chunk);
-                    scope.spawn(move |_| convert_chunk(chunk));
-                }
-            });
+        {
+            let (blocks, rest) = data.spare_capacity_mut()[..numel].split_at_mut(whole);
+            if whole >= 2 * PAR_CHUNK {
+                rayon::scope(|scope| {
+                    for chunk in blocks.chunks_mut(PAR_CHUNK) {
+                        let chunk = self.fill_uniforms_f32(chunk);
+                        scope.spawn(move |_| convert_chunk(chunk));
+                    }
+                });
+            } else {
+                convert_chunk(self.fill_uniforms_f32(blocks));
+            }
             self.fill_uniforms_f32(rest);
-        } else {
-            self.fill_uniforms_f32(&mut data);
-            convert_chunk(&mut data[..whole]);
+        }
+        // SAFETY: the capacity is `numel` and all `numel` elements were initialised above.
+        #[allow(unsafe_code)]
+        unsafe {
+            data.set_len(numel);
         }
         if !numel.is_multiple_of(BLOCK) {
             let tail = &mut data[numel - BLOCK..];
-            self.fill_uniforms_f32(tail);
+            for v in tail.iter_mut() {
+                *v = self.uniform_f32();
+            }
             box_muller_f32(tail);
         }
         data
@@ -427,6 +444,41 @@ mod tests {
     fn unsupported_dtype_is_an_error() {
         assert!(randn(&[4], 0, DType::F16).is_err());
         assert!(randn(&[usize::MAX, 2], 0, DType::F32).is_err());
+    }
+
+    /// The definition, one value at a time: uniforms for every element, whole blocks converted
+    /// by the lane code, then the last 16 positions redrawn and converted when the length is
+    /// not a multiple of 16.
+    fn randn_f32_by_definition(seed: u64, numel: usize) -> Vec<f32> {
+        let mut g = TorchGenerator::new(seed);
+        let mut data: Vec<f32> = (0..numel).map(|_| g.uniform_f32()).collect();
+        let whole = numel - numel % BLOCK;
+        for block in data[..whole].chunks_exact_mut(BLOCK) {
+            box_muller_f32(block);
+        }
+        if whole != numel {
+            let tail = &mut data[numel - BLOCK..];
+            for v in tail.iter_mut() {
+                *v = g.uniform_f32();
+            }
+            box_muller_f32(tail);
+        }
+        data
+    }
+
+    /// Large draws go through the pipelined, vectorised path; it must give the same bits.
+    #[test]
+    fn large_draws_match_the_definition() {
+        for numel in [
+            2 * PAR_CHUNK,
+            3 * PAR_CHUNK + 3 * BLOCK + 5,
+            5 * PAR_CHUNK + 1,
+        ] {
+            let got = randn_f32(&[numel], 11).unwrap();
+            let want = randn_f32_by_definition(11, numel);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&got) == bits(&want), "numel {numel}");
+        }
     }
 
     proptest! {
