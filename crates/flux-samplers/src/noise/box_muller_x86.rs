@@ -11,6 +11,10 @@ use super::cephes::{
     COS_P, FOUR_OVER_PI, LOG_P, LOG_Q1, LOG_Q2, MINUS_DP1, MINUS_DP2, MINUS_DP3, SIGN, SIN_P,
     SQRT_HALF,
 };
+#[allow(
+    clippy::wildcard_imports,
+    reason = "the module is written in intrinsics; their names say what they are"
+)]
 use std::arch::x86_64::*;
 
 /// Floats converted per step: two blocks of 16.

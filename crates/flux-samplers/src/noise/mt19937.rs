@@ -66,6 +66,10 @@ fn twist_words(s: &mut [u32; N], from: usize, to: usize) {
 #[allow(unsafe_code)]
 mod x86 {
     use super::{LOWER_MASK, M, MATRIX_A, N, UPPER_MASK, twist_words};
+    #[allow(
+        clippy::wildcard_imports,
+        reason = "the kernel is written in intrinsics; their names say what they are"
+    )]
     use std::arch::x86_64::*;
 
     /// Vector steps of `lanes` words over `from ..`, as far as every load stays inside the
@@ -160,7 +164,7 @@ fn temper_into(out: &mut [u32], words: &[u32]) {
             *o = temper(y);
         }
     }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [u32], words: &[u32]) -> ())
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [u32], words: &[u32]) -> ());
 }
 
 /// MT19937 with the standard 32-bit seeding (Matsumoto and Nishimura, 2002).

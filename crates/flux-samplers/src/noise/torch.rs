@@ -79,7 +79,7 @@ fn uniforms_of_words(out: &mut [MaybeUninit<f32>], words: &[u32]) {
             o.write(uniform_f32_of(w));
         }
     }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [MaybeUninit<f32>], words: &[u32]) -> ())
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [MaybeUninit<f32>], words: &[u32]) -> ());
 }
 
 /// The double uniform of one 64-bit draw (its low 53 bits).
