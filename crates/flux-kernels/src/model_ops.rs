@@ -221,6 +221,13 @@ pub trait ModelOps: SamplerOps {
     where
         Self: Backend;
 
+    /// The largest tensor (bytes) one op of this backend can read or write in one piece, where
+    /// the device limits it (a wgpu storage binding). Models split their token-wise work so
+    /// that no activation is larger. Unlimited by default.
+    fn max_activation_bytes(&self) -> usize {
+        usize::MAX
+    }
+
     /// The slice `start..start + len` along `dim`, copied.
     fn narrow(
         &self,

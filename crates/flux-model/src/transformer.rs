@@ -469,6 +469,46 @@ pub struct FluxTransformer<B: Backend> {
     single: Vec<SingleBlock<B>>,
     final_mod: Linear<B>,
     final_linear: Linear<B>,
+    /// Caps the backend's [`ModelOps::max_activation_bytes`] (see
+    /// [`FluxTransformer::with_max_activation_bytes`]).
+    max_activation_bytes: usize,
+}
+
+/// Token spans `(start, len)` covering `0..len` in as few equal pieces as keep
+/// `row_bytes * piece` within `limit` (one span when everything fits; at least one token per
+/// span, so a single token wider than the limit is left to the backend to refuse).
+fn token_spans(len: usize, row_bytes: usize, limit: usize) -> Vec<(usize, usize)> {
+    let per = (limit / row_bytes.max(1)).max(1);
+    let pieces = len.div_ceil(per).max(1);
+    let size = len.div_ceil(pieces).max(1);
+    (0..len)
+        .step_by(size)
+        .map(|start| (start, size.min(len - start)))
+        .collect()
+}
+
+/// Concatenation along `dim`, without a copy for a single piece.
+fn cat<B: Backend>(be: &B, mut parts: Vec<Tensor<B>>, dim: usize) -> Result<Tensor<B>> {
+    if parts.len() == 1
+        && let Some(t) = parts.pop()
+    {
+        return Ok(t);
+    }
+    Ok(be.concat(&parts.iter().collect::<Vec<_>>(), dim)?)
+}
+
+/// `f` of the rows `start..start + len` of dim 1 of `x` (`x` itself when that is all of it).
+fn with_rows<B: Backend, T>(
+    be: &B,
+    x: &Tensor<B>,
+    (start, len): (usize, usize),
+    f: impl FnOnce(&Tensor<B>) -> Result<T>,
+) -> Result<T> {
+    if start == 0 && len == x.shape()[1] {
+        f(x)
+    } else {
+        f(&be.narrow(x, 1, start, len)?)
+    }
 }
 
 /// Callback receiving named intermediate activations.
@@ -584,7 +624,22 @@ impl<B: Backend> FluxTransformer<B> {
             final_linear: Linear::load(be, w, "final_layer.linear", cfg.out_channels, h, true, dt)?,
             cfg,
             dtype: dt,
+            max_activation_bytes: usize::MAX,
         })
+    }
+
+    /// Keeps every token-wise activation (the qkv and MLP projections) within `bytes`, below
+    /// what the backend allows, by running those layers over spans of tokens. The result is
+    /// the same up to the rounding of the projections; peak memory goes down.
+    #[must_use]
+    pub fn with_max_activation_bytes(mut self, bytes: usize) -> Self {
+        self.max_activation_bytes = bytes;
+        self
+    }
+
+    /// The largest activation a token-wise layer may produce on `be`.
+    fn activation_limit(&self, be: &B) -> usize {
+        self.max_activation_bytes.min(be.max_activation_bytes())
     }
 
     /// The configuration.
@@ -758,10 +813,21 @@ impl<B: Backend> FluxTransformer<B> {
         tap("img_mod.lin", &img_mod);
         let im = chunks(&img_mod)?;
         let tm = chunks(&blk.txt.modulation.fwd(be, svec)?)?;
+        // The qkv and MLP projections run over spans of tokens when their outputs would be
+        // larger than the backend's activation limit.
+        let limit = self.activation_limit(be);
+        let row_bytes = b * (3 * h).max(self.cfg.mlp_hidden) * img.dtype().size_in_bytes();
         let pre = |x: &Tensor<B>, m: &[Tensor<B>], sw: &StreamWeights<B>| -> Result<_> {
             let x1 = be.modulate(&be.layer_norm(x, None, None, 1e-6)?, &m[0], &m[1])?;
-            let qkv = sw.qkv.fwd(be, &x1)?;
-            self.split_qkv(be, &qkv, &sw.q_norm, &sw.k_norm)
+            let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
+            for span in token_spans(x.shape()[1], row_bytes, limit) {
+                let qkv = with_rows(be, &x1, span, |t| sw.qkv.fwd(be, t))?;
+                let (q, k, v) = self.split_qkv(be, &qkv, &sw.q_norm, &sw.k_norm)?;
+                qs.push(q);
+                ks.push(k);
+                vs.push(v);
+            }
+            Ok((cat(be, qs, 1)?, cat(be, ks, 1)?, cat(be, vs, 1)?))
         };
         let (iq, ik, iv) = pre(img, &im, &blk.img)?;
         let (tq, tk, tv) = pre(txt, &tm, &blk.txt)?;
@@ -782,8 +848,13 @@ impl<B: Backend> FluxTransformer<B> {
          -> Result<Tensor<B>> {
             let x = be.gated_add(x, &sw.proj.fwd(be, a)?, &m[2])?;
             let x2 = be.modulate(&be.layer_norm(&x, None, None, 1e-6)?, &m[3], &m[4])?;
-            let hmid = be.activation(&sw.mlp0.fwd(be, &x2)?, Activation::GeluTanh)?;
-            Ok(be.gated_add(&x, &sw.mlp2.fwd(be, &hmid)?, &m[5])?)
+            let mut ys = Vec::new();
+            for span in token_spans(x.shape()[1], row_bytes, limit) {
+                let hmid = with_rows(be, &x2, span, |t| sw.mlp0.fwd(be, t))?;
+                let hmid = be.activation(&hmid, Activation::GeluTanh)?;
+                ys.push(sw.mlp2.fwd(be, &hmid)?);
+            }
+            Ok(be.gated_add(&x, &cat(be, ys, 1)?, &m[5])?)
         };
         Ok((
             post(img, &i_att, &im, &blk.img)?,
@@ -810,14 +881,62 @@ impl<B: Backend> FluxTransformer<B> {
             be.narrow(&md, 1, 2 * h, h)?,
         );
         let x1 = be.modulate(&be.layer_norm(x, None, None, 1e-6)?, &shift, &scale)?;
-        let lin1 = blk.linear1.fwd(be, &x1)?;
-        let mlp = be.narrow(&lin1, 2, 3 * h, m)?;
-        let (q, k, v) = self.split_qkv(be, &lin1, &blk.q_norm, &blk.k_norm)?;
-        let q = be.rope(&q, pe)?;
-        let k = be.rope(&k, pe)?;
-        let att = be.attention(&q, &k, &v, None, None)?.reshape(&[b, l, h])?;
-        let l2in = be.concat(&[&att, &be.activation(&mlp, Activation::GeluTanh)?], 2)?;
-        tap("linear2_in", &l2in);
-        Ok(be.gated_add(x, &blk.linear2.fwd(be, &l2in)?, &gate)?)
+        // linear1's output is the widest activation of the model: over the backend's limit it
+        // is computed for spans of tokens, and linear2 runs over the same spans.
+        let row_bytes = b * (3 * h + m) * x.dtype().size_in_bytes();
+        let spans = token_spans(l, row_bytes, self.activation_limit(be));
+        let (mut qs, mut ks, mut vs, mut mlps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for &span in &spans {
+            let lin1 = with_rows(be, &x1, span, |t| blk.linear1.fwd(be, t))?;
+            let mlp = be.narrow(&lin1, 2, 3 * h, m)?;
+            mlps.push(be.activation(&mlp, Activation::GeluTanh)?);
+            let (q, k, v) = self.split_qkv(be, &lin1, &blk.q_norm, &blk.k_norm)?;
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        let q = be.rope(&cat(be, qs, 1)?, pe)?;
+        let k = be.rope(&cat(be, ks, 1)?, pe)?;
+        let att = be
+            .attention(&q, &k, &cat(be, vs, 1)?, None, None)?
+            .reshape(&[b, l, h])?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (&span, mlp) in spans.iter().zip(&mlps) {
+            let l2in = with_rows(be, &att, span, |a| Ok(be.concat(&[a, mlp], 2)?))?;
+            if spans.len() == 1 {
+                tap("linear2_in", &l2in);
+            }
+            outs.push(blk.linear2.fwd(be, &l2in)?);
+        }
+        Ok(be.gated_add(x, &cat(be, outs, 1)?, &gate)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token_spans;
+
+    #[test]
+    fn token_spans_tile_the_tokens_within_the_limit() {
+        for len in [1usize, 7, 25, 4608] {
+            for (row, limit) in [
+                (100usize, usize::MAX),
+                (100, 1000),
+                (100, 999),
+                (100, 50),
+                (3, 7),
+            ] {
+                let spans = token_spans(len, row, limit);
+                let per = (limit / row).max(1);
+                assert_eq!(spans.len(), len.div_ceil(per), "len {len}, {row} x {limit}");
+                let mut next = 0;
+                for &(start, n) in &spans {
+                    assert_eq!(start, next);
+                    assert!(n >= 1 && n <= per, "len {len}: span of {n} > {per}");
+                    next += n;
+                }
+                assert_eq!(next, len);
+            }
+        }
     }
 }

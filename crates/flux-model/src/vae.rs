@@ -53,6 +53,38 @@ impl VaeConfig {
         }
     }
 
+    /// The tiles that keep every activation of a latent `lh x lw` within `limit` bytes
+    /// (elements of `elem` bytes), or `None` when the untiled network already does. The bound
+    /// per tile is the widest channel count at full resolution over the tile and the halo a
+    /// layer reads around it (at most 4 pixels each side: the upsampling's input halo, doubled).
+    pub fn tiles_within(
+        &self,
+        limit: usize,
+        elem: usize,
+        lh: usize,
+        lw: usize,
+    ) -> Option<TileConfig> {
+        const HALO: usize = 8;
+        let f = self.downsample_factor();
+        let widest = self.ch * self.ch_mult.iter().copied().max().unwrap_or(1);
+        let bytes = |h: usize, w: usize| {
+            widest
+                .saturating_mul(h)
+                .saturating_mul(w)
+                .saturating_mul(elem)
+        };
+        if bytes(lh.saturating_mul(f), lw.saturating_mul(f)) <= limit {
+            return None;
+        }
+        // The largest square tile within the limit (at least one latent pixel).
+        let side = |t: usize| t.saturating_mul(f).saturating_add(HALO);
+        let mut tile = 1;
+        while tile < lh.max(lw) && bytes(side(tile + 1), side(tile + 1)) <= limit {
+            tile += 1;
+        }
+        Some(TileConfig { tile })
+    }
+
     /// Spatial factor between image and latent (`2^(levels - 1)`).
     pub fn downsample_factor(&self) -> usize {
         1 << self.ch_mult.len().saturating_sub(1)
@@ -463,6 +495,17 @@ impl<B: Backend> Vae<B> {
         }
     }
 
+    /// The latent's height and width, after checking its shape.
+    pub(crate) fn check_latent(&self, z: &Tensor<B>) -> Result<(usize, usize), NetError> {
+        match *z.shape() {
+            [_, c, h, w] if c == self.cfg.z_channels && h > 0 && w > 0 => Ok((h, w)),
+            ref s => Err(NetError::Invalid(format!(
+                "latent must be [N, {}, h, w] with h, w > 0, found {s:?}",
+                self.cfg.z_channels
+            ))),
+        }
+    }
+
     /// The raw encoder output (`2 * z_channels` moments), reporting intermediates to `trace`.
     pub fn encode_moments(
         &self,
@@ -527,26 +570,61 @@ impl<B: Backend> Vae<B> {
 
     /// Encodes an image to the scaled latent (the reference `ae.encode`: the Gaussian's mean).
     pub fn encode(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>, NetError> {
-        let d = self.encode_dist(be, x, &mut |_, _| {})?;
-        self.scale_latent(be, &d.mean)
+        let mean = self.encode_mean(be, x)?;
+        self.scale_latent(be, &mean)
     }
 
-    /// Decodes an unscaled latent `[N, z, h, w]` through the decoder network.
+    /// The Gaussian's mean (unscaled). Where the backend's activation limit
+    /// ([`flux_kernels::ModelOps::max_activation_bytes`]) is below the network's widest
+    /// activation at this size, the encoder runs over tiles that keep within it
+    /// ([`Vae::tiles_within`]); the result is the untiled one up to rounding.
+    pub fn encode_mean(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>, NetError> {
+        self.check_image(x)?;
+        let f = self.cfg.downsample_factor();
+        let (lh, lw) = (x.shape()[2].div_ceil(f), x.shape()[3].div_ceil(f));
+        match self.tiles_within(be.max_activation_bytes(), x.dtype().size_in_bytes(), lh, lw) {
+            Some(tiles) => self.encode_mean_tiled(be, x, tiles),
+            None => Ok(self.encode_dist(be, x, &mut |_, _| {})?.mean),
+        }
+    }
+
+    /// [`VaeConfig::tiles_within`] for this network.
+    pub fn tiles_within(
+        &self,
+        limit: usize,
+        elem: usize,
+        lh: usize,
+        lw: usize,
+    ) -> Option<TileConfig> {
+        self.cfg.tiles_within(limit, elem, lh, lw)
+    }
+
+    /// Decodes an unscaled latent `[N, z, h, w]` through the decoder network. Over the
+    /// backend's activation limit it runs over tiles, as [`Vae::encode_mean`] does; `trace`
+    /// then sees no intermediates.
     pub fn decode_unscaled(
         &self,
         be: &B,
         z: &Tensor<B>,
         trace: Trace<'_, B>,
     ) -> Result<Tensor<B>, NetError> {
-        match *z.shape() {
-            [_, c, h, w] if c == self.cfg.z_channels && h > 0 && w > 0 => {}
-            ref s => {
-                return Err(NetError::Invalid(format!(
-                    "latent must be [N, {}, h, w] with h, w > 0, found {s:?}",
-                    self.cfg.z_channels
-                )));
-            }
+        let (lh, lw) = self.check_latent(z)?;
+        if let Some(tiles) =
+            self.tiles_within(be.max_activation_bytes(), z.dtype().size_in_bytes(), lh, lw)
+        {
+            return self.decode_unscaled_tiled(be, z, tiles);
         }
+        self.decode_whole(be, z, trace)
+    }
+
+    /// [`Vae::decode_unscaled`] in one piece.
+    pub(crate) fn decode_whole(
+        &self,
+        be: &B,
+        z: &Tensor<B>,
+        trace: Trace<'_, B>,
+    ) -> Result<Tensor<B>, NetError> {
+        self.check_latent(z)?;
         let g = self.gn();
         let d = &self.dec;
         let mut h = d.conv_in.fwd(be, z)?;
@@ -603,6 +681,33 @@ mod tests {
     use crate::tensor_source::{MapSource, random_source};
     use flux_kernels::{Cpu, DType, SamplerOps};
     use proptest::prelude::*;
+
+    #[test]
+    fn tiles_are_chosen_only_over_the_limit_and_shrink_with_it() {
+        let cfg = VaeConfig::flux();
+        // 1024x1024 in f32: 512 channels of 1024^2 would be 2 GiB.
+        assert_eq!(cfg.tiles_within(usize::MAX, 4, 128, 128), None);
+        assert_eq!(cfg.tiles_within(2 << 30, 4, 128, 128), None);
+        let mut last = usize::MAX;
+        for mib in [1024usize, 512, 128, 16, 1] {
+            let t = cfg
+                .tiles_within(mib << 20, 4, 128, 128)
+                .expect("over the limit")
+                .tile;
+            assert!((1..128).contains(&t) && t <= last, "{mib} MiB: tile {t}");
+            // The widest full-resolution tile with its halo fits (or the tile is the smallest).
+            let side = 8 * t + 8;
+            assert!(
+                t == 1 || 512 * side * side * 4 <= mib << 20,
+                "{mib} MiB: tile {t}"
+            );
+            last = t;
+        }
+        // f64 elements halve the area that fits.
+        let t32 = cfg.tiles_within(128 << 20, 4, 128, 128).map(|t| t.tile);
+        let t64 = cfg.tiles_within(128 << 20, 8, 128, 128).map(|t| t.tile);
+        assert!(t64 < t32, "{t64:?} vs {t32:?}");
+    }
 
     fn tiny() -> VaeConfig {
         VaeConfig {

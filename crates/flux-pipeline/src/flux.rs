@@ -321,11 +321,11 @@ impl<B: Backend> Autoencoder for VaeNet<B> {
     fn encode_mean(&self, image: &HostTensor, dtype: DType) -> Result<HostTensor> {
         check_dtype(self.dtype, dtype, "autoencoder")?;
         let x = to_device(&self.be, image, dtype)?;
-        let d = self
+        let mean = self
             .net
-            .encode_dist(&self.be, &x, &mut |_, _| {})
+            .encode_mean(&self.be, &x)
             .map_err(|e| model_err("autoencoder encode", e))?;
-        to_host(&self.be, &d.mean)
+        to_host(&self.be, &mean)
     }
 
     fn decode(&self, latent: &HostTensor, dtype: DType) -> Result<HostTensor> {

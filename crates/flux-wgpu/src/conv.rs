@@ -174,8 +174,9 @@ impl ConvOps for Wgpu {
         }
         // Bands of query pixels: scores [N, rows, L] = scale q^T k, softmax, then v P^T. Channel
         // counts here (512 in the autoencoder) exceed the fused kernel's head dim, and the band
-        // keeps the score memory bounded.
-        let band = (SCORE_BUDGET / (n * l)).clamp(1, l);
+        // keeps the score memory bounded (and within the device's storage binding limit).
+        let budget = SCORE_BUDGET.min(flux_kernels::ModelOps::max_activation_bytes(self) / 4);
+        let band = (budget / (n * l)).clamp(1, l);
         let scores = self.ctx.alloc((n * band * l) as u64 * 4)?;
         let probs = self.ctx.alloc((n * band * l) as u64 * 4)?;
         let mut i0 = 0;

@@ -45,6 +45,9 @@ pub struct WgpuOptions {
     /// Largest buffer a stored weight is kept in before it is split by rows (bytes); defaults
     /// to the device's storage binding limit and is capped by it.
     pub weight_chunk_bytes: Option<u64>,
+    /// Caps the storage binding limit the backend works within (bytes), as a device with a
+    /// smaller limit would have it; defaults to the adapter's limit and cannot exceed it.
+    pub max_binding_bytes: Option<u64>,
 }
 
 /// The wgpu backend. Cheap to clone (shares the device, pipelines and buffer pool).
@@ -91,6 +94,13 @@ impl Wgpu {
             adapter: adapter.get_info().name,
             message: e.to_string(),
         })?;
+        let mut limits = limits;
+        if let Some(cap) = options.max_binding_bytes {
+            // Bindings stay multiples of 4 bytes (whole f32 elements).
+            let cap = (cap / 4 * 4).max(4);
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(cap);
+        }
         Ok(Wgpu {
             ctx: Context::new(&adapter, device, queue, limits, options.weight_chunk_bytes),
         })

@@ -673,6 +673,14 @@ impl ModelOps for Wgpu {
         Ok(out)
     }
 
+    fn max_activation_bytes(&self) -> usize {
+        let limits = &self.ctx.limits;
+        let bytes = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
     fn concat(&self, xs: &[&Tensor<Self>], dim: usize) -> Result<Tensor<Self>> {
         let DimSplit { out_shape, .. } = shapes::concat(xs.iter().map(|t| t.shape()), dim)?;
         let out = self.empty(&out_shape)?;

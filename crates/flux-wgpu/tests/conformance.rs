@@ -17,6 +17,7 @@ mod split_weights {
         [#[cfg_attr(not(flux_adapter_tests), ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)")]]
         common::backend_with(flux_wgpu::WgpuOptions {
             weight_chunk_bytes: Some(1024),
+            ..flux_wgpu::WgpuOptions::default()
         }),
         flux_kernels::conformance::Tolerances::F32
     );

@@ -5,7 +5,7 @@
 
 mod common;
 
-use flux_kernels::{Backend, Cpu, DType, HostData, SamplerOps, Tensor};
+use flux_kernels::{Backend, Cpu, DType, HostData, Tensor};
 use flux_model::random::random_weights;
 use flux_model::tensor_source::random_source;
 use flux_model::transformer::{FluxConfig, FluxInputs, FluxTransformer};
@@ -94,14 +94,32 @@ fn flux_transformer_matches_cpu() {
     }
 }
 
+/// The same model on a device whose storage bindings hold 32 KiB: the single blocks' linear1
+/// output (120 KiB), the MLP hidden layers (37.5 KiB) and linear2's input (72 KiB) are over it,
+/// so the transformer runs those layers over spans of tokens (the backend refuses any binding
+/// over its limit, so a forward that did not split would fail), and the weights over it are
+/// stored in chunks. The result must still match the CPU's, computed in one piece.
 #[test]
 #[cfg_attr(
     not(flux_adapter_tests),
     ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)"
 )]
-fn autoencoder_matches_cpu() {
-    let Some(be) = common::backend() else { return };
-    let cfg = VaeConfig {
+fn flux_transformer_matches_cpu_within_small_bindings() {
+    let Some(be) = common::backend_with(flux_wgpu::WgpuOptions {
+        max_binding_bytes: Some(32 << 10),
+        ..flux_wgpu::WgpuOptions::default()
+    }) else {
+        return;
+    };
+    assert_eq!(flux_kernels::ModelOps::max_activation_bytes(&be), 32 << 10);
+    let got = flux_forward(&be, DType::F32);
+    let want = flux_forward(&Cpu, DType::F32);
+    let e = rel_l2(&got, &want);
+    assert!(e < 1e-5, "rel_l2 {e:.3e} against the CPU");
+}
+
+fn small_vae() -> VaeConfig {
+    VaeConfig {
         in_channels: 3,
         ch: 16,
         out_ch: 3,
@@ -112,35 +130,52 @@ fn autoencoder_matches_cpu() {
         shift_factor: 0.1159,
         groups: 4,
         eps: 1e-6,
+    }
+}
+
+/// Encodes an `h x w` image and decodes the latent on `be`: latent and image as f64.
+fn vae_roundtrip<B: Backend>(be: &B, h: usize, w: usize) -> Vec<f64> {
+    let cfg = small_vae();
+    let img = values(3 * h * w, 7);
+    let mut src = random_source(be, &cfg.weight_shapes(), 9, DType::F32).expect("src");
+    let vae = Vae::load(cfg, &mut src).expect("load");
+    let x = be
+        .upload(HostData::F32(&img), &[1, 3, h, w], DType::F32)
+        .expect("upload");
+    let z = vae.encode(be, &x).expect("encode");
+    let y = vae.decode(be, &z).expect("decode");
+    let mut v = be.download_f64(&z).expect("z");
+    v.extend(be.download_f64(&y).expect("y"));
+    v
+}
+
+#[test]
+#[cfg_attr(
+    not(flux_adapter_tests),
+    ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)"
+)]
+fn autoencoder_matches_cpu() {
+    let Some(be) = common::backend() else { return };
+    let e = rel_l2(&vae_roundtrip(&be, 18, 14), &vae_roundtrip(&Cpu, 18, 14));
+    assert!(e < 1e-5, "rel_l2 {e:.3e} against the CPU");
+}
+
+/// The autoencoder on a device whose storage bindings hold 40 KiB: its full-resolution
+/// activations (32 channels of 34x30, 127.5 KiB) are over it, so encode and decode run over
+/// tiles of 4 latent pixels (a forward that did not tile would be refused), and the result must
+/// match the CPU's untiled one. (Its largest weight, 36 KiB, fits.)
+#[test]
+#[cfg_attr(
+    not(flux_adapter_tests),
+    ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)"
+)]
+fn autoencoder_matches_cpu_within_small_bindings() {
+    let Some(be) = common::backend_with(flux_wgpu::WgpuOptions {
+        max_binding_bytes: Some(40 << 10),
+        ..flux_wgpu::WgpuOptions::default()
+    }) else {
+        return;
     };
-    let img = values(3 * 18 * 14, 7);
-    let go = |be_cpu: bool| -> Vec<f64> {
-        if be_cpu {
-            let mut src = random_source(&Cpu, &cfg.weight_shapes(), 9, DType::F32).expect("src");
-            let vae = Vae::load(cfg.clone(), &mut src).expect("load");
-            let x = Cpu
-                .upload(HostData::F32(&img), &[1, 3, 18, 14], DType::F32)
-                .expect("upload");
-            let z = vae.encode(&Cpu, &x).expect("encode");
-            let y = vae.decode(&Cpu, &z).expect("decode");
-            let mut v = Cpu.download_f64(&z).expect("z");
-            v.extend(Cpu.download_f64(&y).expect("y"));
-            v
-        } else {
-            let mut src = random_source(&be, &cfg.weight_shapes(), 9, DType::F32).expect("src");
-            let vae = Vae::load(cfg.clone(), &mut src).expect("load");
-            let x = be
-                .upload(HostData::F32(&img), &[1, 3, 18, 14], DType::F32)
-                .expect("upload");
-            let z = vae.encode(&be, &x).expect("encode");
-            let y = vae.decode(&be, &z).expect("decode");
-            let mut v = be.download_f64(&z).expect("z");
-            v.extend(be.download_f64(&y).expect("y"));
-            v
-        }
-    };
-    let got = go(false);
-    let want = go(true);
-    let e = rel_l2(&got, &want);
+    let e = rel_l2(&vae_roundtrip(&be, 34, 30), &vae_roundtrip(&Cpu, 34, 30));
     assert!(e < 1e-5, "rel_l2 {e:.3e} against the CPU");
 }

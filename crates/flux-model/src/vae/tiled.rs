@@ -327,6 +327,17 @@ impl<B: Backend> Vae<B> {
         x: &Tensor<B>,
         tiles: TileConfig,
     ) -> Result<Tensor<B>, NetError> {
+        let mean = self.encode_mean_tiled(be, x, tiles)?;
+        self.scale_latent(be, &mean)
+    }
+
+    /// [`Vae::encode_tiled`] before the latent scaling: the Gaussian's mean.
+    pub fn encode_mean_tiled(
+        &self,
+        be: &B,
+        x: &Tensor<B>,
+        tiles: TileConfig,
+    ) -> Result<Tensor<B>, NetError> {
         self.check_image(x)?;
         let tile = check_tiles(tiles)?;
         let g = self.gn();
@@ -338,7 +349,7 @@ impl<B: Backend> Vae<B> {
             (lh, lw) = d.out_hw(lh, lw)?;
         }
         if lh <= tile && lw <= tile {
-            return self.encode(be, x);
+            return Ok(self.encode_dist(be, x, &mut |_, _| {})?.mean);
         }
         let (cy, cx) = (cuts(lh, tile), cuts(lw, tile));
         let mut scale = self.cfg.downsample_factor();
@@ -384,8 +395,7 @@ impl<B: Backend> Vae<B> {
         let m = e.conv_out.grid(be, &g_h, false, Some(&pre), rows, cols)?;
         drop(g_h);
         let m = m.into_full(be)?;
-        let mean = be.narrow_channels(&m, 0, self.cfg.z_channels)?;
-        self.scale_latent(be, &mean)
+        Ok(be.narrow_channels(&m, 0, self.cfg.z_channels)?)
     }
 
     /// [`Vae::decode`] over latent tiles of `tiles.tile` pixels, giving the untiled result up to
@@ -396,23 +406,27 @@ impl<B: Backend> Vae<B> {
         z: &Tensor<B>,
         tiles: TileConfig,
     ) -> Result<Tensor<B>, NetError> {
+        self.check_latent(z)?;
+        let u = self.unscale_latent(be, z)?;
+        self.decode_unscaled_tiled(be, &u, tiles)
+    }
+
+    /// [`Vae::decode_tiled`] of a latent already unscaled ([`Vae::unscale_latent`]).
+    pub fn decode_unscaled_tiled(
+        &self,
+        be: &B,
+        z: &Tensor<B>,
+        tiles: TileConfig,
+    ) -> Result<Tensor<B>, NetError> {
         let tile = check_tiles(tiles)?;
-        let (lh, lw) = match *z.shape() {
-            [_, c, h, w] if c == self.cfg.z_channels && h > 0 && w > 0 => (h, w),
-            ref s => {
-                return Err(NetError::Invalid(format!(
-                    "latent must be [N, {}, h, w] with h, w > 0, found {s:?}",
-                    self.cfg.z_channels
-                )));
-            }
-        };
+        let (lh, lw) = self.check_latent(z)?;
         if lh <= tile && lw <= tile {
-            return self.decode(be, z);
+            return self.decode_whole(be, z, &mut |_, _| {});
         }
         let g = self.gn();
         let d = &self.dec;
         let (cy, cx) = (cuts(lh, tile), cuts(lw, tile));
-        let latent = Grid::whole(self.unscale_latent(be, z)?);
+        let latent = Grid::whole(be.copy(z)?);
         let mut scale = 1;
         let mut g_h = d.conv_in.grid(
             be,
