@@ -17,7 +17,8 @@ const MAX_POOLED_PER_CLASS: usize = 16;
 pub(crate) const MAX_GROUPS: u32 = 65_535;
 
 /// A compiled pipeline is identified by its shader, entry point and override constants.
-type PipelineKey = (&'static str, &'static str, Vec<(&'static str, u64)>);
+/// Shader, native-f16 variant, entry point, override constants.
+type PipelineKey = (&'static str, bool, &'static str, Vec<(&'static str, u64)>);
 
 pub(crate) struct Context {
     pub(crate) device: wgpu::Device,
@@ -26,7 +27,11 @@ pub(crate) struct Context {
     pub(crate) limits: wgpu::Limits,
     /// Largest chunk of a stored weight (bytes); bigger weights are split by rows.
     pub(crate) weight_chunk_bytes: u64,
-    modules: Mutex<HashMap<&'static str, wgpu::ShaderModule>>,
+    /// Whether the device has `shader-f16` enabled: f16 weights are then read as `array<f16>`.
+    pub(crate) shader_f16: bool,
+    /// Whether the adapter offers `shader-f16` at all.
+    pub(crate) adapter_f16: bool,
+    modules: Mutex<HashMap<(&'static str, bool), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     pool: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
     pending: Mutex<Pending>,
@@ -105,6 +110,7 @@ impl Context {
         queue: wgpu::Queue,
         limits: wgpu::Limits,
         weight_chunk_bytes: Option<u64>,
+        shader_f16: bool,
     ) -> Arc<Self> {
         let error = Arc::new(Mutex::new(None::<String>));
         let slot = Arc::clone(&error);
@@ -141,6 +147,8 @@ impl Context {
             info: adapter.get_info(),
             limits,
             weight_chunk_bytes,
+            shader_f16,
+            adapter_f16: adapter.features().contains(wgpu::Features::SHADER_F16),
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             pool: Mutex::default(),
@@ -316,15 +324,15 @@ impl Context {
         Ok(out)
     }
 
-    fn module(&self, shader: &Shader) -> wgpu::ShaderModule {
+    fn module(&self, shader: &Shader, native_f16: bool) -> wgpu::ShaderModule {
         let mut modules = lock(&self.modules);
         modules
-            .entry(shader.name)
+            .entry((shader.name, native_f16))
             .or_insert_with(|| {
                 self.device
                     .create_shader_module(wgpu::ShaderModuleDescriptor {
                         label: Some(shader.name),
-                        source: wgpu::ShaderSource::Wgsl(shader.source().into()),
+                        source: wgpu::ShaderSource::Wgsl(shader.source(native_f16).into()),
                     })
             })
             .clone()
@@ -336,15 +344,20 @@ impl Context {
         entry: &'static str,
         constants: &[(&'static str, f64)],
     ) -> wgpu::ComputePipeline {
+        // f16 weights (WDTYPE 1) are read natively where the device allows it.
+        let native_f16 = self.shader_f16
+            && shader.reads_weights()
+            && constants.contains(&("WDTYPE", crate::wdtype_code(flux_kernels::DType::F16)));
         let key: PipelineKey = (
             shader.name,
+            native_f16,
             entry,
             constants.iter().map(|&(k, v)| (k, v.to_bits())).collect(),
         );
         if let Some(p) = lock(&self.pipelines).get(&key) {
             return p.clone();
         }
-        let module = self.module(shader);
+        let module = self.module(shader, native_f16);
         let p = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {

@@ -48,6 +48,9 @@ pub struct WgpuOptions {
     /// Caps the storage binding limit the backend works within (bytes), as a device with a
     /// smaller limit would have it; defaults to the adapter's limit and cannot exceed it.
     pub max_binding_bytes: Option<u64>,
+    /// Reads f16 weights as packed words widened in the shader even where the adapter has
+    /// `shader-f16` (by default such adapters get the feature and native `f16` loads).
+    pub packed_f16: bool,
 }
 
 /// The wgpu backend. Cheap to clone (shares the device, pipelines and buffer pool).
@@ -84,9 +87,16 @@ impl Wgpu {
         }))
         .map_err(|e| WgpuError::NoAdapter(e.to_string()))?;
         let limits = adapter.limits();
+        let shader_f16 =
+            !options.packed_f16 && adapter.features().contains(wgpu::Features::SHADER_F16);
+        let required_features = if shader_f16 {
+            wgpu::Features::SHADER_F16
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("flux-kernels"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -102,7 +112,14 @@ impl Wgpu {
                 limits.max_storage_buffer_binding_size.min(cap);
         }
         Ok(Wgpu {
-            ctx: Context::new(&adapter, device, queue, limits, options.weight_chunk_bytes),
+            ctx: Context::new(
+                &adapter,
+                device,
+                queue,
+                limits,
+                options.weight_chunk_bytes,
+                shader_f16,
+            ),
         })
     }
 
@@ -114,6 +131,16 @@ impl Wgpu {
     /// The device limits in use.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.ctx.limits
+    }
+
+    /// Whether f16 weights are read natively (`shader-f16`) rather than as packed words.
+    pub fn uses_shader_f16(&self) -> bool {
+        self.ctx.shader_f16
+    }
+
+    /// Whether the adapter offers `shader-f16` (used unless [`WgpuOptions::packed_f16`]).
+    pub fn adapter_has_shader_f16(&self) -> bool {
+        self.ctx.adapter_f16
     }
 
     /// Submits every recorded op and waits until the device has finished them (for timing).
