@@ -16,8 +16,8 @@ const MAX_POOLED_PER_CLASS: usize = 16;
 /// Workgroups per dimension a dispatch may use (the WebGPU minimum; devices may allow more).
 pub(crate) const MAX_GROUPS: u32 = 65_535;
 
-/// A compiled pipeline is identified by its shader, entry point and override constants.
-/// Shader, native-f16 variant, entry point, override constants.
+/// A compiled pipeline is identified by its shader (and whether it is the native-f16 variant),
+/// entry point and override constants.
 type PipelineKey = (&'static str, bool, &'static str, Vec<(&'static str, u64)>);
 
 pub(crate) struct Context {
