@@ -577,26 +577,18 @@ impl<B: Backend> Vae<B> {
     /// The Gaussian's mean (unscaled). Where the backend's activation limit
     /// ([`flux_kernels::ModelOps::max_activation_bytes`]) is below the network's widest
     /// activation at this size, the encoder runs over tiles that keep within it
-    /// ([`Vae::tiles_within`]); the result is the untiled one up to rounding.
+    /// ([`VaeConfig::tiles_within`]); the result is the untiled one up to rounding.
     pub fn encode_mean(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>, NetError> {
         self.check_image(x)?;
         let f = self.cfg.downsample_factor();
         let (lh, lw) = (x.shape()[2].div_ceil(f), x.shape()[3].div_ceil(f));
-        match self.tiles_within(be.max_activation_bytes(), x.dtype().size_in_bytes(), lh, lw) {
+        match self
+            .cfg
+            .tiles_within(be.max_activation_bytes(), x.dtype().size_in_bytes(), lh, lw)
+        {
             Some(tiles) => self.encode_mean_tiled(be, x, tiles),
             None => Ok(self.encode_dist(be, x, &mut |_, _| {})?.mean),
         }
-    }
-
-    /// [`VaeConfig::tiles_within`] for this network.
-    pub fn tiles_within(
-        &self,
-        limit: usize,
-        elem: usize,
-        lh: usize,
-        lw: usize,
-    ) -> Option<TileConfig> {
-        self.cfg.tiles_within(limit, elem, lh, lw)
     }
 
     /// Decodes an unscaled latent `[N, z, h, w]` through the decoder network. Over the
@@ -610,7 +602,8 @@ impl<B: Backend> Vae<B> {
     ) -> Result<Tensor<B>, NetError> {
         let (lh, lw) = self.check_latent(z)?;
         if let Some(tiles) =
-            self.tiles_within(be.max_activation_bytes(), z.dtype().size_in_bytes(), lh, lw)
+            self.cfg
+                .tiles_within(be.max_activation_bytes(), z.dtype().size_in_bytes(), lh, lw)
         {
             return self.decode_unscaled_tiled(be, z, tiles);
         }

@@ -409,7 +409,8 @@ impl Context {
                     op,
                     message: format!(
                         "an operand of {} bytes exceeds this device's storage binding limit of \
-                         {max_bind} bytes (stored weights are split into chunks, and the models keep activations within `ModelOps::max_activation_bytes`)",
+                          {max_bind} bytes (stored weights are split into chunks; models keep \
+                         activations within `ModelOps::max_activation_bytes`)",
                         b.buffer.size()
                     ),
                 });
