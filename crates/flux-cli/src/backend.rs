@@ -70,9 +70,28 @@ fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda<J: Job>(job: J) -> Result<J::Output> {
+    let bf16 = cuda_attention(std::env::var(CUDA_ATTENTION_ENV).ok().as_deref())?;
     let be = flux_cuda::Cuda::new()
-        .map_err(|e| anyhow::anyhow!("backend 'cuda' is not available on this machine: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("backend 'cuda' is not available on this machine: {e}"))?
+        .with_bf16_attention(bf16);
     job.run(&be)
+}
+
+/// Environment variable choosing the CUDA attention kernel: `f32` (exact, the default) or
+/// `bf16` (tensor cores, bf16 operands, f32 accumulation).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const CUDA_ATTENTION_ENV: &str = "FLUX_CUDA_ATTENTION";
+
+/// Whether the value of [`CUDA_ATTENTION_ENV`] asks for the bf16 tensor-core attention.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn cuda_attention(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("" | "f32") => Ok(false),
+        Some("bf16") => Ok(true),
+        Some(other) => Err(anyhow::anyhow!(
+            "{CUDA_ATTENTION_ENV}: expected 'f32' (exact attention) or 'bf16' (tensor cores), got '{other}'"
+        )),
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -99,6 +118,19 @@ mod tests {
         fn run<B: Backend>(self, be: &B) -> anyhow::Result<String> {
             Ok(be.name())
         }
+    }
+
+    #[test]
+    fn the_cuda_attention_setting_is_parsed_or_refused_by_name() {
+        use super::cuda_attention;
+        assert!(!cuda_attention(None).unwrap());
+        assert!(!cuda_attention(Some("f32")).unwrap());
+        assert!(cuda_attention(Some("bf16")).unwrap());
+        let e = cuda_attention(Some("fp16")).unwrap_err().to_string();
+        assert!(
+            e.contains("FLUX_CUDA_ATTENTION") && e.contains("'fp16'"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! - bf16 linear layers at the Flux shapes (4608 tokens = 4096 image + 512 text at 1024x1024)
 //!   as TFLOP/s and as a fraction of the card's dense bf16 peak (`--peak-tflops`, default 790,
 //!   measured on an H100);
-//! - the attention kernel at 4608 tokens, 24 heads x 128, against its FLOP floor;
-//! - one full flux-dev transformer step at 1024x1024 with random bf16 weights at real sizes
-//!   (`--skip-model` leaves it out; it needs about 24 GB of host and device memory).
+//! - the attention kernels (exact f32 and bf16 tensor cores) at 4608 tokens, 24 heads x 128,
+//!   against their FLOP floor;
+//! - one full flux-dev transformer step at 1024x1024 with random bf16 weights at real sizes,
+//!   with each attention kernel (`--skip-model` leaves it out; it needs about 24 GB of host and
+//!   device memory).
 //!
 //! Every figure is the median of several runs after a warm-up, timed around a device sync.
 
@@ -98,20 +100,31 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
         .map_err(|e| e.to_string())
     };
     let (q, k, v) = (mk(11)?, mk(12)?, mk(13)?);
-    let s = time(cuda, 5, || cuda.attention(&q, &k, &v, None, None).map(drop))?;
     let flops = 4.0 * (l * l * d * h) as f64;
     // Floor: the FLOPs at the bf16 tensor-core peak, or moving q, k, v and out once (f32).
     let floor = (flops / (peak * 1e12)).max(4.0 * (l * h * d * 4) as f64 / 3.0e12);
     println!();
     println!("| attention 4608 tok, 24x128 | ms | TFLOP/s | floor ms | floor / time |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| f32 in, f32 accum | {:.3} | {:.1} | {:.3} | {:.1}% |",
-        s * 1e3,
-        flops / s / 1e12,
-        floor * 1e3,
-        100.0 * floor / s
-    );
+    for (label, be) in [
+        (
+            "f32 in, f32 accum (exact kernel)",
+            cuda.clone().with_bf16_attention(false),
+        ),
+        (
+            "bf16 tensor cores, f32 accum",
+            cuda.clone().with_bf16_attention(true),
+        ),
+    ] {
+        let s = time(&be, 5, || be.attention(&q, &k, &v, None, None).map(drop))?;
+        println!(
+            "| {label} | {:.3} | {:.1} | {:.3} | {:.1}% |",
+            s * 1e3,
+            flops / s / 1e12,
+            floor * 1e3,
+            100.0 * floor / s
+        );
+    }
     Ok(())
 }
 
@@ -147,22 +160,33 @@ fn model_step(cuda: &Cuda) -> Result<(), String> {
         y: &y,
         guidance: Some(&[3.5]),
     };
-    let s = time(cuda, 3, || {
-        model
-            .forward(cuda, &inp)
-            .map(drop)
-            .map_err(|e| flux_kernels::KernelError::Device(e.to_string()))
-    })?;
     let (hd, l) = (3072.0f64, (li + lt) as f64);
     let flops = 2.0 * 57.0 * (12.0 * hd * hd * l + 2.0 * l * l * hd);
     println!();
-    println!("| flux-dev step 1024x1024 (bf16 weights) | ms | TFLOP/s | target |");
+    println!("| flux-dev step 1024x1024 (bf16 weights), 4608 tokens | ms | TFLOP/s | target |");
     println!("|---|---|---|---|");
-    println!(
-        "| 19 double + 38 single blocks, 4608 tokens | {:.1} | {:.1} | <= 120 ms (H100) |",
-        s * 1e3,
-        flops / s / 1e12
-    );
+    for (label, be) in [
+        (
+            "exact f32 attention",
+            cuda.clone().with_bf16_attention(false),
+        ),
+        (
+            "bf16 tensor-core attention",
+            cuda.clone().with_bf16_attention(true),
+        ),
+    ] {
+        let s = time(&be, 3, || {
+            model
+                .forward(&be, &inp)
+                .map(drop)
+                .map_err(|e| flux_kernels::KernelError::Device(e.to_string()))
+        })?;
+        println!(
+            "| {label} | {:.1} | {:.1} | <= 120 ms (H100) |",
+            s * 1e3,
+            flops / s / 1e12
+        );
+    }
     Ok(())
 }
 

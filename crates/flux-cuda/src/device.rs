@@ -76,18 +76,23 @@ pub(crate) struct Inner {
     pub(crate) lt: Mutex<Option<crate::blas::Lt>>,
     name: String,
     sm_count: u32,
+    /// Compute capability (major, minor).
+    pub(crate) capability: (i32, i32),
 }
 
 /// A CUDA device with its stream, kernels and cuBLAS handle. Cheap to clone (shared handle).
 #[derive(Clone)]
 pub struct Cuda {
     pub(crate) inner: Arc<Inner>,
+    /// Attention on the tensor cores with bf16 operands (see [`Cuda::with_bf16_attention`]).
+    pub(crate) bf16_attention: bool,
 }
 
 impl std::fmt::Debug for Cuda {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cuda")
             .field("device", &self.inner.name)
+            .field("bf16_attention", &self.bf16_attention)
             .finish_non_exhaustive()
     }
 }
@@ -197,8 +202,27 @@ impl Cuda {
                 lt: Mutex::new(crate::blas::Lt::new(&stream_for_lt)),
                 name: format!("cuda:{ordinal} ({name}, sm_{major}{minor})"),
                 sm_count: sm_count.max(1) as u32,
+                capability: (major, minor),
             }),
+            bf16_attention: false,
         })
+    }
+
+    /// This device with attention computed on the tensor cores (`on`) or exactly (the default).
+    ///
+    /// The tensor-core kernel rounds q, k, v and the softmax weights to bf16 for its two
+    /// products (scores, softmax and the output accumulate in f32), as bf16 inference does; its
+    /// results differ from the f32 kernel's by about 2^-9 of the output's scale. It serves f32
+    /// attention with head dims 16, 32, 64 and 128 on sm_80 and newer; other calls (f64, other
+    /// head dims, older devices) keep the f32 kernel. Clones share the device, not the setting.
+    pub fn with_bf16_attention(mut self, on: bool) -> Cuda {
+        self.bf16_attention = on;
+        self
+    }
+
+    /// Whether [`Cuda::with_bf16_attention`] is on.
+    pub fn bf16_attention(&self) -> bool {
+        self.bf16_attention
     }
 
     /// Free and total device memory in bytes.

@@ -37,6 +37,10 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         "attention.cu",
         include_str!("../../../shaders/cuda/attention.cu"),
     ),
+    (
+        "attention_tc.cu",
+        include_str!("../../../shaders/cuda/attention_tc.cu"),
+    ),
 ];
 
 /// Environment variable with extra NVRTC include directories (separated like `PATH`), for

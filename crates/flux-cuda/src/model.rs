@@ -3,6 +3,7 @@
 
 use crate::blas::{Gemm, GemmKind};
 use crate::device::{Arg, Cuda, CudaStorage, flag, suffix, u};
+use cudarc::driver::CudaSlice;
 use flux_kernels::shapes::{self, AttentionDims, DimSplit, MatmulDims, RowDims};
 use flux_kernels::{
     Activation, BinaryOp, ByteView, DType, KernelError, ModelOps, Result, SamplerOps, Tensor,
@@ -335,6 +336,24 @@ impl Cuda {
             return self.zeros(s, q.dtype());
         }
         let alpha = scale.unwrap_or(1.0 / (d as f64).sqrt());
+        if self.bf16_attention
+            && q.dtype() == DType::F32
+            && matches!(d, 16 | 32 | 64 | 128)
+            && self.inner.capability.0 >= 8
+        {
+            let bias_buf = bias_op.as_ref().map(Operand::buf);
+            let dims = TcDims {
+                b,
+                lq,
+                lk,
+                h,
+                d,
+                bias_b: bb,
+                bias_h: bh,
+            };
+            self.attention_tc(&out, q, k, v, bias_buf, dims, alpha)?;
+            return Ok(out);
+        }
         // Must match ATT_ROWS in attention.cu.
         const ROWS_PER_WARP: usize = 2;
         const WARPS: usize = 4;
@@ -376,6 +395,92 @@ impl Cuda {
         Ok(out)
     }
 
+    /// The tensor-core attention of `attention_tc.cu` into `out` (f32 q, k, v of head dim 16,
+    /// 32, 64 or 128; the caller checked the shapes and the device). k and v are rounded to
+    /// bf16 once into padded scratch buffers, v transposed, then one block per 64 query rows
+    /// and head runs the flash loop.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tc(
+        &self,
+        out: &Tensor<Cuda>,
+        q: &Tensor<Cuda>,
+        k: &Tensor<Cuda>,
+        v: &Tensor<Cuda>,
+        bias: Option<&CudaSlice<u8>>,
+        dims: TcDims,
+        scale: f64,
+    ) -> Result<()> {
+        // Must match TC_BM, TC_BN and TC_THREADS in attention_tc.cu.
+        const BM: usize = 64;
+        const BN: usize = 64;
+        const THREADS: u32 = 128;
+        let TcDims {
+            b,
+            lq,
+            lk,
+            h,
+            d,
+            bias_b,
+            bias_h,
+        } = dims;
+        let lk_pad = lk.div_ceil(BN) * BN;
+        let kb = self.alloc_bytes(b * h * lk_pad * d * 2)?;
+        let vt = self.alloc_bytes(b * h * lk_pad * d * 2)?;
+        self.launch(
+            "attention_pack_k_bf16",
+            self.cfg_elems(b * h * lk_pad * d),
+            &[
+                Arg::Buf(&kb),
+                Arg::Buf(&k.storage().buf),
+                u(b * h),
+                u(lk),
+                u(lk_pad),
+                u(h),
+                u(d),
+            ],
+        )?;
+        self.launch(
+            "attention_pack_vt_bf16",
+            cudarc::driver::LaunchConfig {
+                grid_dim: ((lk_pad / 32) as u32, d.div_ceil(32) as u32, (b * h) as u32),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::Buf(&vt),
+                Arg::Buf(&v.storage().buf),
+                u(lk),
+                u(lk_pad),
+                u(h),
+                u(d),
+            ],
+        )?;
+        let out_buf = &out.storage().buf;
+        self.launch(
+            &format!("attention_tc_d{d}"),
+            cudarc::driver::LaunchConfig {
+                grid_dim: (lq.div_ceil(BM) as u32, (b * h) as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[
+                Arg::Buf(out_buf),
+                Arg::Buf(&q.storage().buf),
+                Arg::Buf(&kb),
+                Arg::Buf(&vt),
+                Arg::Buf(bias.unwrap_or(out_buf)),
+                u(lq),
+                u(lk),
+                u(lk_pad),
+                u(h),
+                Arg::F64(scale),
+                flag(bias.is_some()),
+                u(bias_b),
+                u(bias_h),
+            ],
+        )
+    }
+
     /// `dst[o, dst_off + j] = src[o, src_off + j]` (row strides given) for `o < outer, j < len`.
     pub(crate) fn copy_rows(
         &self,
@@ -402,6 +507,18 @@ impl Cuda {
             ],
         )
     }
+}
+
+/// Shapes of one tensor-core attention call.
+#[derive(Clone, Copy)]
+struct TcDims {
+    b: usize,
+    lq: usize,
+    lk: usize,
+    h: usize,
+    d: usize,
+    bias_b: usize,
+    bias_h: usize,
 }
 
 impl ModelOps for Cuda {

@@ -157,3 +157,104 @@ fn bf16_linear_at_a_flux_shape_matches_the_cpu() {
         .fold(0.0f64, f64::max);
     assert!(worst < 1e-2, "worst relative error {worst:.3e}");
 }
+
+/// The tensor-core attention (bf16 operands, f32 accumulation) against the CPU's f64 result on
+/// the same f32 inputs, at awkward sizes: rows and keys not multiples of the 64-row and 64-key
+/// tiles, several heads and batches, a broadcast bias with masked (-inf) keys, every head dim
+/// the kernel serves. Rounding q, k, v and the softmax weights to bf16 (relative 2^-9 each)
+/// leaves a relative L2 error of a few 1e-3; a wrong fragment layout or a lost tile gives O(1).
+/// The exact kernel (the default) must still match to 1e-5, and the two must differ (proof
+/// that the tensor-core path ran).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_tensor_core_attention_matches_the_cpu() {
+    use flux_kernels::ModelOps;
+    let exact = cuda();
+    let tc = exact.clone().with_bf16_attention(true);
+    // (batch, query rows, keys, heads, head dim, bias: broadcast over the batch)
+    let cases = [
+        (1usize, 600usize, 600usize, 2usize, 128usize, false),
+        (2, 77, 130, 3, 64, false),
+        (1, 5, 1000, 2, 32, false),
+        (2, 70, 71, 2, 16, true),
+        (1, 129, 65, 1, 128, true),
+    ];
+    let rel_l2 = |got: &[f64], want: &[f64]| {
+        let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
+        let den: f64 = want.iter().map(|w| w * w).sum();
+        (num / den.max(1e-300)).sqrt()
+    };
+    let mut failures = Vec::new();
+    for (ci, &(b, lq, lk, h, d, with_bias)) in cases.iter().enumerate() {
+        let values = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+                .map(|v| v * 1.5)
+                .collect()
+        };
+        let qv = values(b * lq * h * d, 1);
+        let kv = values(b * lk * h * d, 2);
+        let vv = values(b * lk * h * d, 3);
+        // Bias [1, h, lq, lk]: smooth values, every 7th key masked.
+        let bias: Vec<f32> = (0..h * lq * lk)
+            .map(|i| {
+                if i % lk % 7 == 3 {
+                    f32::NEG_INFINITY
+                } else {
+                    ((i % 13) as f32 - 6.0) * 0.1
+                }
+            })
+            .collect();
+        macro_rules! attend {
+            ($be:expr) => {{
+                let be = $be;
+                let q = be
+                    .upload(HostData::F32(&qv), &[b, lq, h, d], DType::F32)
+                    .unwrap();
+                let k = be
+                    .upload(HostData::F32(&kv), &[b, lk, h, d], DType::F32)
+                    .unwrap();
+                let v = be
+                    .upload(HostData::F32(&vv), &[b, lk, h, d], DType::F32)
+                    .unwrap();
+                let bt = with_bias.then(|| {
+                    be.upload(HostData::F32(&bias), &[1, h, lq, lk], DType::F32)
+                        .unwrap()
+                });
+                let o = be.attention(&q, &k, &v, bt.as_ref(), None).unwrap();
+                be.download_f64(&o).unwrap()
+            }};
+        }
+        let want = {
+            let be = &Cpu;
+            let up = |x: &[f32], s: &[usize]| {
+                let x64: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+                be.upload(HostData::F64(&x64), s, DType::F64).unwrap()
+            };
+            let q = up(&qv, &[b, lq, h, d]);
+            let k = up(&kv, &[b, lk, h, d]);
+            let v = up(&vv, &[b, lk, h, d]);
+            let bt = with_bias.then(|| up(&bias, &[1, h, lq, lk]));
+            let o = be.attention(&q, &k, &v, bt.as_ref(), None).unwrap();
+            be.download_f64(&o).unwrap()
+        };
+        let got_exact = attend!(&exact);
+        let got_tc = attend!(&tc);
+        let e_exact = rel_l2(&got_exact, &want);
+        let e_tc = rel_l2(&got_tc, &want);
+        let label = format!("case {ci} (b={b}, lq={lq}, lk={lk}, h={h}, d={d}, bias={with_bias})");
+        if e_exact.is_nan() || e_exact >= 1e-5 {
+            failures.push(format!("{label}: exact kernel rel_l2 {e_exact:.3e}"));
+        }
+        if e_tc.is_nan() || e_tc >= 1e-2 || got_tc.iter().any(|v| !v.is_finite()) {
+            failures.push(format!("{label}: tensor-core kernel rel_l2 {e_tc:.3e}"));
+        }
+        if got_tc == got_exact {
+            failures.push(format!(
+                "{label}: tensor-core result equals the exact one (not run?)"
+            ));
+        }
+        eprintln!("{label}: rel_l2 exact {e_exact:.2e}, tensor cores {e_tc:.2e}");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
