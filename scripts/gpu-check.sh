@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# CUDA checks on a GPU machine, from the files scripts/build-gpu-carry.sh put in gpu-carry/:
-#   1. the flux-cuda tests, the GPU ones included (backend conformance against the CPU, every
-#      sampler on the device against the CPU, bf16 linear at a Flux shape, the NVRTC compile),
+# CUDA and wgpu checks on a GPU machine, from the files scripts/build-gpu-carry.sh put in
+# gpu-carry/:
+#   1. the flux-cuda and flux-wgpu tests, the GPU ones included (backend conformance against
+#      the CPU on CUDA and on the GPU's Vulkan driver, every sampler on the device against the
+#      CPU, bf16 linear at a Flux shape, tensor-core attention, the NVRTC compile),
 #   2. `flux parity --backend cuda` over the reference data (sampler and tiny-model cases),
-#   3. the benches: bf16 GEMM at the Flux shapes as a fraction of peak, attention at 4608
-#      tokens 24x128, one flux-dev transformer step at 1024x1024 with random bf16 weights.
+#   3. the CUDA benches: bf16 GEMM at the Flux shapes as a fraction of peak, attention (exact
+#      and tensor-core) at 4608 tokens 24x128, one flux-dev transformer step at 1024x1024
+#      with random bf16 weights,
+#   4. `flux parity --backend wgpu` on the GPU,
+#   5. the wgpu benches (scripts/wgpu-bench.sh: matmul GFLOP/s against the f32 peak,
+#      attention, a flux-dev forward at 1024x1024); SKIP_WGPU_BENCH=1 leaves them out.
 # Ends with a table of the steps; exits non-zero when any step failed.
 # Usage: scripts/gpu-check.sh [CARRY_DIR] [-- cuda_bench args]   (CARRY_DIR: gpu-carry)
 set -uo pipefail
@@ -65,10 +71,14 @@ command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
 declare -a STEPS RESULTS
 record() { STEPS+=("$1"); RESULTS+=("$2"); }
 
+# A GPU machine has Vulkan through the NVIDIA driver: a missing adapter fails the wgpu tests.
+export FLUX_REQUIRE_ADAPTER=1
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+
 echo
-echo "== 1. flux-cuda tests, GPU tests included"
-if [ -x "$CARRY/cargo-nextest" ] && [ -f "$CARRY/flux-cuda-tests.tar.zst" ]; then
-    if "$CARRY/cargo-nextest" nextest run --archive-file "$CARRY/flux-cuda-tests.tar.zst" \
+echo "== 1. flux-cuda and flux-wgpu tests, GPU tests included"
+if [ -x "$CARRY/cargo-nextest" ] && [ -f "$CARRY/gpu-tests.tar.zst" ]; then
+    if "$CARRY/cargo-nextest" nextest run --archive-file "$CARRY/gpu-tests.tar.zst" \
         --workspace-remap . --run-ignored all --no-fail-fast; then
         record "tests (--run-ignored all)" "pass"
     else
@@ -100,6 +110,32 @@ if [ -x "$CARRY/cuda_bench" ]; then
     fi
 else
     record "cuda_bench" "FAIL: no $CARRY/cuda_bench"
+fi
+
+echo
+echo "== 4. flux parity --backend wgpu testdata"
+if [ -x "$CARRY/flux" ]; then
+    if "$CARRY/flux" parity --backend wgpu testdata; then
+        record "flux parity --backend wgpu" "pass"
+    else
+        record "flux parity --backend wgpu" "FAIL"
+    fi
+else
+    record "flux parity --backend wgpu" "FAIL: no $CARRY/flux"
+fi
+
+echo
+echo "== 5. wgpu benches"
+if [ "${SKIP_WGPU_BENCH:-0}" = 1 ]; then
+    record "wgpu benches" "skipped (SKIP_WGPU_BENCH=1)"
+elif [ -x "$CARRY/wgpu_ops" ]; then
+    if scripts/wgpu-bench.sh --binary "$CARRY/wgpu_ops"; then
+        record "wgpu benches" "pass (summary above)"
+    else
+        record "wgpu benches" "FAIL"
+    fi
+else
+    record "wgpu benches" "FAIL: no $CARRY/wgpu_ops"
 fi
 
 echo

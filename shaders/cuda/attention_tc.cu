@@ -8,13 +8,14 @@
 //     key tile, the padding zero), so every tile below is a straight 16-byte copy.
 //  2. `attention_tc_d{16,32,64,128}`: grid (Lq / 64, B*H), 4 warps, 16 query rows per warp.
 //     The warp keeps its query rows as mma A fragments in registers for the whole call. Per
-//     tile of 64 keys (K and V^T staged in shared memory), S = Q K^T comes out of
-//     mma.m16n8k16 in the accumulator layout (thread = row g / g+8, columns 2t, 2t+1 of every
-//     8-column block), the online softmax runs on those registers (row max and sum over the 4
-//     threads of a row by shuffles; exp2 with the scale folded in), and the same registers,
-//     rounded to bf16, are the A fragments of P V. The output accumulator stays in registers
-//     and is rescaled per row when the running max grows; the row sums are combined across
-//     the quad once at the end. Scores never leave the registers.
+//     tile of 64 keys (K and V^T staged in shared memory by cp.async, the next tile's K
+//     fetched during this tile's softmax and P V, its V during the next Q K^T), S = Q K^T
+//     comes out of mma.m16n8k16 in the accumulator layout (thread = row g / g+8, columns 2t,
+//     2t+1 of every 8-column block), the online softmax runs on those registers (row max and
+//     sum over the 4 threads of a row by shuffles; exp2 with the scale folded in), and the
+//     same registers, rounded to bf16, are the A fragments of P V. The output accumulator
+//     stays in registers and is rescaled per row when the running max grows; the row sums are
+//     combined across the quad once at the end. Scores never leave the registers.
 //
 // Fragment layouts are those the PTX ISA gives for mma.m16n8k16 with .bf16 inputs (groupID =
 // lane >> 2, threadID_in_group = lane & 3); ldmatrix.x4 loads four 8x8 bf16 blocks whose row
@@ -59,6 +60,30 @@ __device__ __forceinline__ void tc_ldmatrix_x4(u32 r[4], const u16* row) {
                  : "r"(tc_smem_addr(row)));
 #else
     r[0] = r[1] = r[2] = r[3] = 0;
+#endif
+}
+
+// 16 bytes global -> shared without passing through registers (sm_80 cp.async).
+__device__ __forceinline__ void tc_cp_async16(u16* dst, const u16* src) {
+#if TC_ENABLED
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(tc_smem_addr(dst)), "l"(src)
+                 : "memory");
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void tc_cp_async_commit() {
+#if TC_ENABLED
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void tc_cp_async_wait() {
+#if TC_ENABLED
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 
@@ -163,18 +188,28 @@ __device__ __forceinline__ void attention_tc(float* out, const float* q, const u
     const int lr = (lane & 7) + ((lane >> 4) << 3);
     const int lc = ((lane >> 3) & 1) * 8;
 
-    for (u64 j0 = 0; j0 < lk; j0 += TC_BN) {
-        __syncthreads();
+    // Tiles arrive by cp.async: K of tile j + 1 is fetched while tile j's softmax and P V run,
+    // V of tile j + 1 while tile j + 1's Q K^T runs (one buffer each; groups complete in order).
+    auto fetch_k = [&](u64 j0) {
         for (int c = threadIdx.x; c < TC_BN * D / 8; c += TC_THREADS) {
             const int r = c / (D / 8), x = (c % (D / 8)) * 8;
-            *reinterpret_cast<uint4*>(&ks[r * KS + x]) =
-                *reinterpret_cast<const uint4*>(kbase + (j0 + (u64)r) * D + (u64)x);
+            tc_cp_async16(&ks[r * KS + x], kbase + (j0 + (u64)r) * D + (u64)x);
         }
+        tc_cp_async_commit();
+    };
+    auto fetch_v = [&](u64 j0) {
         for (int c = threadIdx.x; c < D * TC_BN / 8; c += TC_THREADS) {
             const int r = c / (TC_BN / 8), x = (c % (TC_BN / 8)) * 8;
-            *reinterpret_cast<uint4*>(&vs[r * VS + x]) =
-                *reinterpret_cast<const uint4*>(vbase + (u64)r * lk_pad + j0 + (u64)x);
+            tc_cp_async16(&vs[r * VS + x], vbase + (u64)r * lk_pad + j0 + (u64)x);
         }
+        tc_cp_async_commit();
+    };
+    fetch_k(0);
+    fetch_v(0);
+
+    for (u64 j0 = 0; j0 < lk; j0 += TC_BN) {
+        const bool more = j0 + TC_BN < lk;
+        tc_cp_async_wait<1>();  // K of this tile (its V may still be in flight)
         __syncthreads();
 
         // S = Q K^T: B fragment of key block n = K rows 8n + g, columns 16kk + 2t (+8).
@@ -191,6 +226,9 @@ __device__ __forceinline__ void attention_tc(float* out, const float* q, const u
                 tc_mma(s[n + 1], qf[kk], b[2], b[3]);
             }
         }
+
+        __syncthreads();  // every warp is done with ks
+        if (more) fetch_k(j0 + TC_BN);
 
         // Scores in the log2 domain; keys past the end masked.
         float mx_lo = m_lo, mx_hi = m_hi;
@@ -242,6 +280,13 @@ __device__ __forceinline__ void attention_tc(float* out, const float* q, const u
             o[n][3] *= corr_hi;
         }
 
+        if (more) {
+            tc_cp_async_wait<1>();  // V of this tile (the next K may still be in flight)
+        } else {
+            tc_cp_async_wait<0>();
+        }
+        __syncthreads();
+
         // O += P V: the S accumulators of key blocks 2kk and 2kk + 1 are the A fragment of
         // keys 16kk..16kk+15; B fragment of output block n = V^T rows 8n + g, keys 16kk + 2t.
 #pragma unroll
@@ -260,6 +305,8 @@ __device__ __forceinline__ void attention_tc(float* out, const float* q, const u
                 tc_mma(o[n + 1], a, b[2], b[3]);
             }
         }
+        __syncthreads();  // every warp is done with vs
+        if (more) fetch_v(j0 + TC_BN);
     }
 
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 1);
