@@ -1,5 +1,5 @@
 //! Tests that launch kernels. They need a CUDA GPU and are ignored elsewhere (reported as
-//! ignored, never as passed); `scripts/gpu-check.sh` runs them with `--run-ignored all`. On a
+//! ignored, never as passed); `scripts/gpu-check.sh` runs them with `--include-ignored`. On a
 //! machine where they are run but no device opens, they fail with the reason.
 
 use flux_cuda::Cuda;
