@@ -5,15 +5,119 @@ use crate::weights::{WeightError, Weights};
 use flux_kernels::DType;
 
 /// A small deterministic generator (xorshift64*), uniform in [-1, 1).
+#[derive(Clone, Copy)]
 struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> f32 {
+    /// The xorshift state update (linear over GF(2)).
+    fn advance(&mut self) {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
+    }
+
+    fn next(&mut self) -> f32 {
+        self.advance();
         let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
         ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+/// A number of [`Rng::advance`] steps at once: the update is linear over GF(2), so `k` steps
+/// are a 64x64 bit matrix (column `j`: the image of bit `j`). Lets the stream be cut into
+/// pieces generated in parallel with the values of the sequential stream.
+#[derive(Clone, Copy)]
+struct Jump([u64; 64]);
+
+impl Jump {
+    fn one_step() -> Self {
+        Jump(std::array::from_fn(|j| {
+            let mut r = Rng(1u64 << j);
+            r.advance();
+            r.0
+        }))
+    }
+
+    fn identity() -> Self {
+        Jump(std::array::from_fn(|j| 1u64 << j))
+    }
+
+    fn apply(&self, mut s: u64) -> u64 {
+        let mut out = 0;
+        while s != 0 {
+            out ^= self.0[s.trailing_zeros() as usize];
+            s &= s - 1;
+        }
+        out
+    }
+
+    /// `self` then `next`.
+    fn then(&self, next: &Jump) -> Jump {
+        Jump(std::array::from_fn(|j| next.apply(self.0[j])))
+    }
+
+    /// `k` steps.
+    fn steps(k: u64) -> Self {
+        let (mut acc, mut base, mut k) = (Jump::identity(), Jump::one_step(), k);
+        while k != 0 {
+            if k & 1 == 1 {
+                acc = acc.then(&base);
+            }
+            base = base.then(&base);
+            k >>= 1;
+        }
+        acc
+    }
+}
+
+/// Fills `out` with the values `value` yields, encoded as `dtype` (f32, bf16 or f16).
+fn write_values(out: &mut [u8], dtype: DType, mut value: impl FnMut() -> f32) {
+    // Each value's bytes are one fixed-size array store.
+    fn put<const N: usize>(out: &mut [u8], mut bytes: impl FnMut() -> [u8; N]) {
+        for o in out.as_chunks_mut::<N>().0 {
+            *o = bytes();
+        }
+    }
+    match dtype {
+        DType::F32 => put(out, || value().to_le_bytes()),
+        DType::BF16 => put(out, || half::bf16::from_f32(value()).to_le_bytes()),
+        _ => put(out, || half::f16::from_f32(value()).to_le_bytes()),
+    }
+}
+
+/// Elements generated per parallel piece.
+const PIECE: usize = 1 << 20;
+
+/// Writes the weights' bytes into `out` (laid out tensor after tensor as `list` gives them):
+/// one xorshift stream over all tensors in order, each value scaled by its tensor's amplitude
+/// (amplitude 0: the constant 1, drawing nothing). Pieces of `piece` values run in parallel,
+/// each starting from the stream state a jump ahead gives, so the bytes do not depend on
+/// `piece` or the thread count.
+fn fill(out: &mut [u8], list: &[(String, Vec<usize>, f32)], dtype: DType, seed: u64, piece: usize) {
+    use rayon::prelude::*;
+    let size = dtype.size_in_bytes();
+    let piece_jump = Jump::steps(piece as u64);
+    let mut state = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rest = out;
+    for (_, shape, a) in list {
+        let n: usize = shape.iter().product();
+        let (bytes, tail) = rest.split_at_mut(n * size);
+        rest = tail;
+        if *a == 0.0 {
+            write_values(bytes, dtype, || 1.0);
+            continue;
+        }
+        let mut starts = Vec::with_capacity(n.div_ceil(piece));
+        let mut s = state;
+        for _ in 0..n.div_ceil(piece) {
+            starts.push(s);
+            s = Rng(piece_jump.apply(s.0));
+        }
+        bytes
+            .par_chunks_mut(piece * size)
+            .zip(starts)
+            .for_each(|(o, mut rng)| write_values(o, dtype, || rng.next() * a));
+        state = Rng(Jump::steps(n as u64).apply(state.0));
     }
 }
 
@@ -102,20 +206,60 @@ pub fn random_weights(cfg: &FluxConfig, dtype: DType, seed: u64) -> Result<Weigh
     while !(8 + text.len()).is_multiple_of(8) {
         text.push(' ');
     }
-    let mut buf = Vec::with_capacity(8 + text.len() + off);
-    buf.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    buf.extend_from_slice(text.as_bytes());
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    for (_, shape, a) in &list {
-        let n: usize = shape.iter().product();
-        for _ in 0..n {
-            let x = if *a == 0.0 { 1.0 } else { rng.next() * a };
-            match dtype {
-                DType::F32 => buf.extend_from_slice(&x.to_le_bytes()),
-                DType::BF16 => buf.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
-                _ => buf.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+    // Zeroed allocation: the pages are mapped lazily, and every data byte is written below.
+    let mut buf = vec![0u8; 8 + text.len() + off];
+    buf[..8].copy_from_slice(&(text.len() as u64).to_le_bytes());
+    buf[8..8 + text.len()].copy_from_slice(text.as_bytes());
+    fill(&mut buf[8 + text.len()..], &list, dtype, seed, PIECE);
+    Weights::from_bytes(buf, "random weights")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stream as one sequential loop (how the values are defined).
+    fn sequential(list: &[(String, Vec<usize>, f32)], dtype: DType, seed: u64) -> Vec<u8> {
+        let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut out = Vec::new();
+        for (_, shape, a) in list {
+            for _ in 0..shape.iter().product::<usize>() {
+                let x = if *a == 0.0 { 1.0 } else { rng.next() * a };
+                match dtype {
+                    DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                    _ => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn jumps_compose_like_single_steps() {
+        let mut r = Rng(0x1234_5678_9abc_def1);
+        let s0 = r.0;
+        for _ in 0..1000 {
+            r.advance();
+        }
+        assert_eq!(Jump::steps(1000).apply(s0), r.0);
+        assert_eq!(Jump::steps(0).apply(s0), s0);
+    }
+
+    #[test]
+    fn parallel_pieces_give_the_sequential_stream() {
+        let list = vec![
+            ("a".to_string(), vec![5, 7], 0.5),
+            ("norm".to_string(), vec![9], 0.0),
+            ("b".to_string(), vec![23], 2.0),
+            ("c".to_string(), vec![1, 64], 0.1),
+        ];
+        for dtype in [DType::F32, DType::BF16] {
+            let want = sequential(&list, dtype, 11);
+            for piece in [1, 7, 16, 1 << 20] {
+                let mut got = vec![0u8; want.len()];
+                fill(&mut got, &list, dtype, 11, piece);
+                assert!(got == want, "{dtype:?}, pieces of {piece}: bytes differ");
             }
         }
     }
-    Weights::from_bytes(buf, "random weights")
 }
