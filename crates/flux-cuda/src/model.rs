@@ -350,8 +350,9 @@ impl Cuda {
                 d,
                 bias_b: bb,
                 bias_h: bh,
+                scale: alpha,
             };
-            self.attention_tc(&out, q, k, v, bias_buf, dims, alpha)?;
+            self.attention_tc(&out, q, k, v, bias_buf, dims)?;
             return Ok(out);
         }
         // Must match ATT_ROWS in attention.cu.
@@ -399,7 +400,6 @@ impl Cuda {
     /// 32, 64 or 128; the caller checked the shapes and the device). k and v are rounded to
     /// bf16 once into padded scratch buffers, v transposed, then one block per 64 query rows
     /// and head runs the flash loop.
-    #[allow(clippy::too_many_arguments)]
     fn attention_tc(
         &self,
         out: &Tensor<Cuda>,
@@ -408,7 +408,6 @@ impl Cuda {
         v: &Tensor<Cuda>,
         bias: Option<&CudaSlice<u8>>,
         dims: TcDims,
-        scale: f64,
     ) -> Result<()> {
         // Must match TC_BM, TC_BN and TC_THREADS in attention_tc.cu.
         const BM: usize = 64;
@@ -422,6 +421,7 @@ impl Cuda {
             d,
             bias_b,
             bias_h,
+            scale,
         } = dims;
         let lk_pad = lk.div_ceil(BN) * BN;
         let kb = self.alloc_bytes(b * h * lk_pad * d * 2)?;
@@ -519,6 +519,8 @@ struct TcDims {
     d: usize,
     bias_b: usize,
     bias_h: usize,
+    /// Score scale (1/sqrt(d) unless given).
+    scale: f64,
 }
 
 impl ModelOps for Cuda {
