@@ -10,8 +10,9 @@
 #      with random bf16 weights,
 #   4. `flux parity --backend wgpu` on the GPU,
 #   5. the wgpu benches (scripts/wgpu-bench.sh: matmul GFLOP/s against the f32 peak,
-#      attention, a flux-dev forward at 1024x1024); SKIP_WGPU_BENCH=1 leaves them out.
-# Ends with a table of the steps; exits non-zero when any step failed.
+#      attention, a flux-dev forward at 1024x1024).
+# GPU_CHECK_STEPS="1 2 3" (say) runs only those steps, to split the work over several shorter
+# sessions on the GPU machine. Ends with a table of the steps run; exits non-zero when any failed.
 # Usage: scripts/gpu-check.sh [CARRY_DIR] [-- cuda_bench args]   (CARRY_DIR: gpu-carry)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -74,28 +75,33 @@ done
 
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
 
-declare -a STEPS RESULTS
-record() { STEPS+=("$1"); RESULTS+=("$2"); }
+declare -a NAMES RESULTS
+record() { NAMES+=("$1"); RESULTS+=("$2"); }
+STEPS="${GPU_CHECK_STEPS:-1 2 3 4 5}"
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # A GPU machine has Vulkan through the NVIDIA driver: a missing adapter fails the wgpu tests.
 export FLUX_REQUIRE_ADAPTER=1
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
-echo
-echo "== 1. flux-cuda and flux-wgpu tests, GPU tests included"
-failed_tests=()
-for t in "$BIN"/tests/*; do
-    echo "-- $(basename "$t")"
-    "$t" --include-ignored || failed_tests+=("$(basename "$t")")
-done
-if [ ${#failed_tests[@]} -eq 0 ]; then
-    record "tests (--include-ignored)" "pass"
-else
-    record "tests (--include-ignored)" "FAIL: ${failed_tests[*]}"
+if want 1; then
+    echo
+    echo "== 1. flux-cuda and flux-wgpu tests, GPU tests included"
+    failed_tests=()
+    for t in "$BIN"/tests/*; do
+        echo "-- $(basename "$t")"
+        "$t" --include-ignored || failed_tests+=("$(basename "$t")")
+    done
+    if [ ${#failed_tests[@]} -eq 0 ]; then
+        record "tests (--include-ignored)" "pass"
+    else
+        record "tests (--include-ignored)" "FAIL: ${failed_tests[*]}"
+    fi
 fi
 
 # `flux parity --backend $1 testdata` as step $2.
 parity() {
+    want "$2" || return 0
     echo
     echo "== $2. flux parity --backend $1 testdata"
     if "$BIN/flux" parity --backend "$1" testdata; then
@@ -107,32 +113,34 @@ parity() {
 
 parity cuda 2
 
-echo
-echo "== 3. benches"
-if "$BIN/cuda_bench" "${BENCH_ARGS[@]}"; then
-    record "cuda_bench" "pass (table above)"
-else
-    record "cuda_bench" "FAIL"
+if want 3; then
+    echo
+    echo "== 3. CUDA benches"
+    if "$BIN/cuda_bench" "${BENCH_ARGS[@]}"; then
+        record "cuda_bench" "pass (table above)"
+    else
+        record "cuda_bench" "FAIL"
+    fi
 fi
 
 parity wgpu 4
 
-echo
-echo "== 5. wgpu benches"
-if [ "${SKIP_WGPU_BENCH:-0}" = 1 ]; then
-    record "wgpu benches" "skipped (SKIP_WGPU_BENCH=1)"
-elif scripts/wgpu-bench.sh --binary "$BIN/wgpu_ops"; then
-    record "wgpu benches" "pass (summary above)"
-else
-    record "wgpu benches" "FAIL"
+if want 5; then
+    echo
+    echo "== 5. wgpu benches"
+    if scripts/wgpu-bench.sh --binary "$BIN/wgpu_ops"; then
+        record "wgpu benches" "pass (summary above)"
+    else
+        record "wgpu benches" "FAIL"
+    fi
 fi
 
 echo
 echo "| step | result |"
 echo "|---|---|"
 status=0
-for i in "${!STEPS[@]}"; do
-    echo "| ${STEPS[$i]} | ${RESULTS[$i]} |"
+for i in "${!NAMES[@]}"; do
+    echo "| ${NAMES[$i]} | ${RESULTS[$i]} |"
     case "${RESULTS[$i]}" in FAIL*) status=1 ;; esac
 done
 rm -rf "$SHIM" "$BIN"
