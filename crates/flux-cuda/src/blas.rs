@@ -208,8 +208,10 @@ impl Drop for LtDescs {
 
 impl Cuda {
     /// `out [m, n] (f32) = alpha * x [m, k] (bf16) w [n, k]^T (bf16) + bias [n] (f32)` on
-    /// cuBLASLt with the bias added in the GEMM's epilogue. `Err` when cuBLASLt is missing or
-    /// refuses the problem; the caller then adds the bias itself.
+    /// cuBLASLt with the bias added in the GEMM's epilogue, followed there by GELU (the tanh
+    /// form cuBLASLt implements) when `gelu`. `Err` when cuBLASLt is missing or refuses the
+    /// problem; the caller then adds the bias (and applies the activation) itself.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn linear_bf16_bias_lt(
         &self,
         (m, n, k): (usize, usize, usize),
@@ -218,6 +220,7 @@ impl Cuda {
         bias: u64,
         out: u64,
         alpha: f32,
+        gelu: bool,
     ) -> std::result::Result<(), String> {
         use cudarc::cublaslt::result as r;
         use cudarc::cublaslt::sys as s;
@@ -243,7 +246,11 @@ impl Cuda {
         .map_err(e)?;
         d.desc = Some(desc);
         let trans_a = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-        let epilogue = s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue = if gelu {
+            s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+        } else {
+            s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        };
         let bias_ptr = bias as *const c_void;
         // Column-major: D' [n, m] = W'^T [n, k] x X' [k, m], the bias broadcast over columns.
         let a_layout =

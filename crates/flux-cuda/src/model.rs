@@ -149,12 +149,15 @@ impl Cuda {
         Ok(out)
     }
 
+    /// `x W^T + b`, with GELU (tanh form) applied in cuBLASLt's epilogue when `gelu` asks for
+    /// it and the fused bf16 path runs; the flag returned says whether GELU was applied.
     fn linear_impl(
         &self,
         x: &Tensor<Cuda>,
         w: &Tensor<Cuda>,
         bias: Option<&Tensor<Cuda>>,
-    ) -> Result<Tensor<Cuda>> {
+        gelu: bool,
+    ) -> Result<(Tensor<Cuda>, bool)> {
         let s = Self::act("linear", x)?;
         let shapes::LinearDims {
             m,
@@ -183,9 +186,10 @@ impl Cuda {
                 self.ptr(bv.buf()),
                 self.ptr(&out.storage().buf),
                 scale,
+                gelu,
             );
             if fused.is_ok() {
-                return Ok(out);
+                return Ok((out, gelu));
             }
         }
         if let Some(b) = bias {
@@ -196,10 +200,10 @@ impl Cuda {
                 &[Arg::Buf(&out.storage().buf), Arg::Buf(b.buf()), u(m), u(n)],
             )?;
         } else if k == 0 {
-            return self.zeros(&shape, x.dtype());
+            return Ok((self.zeros(&shape, x.dtype())?, false));
         }
         if k == 0 {
-            return Ok(out);
+            return Ok((out, false));
         }
         let beta = if bias.is_some() { 1.0 } else { 0.0 };
         let (xa, wa, kind, alpha);
@@ -242,7 +246,7 @@ impl Cuda {
                 beta,
             },
         )?;
-        Ok(out)
+        Ok((out, false))
     }
 
     fn matmul_impl(
@@ -562,7 +566,22 @@ impl ModelOps for Cuda {
         w: &Tensor<Self>,
         bias: Option<&Tensor<Self>>,
     ) -> Result<Tensor<Self>> {
-        self.linear_impl(x, w, bias)
+        Ok(self.linear_impl(x, w, bias, false)?.0)
+    }
+
+    fn linear_act(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        act: Activation,
+    ) -> Result<Tensor<Self>> {
+        let (y, applied) = self.linear_impl(x, w, bias, act == Activation::GeluTanh)?;
+        if applied {
+            Ok(y)
+        } else {
+            self.activation(&y, act)
+        }
     }
 
     fn matmul(

@@ -630,6 +630,19 @@ pub fn linear<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
                 let got = be.linear(&gx, &gw, bias.as_ref().map(|b| &b.0));
                 let want = c.cpu.linear(&wx, &ww, bias.as_ref().map(|b| &b.1));
                 c.check(&label, got, want, rel);
+                // The same layer with an activation (a backend may fuse it into the GEMM).
+                let act = if i % 2 == 0 {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                };
+                let label = case(format_args!("{label}, then {act:?}"));
+                let got = be.linear_act(&gx, &gw, bias.as_ref().map(|b| &b.0), act);
+                let want = c
+                    .cpu
+                    .linear(&wx, &ww, bias.as_ref().map(|b| &b.1))
+                    .and_then(|y| c.cpu.activation(&y, act));
+                c.check(&label, got, want, rel);
             }
         }
     }

@@ -126,6 +126,22 @@ pub trait ModelOps: SamplerOps {
     where
         Self: Backend;
 
+    /// `act(x W^T + b)`: [`ModelOps::linear`] followed by [`ModelOps::activation`]. Backends
+    /// whose GEMM library can apply the activation in the GEMM's epilogue override it to save
+    /// the pass over the output.
+    fn linear_act(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        bias: Option<&Tensor<Self>>,
+        act: Activation,
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        self.activation(&self.linear(x, w, bias)?, act)
+    }
+
     /// Batched matmul `a [.., M, K] x b [.., K, N]` (or `b [.., N, K]` with `transpose_b`); the
     /// batch dims of `b` are either equal to `a`'s or absent (shared).
     fn matmul(&self, a: &Tensor<Self>, b: &Tensor<Self>, transpose_b: bool) -> Result<Tensor<Self>>

@@ -259,7 +259,7 @@ impl<B: Backend> T5Encoder<B> {
             let a = be.linear(&a.reshape(&[batch, len, nh * dk])?, &b.o, None)?;
             be.lincomb_inplace(&mut h, 1.0, &[(1.0, &a)])?;
             let x = be.rms_norm(&h, Some(&b.ln1), eps)?;
-            let gate = be.activation(&be.linear(&x, &b.wi0, None)?, Activation::GeluTanh)?;
+            let gate = be.linear_act(&x, &b.wi0, None, Activation::GeluTanh)?;
             let up = be.linear(&x, &b.wi1, None)?;
             let y = be.linear(&be.binary(&gate, &up, BinaryOp::Mul)?, &b.wo, None)?;
             be.lincomb_inplace(&mut h, 1.0, &[(1.0, &y)])?;

@@ -394,6 +394,11 @@ impl<B: Backend> Linear<B> {
     fn fwd(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
         Ok(be.linear(x, &self.w, self.b.as_ref())?)
     }
+
+    /// The layer followed by `act` (fused into the GEMM where the backend can).
+    fn fwd_act(&self, be: &B, x: &Tensor<B>, act: Activation) -> Result<Tensor<B>> {
+        Ok(be.linear_act(x, &self.w, self.b.as_ref(), act)?)
+    }
 }
 
 struct MlpEmbedder<B: Backend> {
@@ -410,7 +415,7 @@ impl<B: Backend> MlpEmbedder<B> {
     }
 
     fn fwd(&self, be: &B, x: &Tensor<B>) -> Result<Tensor<B>> {
-        let h = be.activation(&self.in_layer.fwd(be, x)?, Activation::Silu)?;
+        let h = self.in_layer.fwd_act(be, x, Activation::Silu)?;
         self.out_layer.fwd(be, &h)
     }
 }
@@ -850,8 +855,9 @@ impl<B: Backend> FluxTransformer<B> {
             let x2 = be.modulate(&be.layer_norm(&x, None, None, 1e-6)?, &m[3], &m[4])?;
             let mut ys = Vec::new();
             for span in token_spans(x.shape()[1], row_bytes, limit) {
-                let hmid = with_rows(be, &x2, span, |t| sw.mlp0.fwd(be, t))?;
-                let hmid = be.activation(&hmid, Activation::GeluTanh)?;
+                let hmid = with_rows(be, &x2, span, |t| {
+                    sw.mlp0.fwd_act(be, t, Activation::GeluTanh)
+                })?;
                 ys.push(sw.mlp2.fwd(be, &hmid)?);
             }
             Ok(be.gated_add(&x, &cat(be, ys, 1)?, &m[5])?)
