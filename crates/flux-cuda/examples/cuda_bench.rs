@@ -125,6 +125,24 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
             100.0 * floor / s
         );
     }
+    // The two kernels at this size agree to bf16 rounding (a few 1e-3); a fault gives O(1).
+    let run = |bf16: bool| -> Result<Vec<f64>, String> {
+        let be = cuda.clone().with_bf16_attention(bf16);
+        let o = be
+            .attention(&q, &k, &v, None, None)
+            .map_err(|e| e.to_string())?;
+        be.download_f64(&o).map_err(|e| e.to_string())
+    };
+    let (exact, tc) = (run(false)?, run(true)?);
+    let num: f64 = exact.iter().zip(&tc).map(|(a, b)| (a - b) * (a - b)).sum();
+    let den: f64 = exact.iter().map(|a| a * a).sum();
+    let rel = (num / den).sqrt();
+    println!("tensor-core vs exact attention at this size: rel_l2 {rel:.2e}");
+    if rel.is_nan() || rel > 2e-2 {
+        return Err(format!(
+            "tensor-core attention disagrees with the exact kernel (rel_l2 {rel:.2e})"
+        ));
+    }
     Ok(())
 }
 
