@@ -119,6 +119,9 @@ impl Real for f32 {
 
 /// Below this many elements the tree's elementwise passes stay on the calling thread.
 const PAR_ELEMENTS: usize = 1 << 15;
+/// Elements per parallel task of a pass: small enough that the several operations a fused
+/// pass makes over one piece stay in the core's cache.
+const PIECE: usize = 1 << 13;
 
 /// `v[i] = f(v[i])`, on the rayon pool for large tensors (each element is computed on its own,
 /// so the split does not change any value).
@@ -132,15 +135,51 @@ fn map_in_place<T: Real>(v: &mut [T], f: impl Fn(T) -> T + Sync) {
     }
 }
 
-/// `v[i] = f(v[i], w[i])`, as [`map_in_place`].
-fn zip_in_place<T: Real>(v: &mut [T], w: &[T], f: impl Fn(T, T) -> T + Sync) {
-    if v.len() >= PAR_ELEMENTS {
-        v.par_iter_mut()
-            .zip(w.par_iter())
-            .for_each(|(x, &y)| *x = f(*x, y));
+/// Runs `f(offset, piece)` over consecutive pieces of `out`, on the rayon pool for large
+/// tensors. `f` must compute each element from its own index only, so that the split does
+/// not change any value.
+fn by_pieces<T: Real>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
+    if out.len() >= PAR_ELEMENTS {
+        out.par_chunks_mut(PIECE)
+            .enumerate()
+            .for_each(|(k, piece)| f(k * PIECE, piece));
     } else {
-        v.iter_mut().zip(w).for_each(|(x, &y)| *x = f(*x, y));
+        f(0, out);
     }
+}
+
+/// `(±(tiles[0] + tiles[1] + ...)) / scale` elementwise in one pass, the sum taken left to
+/// right as torchsde adds the increments of the intervals tiling a query, then negated (a
+/// reversed query) and divided (a normalised draw), each step rounding as the separate tensor
+/// operations do.
+fn combine<T: Real>(tiles: &[Arc<Vec<T>>], numel: usize, negate: bool, scale: Option<T>) -> Vec<T> {
+    // An empty query is a zero increment, still negated and scaled (a signed zero).
+    let mut out = vec![T::ZERO; numel];
+    let (first, rest) = tiles
+        .split_first()
+        .map_or((None, tiles), |(f, r)| (Some(f), r));
+    by_pieces(&mut out, |at, piece| {
+        let end = at + piece.len();
+        if let Some(first) = first {
+            piece.copy_from_slice(&first[at..end]);
+        }
+        for t in rest {
+            for (o, &v) in piece.iter_mut().zip(&t[at..end]) {
+                *o = *o + v;
+            }
+        }
+        if negate {
+            for o in piece.iter_mut() {
+                *o = -*o;
+            }
+        }
+        if let Some(s) = scale {
+            for o in piece.iter_mut() {
+                *o = *o / s;
+            }
+        }
+    });
+    out
 }
 
 /// One torchsde `BrownianTree` of a fixed shape, computing in `T`.
@@ -277,26 +316,48 @@ impl<T: Real> Tree<T> {
 
     /// The increments of `W` over the nodes `ids`, in order.
     ///
-    /// Every node missing from the cache is computed from its parent's increment and its own
-    /// bridge draw. The draws are independent of each other (each has its own seeded
-    /// generator), so they are made for several nodes at once on the rayon pool; the bridge
-    /// arithmetic then runs parents first.
+    /// Every node missing from the cache is computed from its parent's increment and the
+    /// parent's bridge draw. One draw gives both halves (the left one by the bridge formula,
+    /// the right one as the parent's increment minus the left one, exactly as torchsde
+    /// computes each of them, so the values do not depend on which half is asked for first);
+    /// both are cached, which spares the draw when the next query needs the other half. The
+    /// draws are independent of each other (each has its own seeded generator), so several
+    /// are made at once on the rayon pool; the bridge arithmetic then runs parents first.
     fn increments(&mut self, ids: &[usize]) -> Vec<Arc<Vec<T>>> {
         let mut have: HashMap<usize, Arc<Vec<T>>> = HashMap::new();
         let mut todo: Vec<usize> = Vec::new();
         for &id in ids {
             self.plan(id, &mut have, &mut todo);
         }
+        // The split nodes whose draws are needed, each once, ancestors first (`todo` lists a
+        // node after its ancestors, so its parent's first appearance follows theirs).
+        let mut splits: Vec<usize> = Vec::new();
+        for &id in &todo {
+            if let Some(p) = self.nodes[id].parent
+                && !splits.contains(&p)
+            {
+                splits.push(p);
+            }
+        }
         // A few draws in flight per worker keeps both the pool busy and the scratch bounded.
         let batch = 2 * rayon::current_num_threads().max(1);
-        for group in todo.chunks(batch) {
-            let seeds: Vec<u32> = group.iter().map(|&id| self.bridge_seed(id)).collect();
+        for group in splits.chunks(batch) {
+            let seeds: Vec<u32> = group
+                .iter()
+                .map(|&p| self.nodes[p].split.map_or(0, |s| s.seed))
+                .collect();
             let numel = self.numel;
             let draws: Vec<Vec<T>> = seeds.par_iter().map(|&s| T::randn(s, numel)).collect();
-            for (&id, draw) in group.iter().zip(draws) {
-                let out = Arc::new(self.bridge(id, draw, &have));
-                self.remember(id, Arc::clone(&out));
-                have.insert(id, out);
+            for (&p, draw) in group.iter().zip(draws) {
+                let Some(split) = self.nodes[p].split else {
+                    continue;
+                };
+                let (left, right) = self.bridge(p, draw, &have);
+                for (id, w) in [(split.left, left), (split.right, right)] {
+                    let w = Arc::new(w);
+                    self.remember(id, Arc::clone(&w));
+                    have.insert(id, w);
+                }
             }
         }
         ids.iter()
@@ -331,24 +392,19 @@ impl<T: Real> Tree<T> {
         }
     }
 
-    /// The seed of the bridge draw that splits `id`'s parent (`id` must have a split parent).
-    fn bridge_seed(&self, id: usize) -> u32 {
-        self.nodes[id]
-            .parent
-            .and_then(|p| self.nodes[p].split)
-            .map_or(0, |s| s.seed)
-    }
-
-    /// `id`'s increment from its parent's (in `have`) and the bridge draw `z`, overwritten in
-    /// place.
-    fn bridge(&self, id: usize, mut z: Vec<T>, have: &HashMap<usize, Arc<Vec<T>>>) -> Vec<T> {
-        let node = &self.nodes[id];
-        let Some(parent_id) = node.parent else {
-            return self.top.as_ref().clone();
-        };
-        let parent = &self.nodes[parent_id];
-        let (Some(split), Some(w)) = (parent.split, have.get(&parent_id)) else {
-            return self.top.as_ref().clone();
+    /// The increments of split node `p`'s two halves from its increment (in `have`) and its
+    /// bridge draw `z` (overwritten in place by the left half):
+    /// `left = (l / h) w + sqrt(l r / h) z`, `right = w - left`.
+    fn bridge(
+        &self,
+        p: usize,
+        mut z: Vec<T>,
+        have: &HashMap<usize, Arc<Vec<T>>>,
+    ) -> (Vec<T>, Vec<T>) {
+        let parent = &self.nodes[p];
+        let w = have.get(&p).unwrap_or(&self.top);
+        let Some(split) = parent.split else {
+            return (w.as_ref().clone(), vec![T::ZERO; self.numel]);
         };
         let h_reciprocal = 1.0 / (parent.end - parent.start);
         let left_diff = split.midway - parent.start;
@@ -359,12 +415,25 @@ impl<T: Real> Tree<T> {
             T::from_f64(h_reciprocal),
             T::from_f64(std),
         );
-        if node.is_left {
-            zip_in_place(&mut z, w, |z, wi| ld * wi * hr + sd * z);
+        // One pass: the left half overwrites the draw, the right half is the parent's
+        // increment minus it.
+        let halves = |z: &mut [T], right: &mut [T], w: &[T]| {
+            for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
+                let left = ld * wi * hr + sd * *z;
+                *z = left;
+                *r = wi - left;
+            }
+        };
+        let mut right = vec![T::ZERO; self.numel];
+        if z.len() >= PAR_ELEMENTS {
+            z.par_chunks_mut(PIECE)
+                .zip(right.par_chunks_mut(PIECE))
+                .zip(w.par_chunks(PIECE))
+                .for_each(|((z, r), w)| halves(z, r, w));
         } else {
-            zip_in_place(&mut z, w, |z, wi| wi - (ld * wi * hr + sd * z));
+            halves(&mut z, &mut right, w);
         }
-        z
+        (z, right)
     }
 
     /// Caches `id`'s increment, evicting the least recently used entry when full.
@@ -382,48 +451,38 @@ impl<T: Real> Tree<T> {
         self.cache.insert(id, (w, self.tick));
     }
 
-    /// `W(tb) - W(ta)` for `ta <= tb` (clamped to the tree's interval, as torchsde does).
-    fn query(&mut self, ta: f64, tb: f64) -> Result<Vec<T>> {
+    /// The tree nodes tiling `[ta, tb]` for `ta < tb` (clamped to the tree's interval, as
+    /// torchsde does; empty when the clamped interval is empty), with their increments.
+    fn tiles(&mut self, ta: f64, tb: f64) -> Result<Vec<Arc<Vec<T>>>> {
         let (start, end) = (self.nodes[0].start, self.nodes[0].end);
         let ta = ta.clamp(start, end);
         let tb = tb.clamp(start, end);
         if ta == tb {
-            return Ok(vec![T::ZERO; self.numel]);
+            return Ok(Vec::new());
         }
         let (ta, tb) = (quantise(ta), quantise(tb));
         let mut tiles = Vec::new();
         self.locate(0, ta, tb, &mut tiles)?;
-        let mut total: Option<Vec<T>> = None;
-        for w in self.increments(&tiles) {
-            total = Some(match total {
-                None => w.as_ref().clone(),
-                Some(mut acc) => {
-                    zip_in_place(&mut acc, &w, |a, b| a + b);
-                    acc
-                }
-            });
-        }
-        Ok(total.unwrap_or_else(|| vec![T::ZERO; self.numel]))
+        Ok(self.increments(&tiles))
     }
 
-    /// `W(t1) - W(t0)` for times in either order (already quantised like float32 queries).
-    fn signed_query(&mut self, t0: f64, t1: f64) -> Result<Vec<T>> {
-        if t0 < t1 {
-            self.query(t0, t1)
+    /// `(W(t1) - W(t0)) / scale` for times in either order (already quantised like float32
+    /// queries): the increment over the ordered interval, negated when `t0 > t1`.
+    fn signed_query(&mut self, t0: f64, t1: f64, scale: Option<T>) -> Result<Vec<T>> {
+        let negate = t0 > t1;
+        let tiles = if negate {
+            self.tiles(t1, t0)?
         } else {
-            let mut w = self.query(t1, t0)?;
-            map_in_place(&mut w, |v| -v);
-            Ok(w)
-        }
+            self.tiles(t0, t1)?
+        };
+        Ok(combine(&tiles, self.numel, negate, scale))
     }
 
     /// The normalised draw `(W(s1) - W(s0)) / sqrt(|s1 - s0|)` in the tree's precision.
     fn draw(&mut self, t0: f64, t1: f64, sigma: f64, sigma_next: f64) -> Result<Vec<T>> {
-        let mut w = self.signed_query(t0, t1)?;
         let (s0, s1) = (T::from_f64(sigma), T::from_f64(sigma_next));
         let scale = (s1 - s0).abs().sqrt();
-        map_in_place(&mut w, |v| v / scale);
-        Ok(w)
+        self.signed_query(t0, t1, Some(scale))
     }
 }
 
@@ -483,8 +542,12 @@ impl BrownianTreeNoise {
         // Query times are float32, as ComfyUI hands them to the CPU tree.
         let (a, b) = (f64::from(t0 as f32), f64::from(t1 as f32));
         Ok(match self.tree_for(shape, dtype)? {
-            AnyTree::F64(t) => t.signed_query(a, b)?,
-            AnyTree::F32(t) => t.signed_query(a, b)?.into_iter().map(f64::from).collect(),
+            AnyTree::F64(t) => t.signed_query(a, b, None)?,
+            AnyTree::F32(t) => t
+                .signed_query(a, b, None)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
         })
     }
 
