@@ -61,6 +61,24 @@ pub trait SamplerOps {
     where
         Self: Backend;
 
+    /// [`SamplerOps::upload`] of values the caller hands over: a backend whose tensors live in
+    /// host memory keeps the vector when it already has `dtype`, with no copy (a fresh noise
+    /// draw every step). The default uploads a copy.
+    fn upload_f32_vec(&self, data: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        self.upload(HostData::F32(&data), shape, dtype)
+    }
+
+    /// [`SamplerOps::upload_f32_vec`] for f64 values.
+    fn upload_f64_vec(&self, data: Vec<f64>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        self.upload(HostData::F64(&data), shape, dtype)
+    }
+
     /// Overwrites an existing tensor with host values (e.g. a fresh noise draw).
     fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()>
     where

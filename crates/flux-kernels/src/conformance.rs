@@ -382,6 +382,40 @@ pub fn memory<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
             },
             Err(e) => c.fail(&label, format!("upload of f64 host data failed: {e}")),
         }
+        // Handing the vectors over gives the same tensors as uploading a view of them.
+        match be
+            .upload_f32_vec(f.clone(), &[n], DType::F32)
+            .and_then(|t| Ok((be.download_f32(&t)?, t)))
+        {
+            Ok((back, t)) if back == f && t.shape() == [n] && t.dtype() == DType::F32 => {}
+            Ok(_) => c.fail(
+                &label,
+                "upload_f32_vec gave other values, shape or dtype".into(),
+            ),
+            Err(e) => c.fail(&label, format!("upload_f32_vec failed: {e}")),
+        }
+        match be
+            .upload_f64_vec(v.clone(), &[n], DType::F32)
+            .and_then(|t| be.download_f64(&t))
+        {
+            Ok(back) if back == v => {}
+            Ok(_) => c.fail(
+                &label,
+                "upload_f64_vec to f32 not rounded like upload".into(),
+            ),
+            Err(e) => c.fail(&label, format!("upload_f64_vec to f32 failed: {e}")),
+        }
+        if be.supports_dtype(DType::F64) {
+            let wide: Vec<f64> = v.iter().map(|&x| x / 3.0).collect();
+            match be
+                .upload_f64_vec(wide.clone(), &[1, n], DType::F64)
+                .and_then(|t| Ok((be.download_f64(&t)?, t)))
+            {
+                Ok((back, t)) if back == wide && t.shape() == [1, n] => {}
+                Ok(_) => c.fail(&label, "upload_f64_vec gave other values or shape".into()),
+                Err(e) => c.fail(&label, format!("upload_f64_vec failed: {e}")),
+            }
+        }
         match be.zeros(&[n], DType::F32).and_then(|t| be.download_f32(&t)) {
             Ok(z) if z.len() == n && z.iter().all(|&x| x == 0.0) => {}
             Ok(_) => c.fail(&label, "zeros not all zero".into()),
@@ -1217,6 +1251,18 @@ pub fn bad_input<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
     expect_err(
         "upload length",
         be.upload(HostData::F32(&[1.0]), &[2], DType::F32),
+    );
+    expect_err(
+        "upload_f32_vec length",
+        be.upload_f32_vec(vec![1.0; 3], &[2], DType::F32),
+    );
+    expect_err(
+        "upload_f64_vec length",
+        be.upload_f64_vec(vec![1.0; 3], &[2, 2], DType::F32),
+    );
+    expect_err(
+        "upload_f32_vec dtype",
+        be.upload_f32_vec(vec![1.0; 2], &[2], DType::F8E4M3),
     );
     let mut t = a;
     if be.write(&mut t, HostData::F32(&[1.0, 2.0])).is_ok() {

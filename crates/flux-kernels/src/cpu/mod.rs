@@ -200,6 +200,32 @@ impl SamplerOps for Cpu {
         Ok(Tensor::from_parts(storage, shape.to_vec(), dtype))
     }
 
+    fn upload_f32_vec(
+        &self,
+        data: Vec<f32>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        if dtype == DType::F32 {
+            self.from_vec_f32(data, shape)
+        } else {
+            self.upload(HostData::F32(&data), shape, dtype)
+        }
+    }
+
+    fn upload_f64_vec(
+        &self,
+        data: Vec<f64>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        if dtype == DType::F64 {
+            self.from_vec_f64(data, shape)
+        } else {
+            self.upload(HostData::F64(&data), shape, dtype)
+        }
+    }
+
     fn write(&self, dst: &mut Tensor<Self>, data: HostData<'_>) -> Result<()> {
         shapes::host_len("write", dst.shape(), data.len())?;
         match dst.storage_mut() {

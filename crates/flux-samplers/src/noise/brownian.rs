@@ -623,7 +623,7 @@ impl<B: Backend> NoiseSource<B> for BrownianTreeNoise {
         sigma_next: f64,
     ) -> Result<Tensor<B>> {
         let values = self.draw_host(shape, dtype, sigma, sigma_next)?;
-        Ok(backend.upload(values.as_host(), shape, dtype)?)
+        Ok(values.into_tensor(backend, shape, dtype)?)
     }
 }
 

@@ -51,7 +51,7 @@ impl<B: Backend> NoiseSource<B> for DefaultNoise {
         _sigma_next: f64,
     ) -> Result<Tensor<B>> {
         let values = self.next_host(shape, dtype)?;
-        Ok(backend.upload(values.as_host(), shape, dtype)?)
+        Ok(values.into_tensor(backend, shape, dtype)?)
     }
 }
 

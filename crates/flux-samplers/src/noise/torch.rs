@@ -42,6 +42,20 @@ impl HostNoise {
         }
     }
 
+    /// Moves the values into a new tensor of `shape` and `dtype` on `backend` (without a copy
+    /// where the backend keeps host vectors).
+    pub fn into_tensor<B: flux_kernels::Backend>(
+        self,
+        backend: &B,
+        shape: &[usize],
+        dtype: DType,
+    ) -> flux_kernels::Result<flux_kernels::Tensor<B>> {
+        match self {
+            HostNoise::F64(v) => backend.upload_f64_vec(v, shape, dtype),
+            HostNoise::F32(v) => backend.upload_f32_vec(v, shape, dtype),
+        }
+    }
+
     /// The values widened to f64 (exact).
     pub fn to_f64(&self) -> Vec<f64> {
         match self {
