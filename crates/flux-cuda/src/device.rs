@@ -70,7 +70,8 @@ impl std::fmt::Debug for CudaStorage {
 pub(crate) struct Inner {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
-    funcs: HashMap<String, CudaFunction>,
+    /// Every kernel entry point with its parameter types (checked at each launch).
+    funcs: HashMap<String, (CudaFunction, kernels::Entry)>,
     pub(crate) blas: Mutex<CudaBlas>,
     /// cuBLASLt for GEMMs with a bias epilogue (`None` when the library is missing).
     pub(crate) lt: Mutex<Option<crate::blas::Lt>>,
@@ -186,9 +187,9 @@ impl Cuda {
                 .map_err(driver_err("loading a kernel module"))?;
             for entry in file.entries {
                 let f = module
-                    .load_function(&entry)
+                    .load_function(&entry.name)
                     .map_err(driver_err("loading a kernel"))?;
-                funcs.insert(entry, f);
+                funcs.insert(entry.name.clone(), (f, entry));
             }
         }
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas(e.to_string()))?;
@@ -292,11 +293,13 @@ impl Cuda {
         if cfg.grid_dim.0 == 0 || cfg.grid_dim.1 == 0 || cfg.grid_dim.2 == 0 {
             return Ok(());
         }
-        let f = self
+        let (f, entry) = self
             .inner
             .funcs
             .get(name)
             .ok_or_else(|| KernelError::Device(format!("kernel {name} was not compiled")))?;
+        let kinds: Vec<kernels::ParamType> = args.iter().map(Arg::param_type).collect();
+        kernels::check_launch_args(entry, &kinds).map_err(KernelError::Device)?;
         let mut b = self.inner.stream.launch_builder(f);
         for a in args {
             match a {
@@ -307,9 +310,9 @@ impl Cuda {
                 Arg::F64(v) => b.arg(v),
             };
         }
-        // SAFETY: every kernel in shaders/cuda takes exactly the arguments its callers pass
-        // (buffers as pointers, then the listed scalars), and the callers size every buffer for
-        // the element counts they pass; the kernels bound-check against those counts.
+        // SAFETY: the arguments match the kernel's parameters in number and type (checked
+        // above against the PTX), and the callers size every buffer for the element counts
+        // they pass; the kernels bound-check against those counts.
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(dev("kernel launch"))
@@ -328,6 +331,18 @@ pub(crate) enum Arg<'a> {
     F32(f32),
     /// `double`.
     F64(f64),
+}
+
+impl Arg<'_> {
+    /// The PTX parameter type this argument fills.
+    fn param_type(&self) -> kernels::ParamType {
+        match self {
+            Arg::Buf(_) | Arg::U64(_) => kernels::ParamType::Bits64,
+            Arg::I32(_) => kernels::ParamType::Int32,
+            Arg::F32(_) => kernels::ParamType::F32,
+            Arg::F64(_) => kernels::ParamType::F64,
+        }
+    }
 }
 
 /// Maps a driver error to a kernel error naming the operation.

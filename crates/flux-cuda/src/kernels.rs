@@ -55,8 +55,79 @@ pub struct CompiledFile {
     pub file: &'static str,
     /// The PTX NVRTC produced.
     pub ptx: Ptx,
-    /// The kernel entry points it defines.
-    pub entries: Vec<String>,
+    /// The kernel entry points it defines, with their parameter lists.
+    pub entries: Vec<Entry>,
+}
+
+/// One kernel entry point of a PTX module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The kernel's (unmangled, `extern "C"`) name.
+    pub name: String,
+    /// The type of each parameter, in order.
+    pub params: Vec<ParamType>,
+}
+
+/// A kernel parameter's type as PTX declares it: what the launch must pass in its slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamType {
+    /// 64 bits: a pointer or an `unsigned long long` (`.u64`, `.s64`, `.b64`).
+    Bits64,
+    /// 32-bit integer (`.u32`, `.s32`, `.b32`): `int` or `unsigned int`.
+    Int32,
+    /// `float` (`.f32`).
+    F32,
+    /// `double` (`.f64`).
+    F64,
+    /// Anything else (a struct or a narrow integer), which no launch of this crate passes.
+    Other,
+}
+
+impl ParamType {
+    fn of_ptx(ty: &str) -> Self {
+        match ty {
+            ".u64" | ".s64" | ".b64" => ParamType::Bits64,
+            ".u32" | ".s32" | ".b32" => ParamType::Int32,
+            ".f32" => ParamType::F32,
+            ".f64" => ParamType::F64,
+            _ => ParamType::Other,
+        }
+    }
+}
+
+impl std::fmt::Display for ParamType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ParamType::Bits64 => "a pointer or u64",
+            ParamType::Int32 => "a 32-bit int",
+            ParamType::F32 => "an f32",
+            ParamType::F64 => "an f64",
+            ParamType::Other => "a type no launch passes",
+        })
+    }
+}
+
+/// Checks a launch's argument types against the kernel's parameters: the driver copies each
+/// argument by the size the kernel declares, so a wrong count or type would make the kernel read
+/// garbage. The error names the kernel, the slot and both types.
+pub fn check_launch_args(entry: &Entry, args: &[ParamType]) -> Result<(), String> {
+    if args.len() != entry.params.len() {
+        return Err(format!(
+            "kernel {} takes {} arguments, the launch passes {}",
+            entry.name,
+            entry.params.len(),
+            args.len()
+        ));
+    }
+    for (i, (&want, &got)) in entry.params.iter().zip(args).enumerate() {
+        if want != got || want == ParamType::Other {
+            return Err(format!(
+                "kernel {} argument {i}: the kernel takes {want}, the launch passes {got}",
+                entry.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the NVRTC library can be loaded (looked up on the normal loader path).
@@ -98,21 +169,52 @@ pub fn arch_for(major: i32, minor: i32) -> &'static str {
     }
 }
 
-/// Names of the `.entry` functions in PTX text.
-fn entries(ptx: &str) -> Vec<String> {
-    ptx.lines()
-        .filter_map(|l| {
-            let l = l.trim_start();
-            let rest = l
-                .strip_prefix(".visible .entry ")
-                .or_else(|| l.strip_prefix(".entry "))?;
+/// The `.entry` functions in PTX text with their parameter types (NVRTC writes one
+/// `.param .TYPE NAME` per line between the entry's parentheses).
+fn entries(ptx: &str) -> Vec<Entry> {
+    let mut out: Vec<Entry> = Vec::new();
+    let mut open = false;
+    for line in ptx.lines() {
+        let l = line.trim();
+        let head = l
+            .strip_prefix(".visible .entry ")
+            .or_else(|| l.strip_prefix(".entry "));
+        if let Some(rest) = head {
             let name: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            (!name.is_empty()).then_some(name)
-        })
-        .collect()
+            open = !name.is_empty() && rest[name.len()..].trim_start().starts_with('(');
+            if !name.is_empty() {
+                out.push(Entry {
+                    name,
+                    params: Vec::new(),
+                });
+            }
+            if open && rest.trim_end().ends_with(')') {
+                open = false;
+            }
+            continue;
+        }
+        if !open {
+            continue;
+        }
+        if l.starts_with(')') {
+            open = false;
+            continue;
+        }
+        if let (Some(entry), Some(param)) = (out.last_mut(), l.strip_prefix(".param ")) {
+            // `.param .u64 name` or `.param .align 8 .b8 name[16]` (a struct: Other).
+            let ty = param.split_whitespace().next().unwrap_or("");
+            let is_array = param.contains('[');
+            entry.params.push(if is_array {
+                ParamType::Other
+            } else {
+                ParamType::of_ptx(ty)
+            });
+        }
+    }
+    out
 }
 
 /// Compiles every file of [`KERNEL_FILES`] to PTX for `arch` (`compute_80`, `compute_90`, ...).
@@ -182,10 +284,59 @@ mod tests {
     use super::*;
 
     #[test]
-    fn entry_names_are_read_from_ptx() {
-        let ptx = ".version 8.7\n.visible .entry lincomb_f32(\n\t.param .u64 a\n)\n\
-                   .entry helper_f64(\n";
-        assert_eq!(entries(ptx), vec!["lincomb_f32", "helper_f64"]);
+    fn entries_and_parameter_types_are_read_from_ptx() {
+        let ptx = ".version 8.7\n.target sm_80\n\n\
+                   // .globl\tlincomb_f32\n\
+                   .visible .entry lincomb_f32(\n\
+                   \t.param .u64 lincomb_f32_param_0,\n\
+                   \t.param .f64 lincomb_f32_param_1,\n\
+                   \t.param .u32 lincomb_f32_param_2,\n\
+                   \t.param .f32 lincomb_f32_param_3,\n\
+                   \t.param .align 8 .b8 lincomb_f32_param_4[16]\n\
+                   )\n{\n\tld.param.u64 %rd1, [lincomb_f32_param_0];\n}\n\
+                   .entry empty_f64()\n{\n}\n\
+                   .visible .entry helper_f64(\n\t.param .s64 x\n)\n";
+        let got = entries(ptx);
+        let names: Vec<&str> = got.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["lincomb_f32", "empty_f64", "helper_f64"]);
+        assert_eq!(
+            got[0].params,
+            [
+                ParamType::Bits64,
+                ParamType::F64,
+                ParamType::Int32,
+                ParamType::F32,
+                ParamType::Other
+            ]
+        );
+        assert!(got[1].params.is_empty());
+        assert_eq!(got[2].params, [ParamType::Bits64]);
+    }
+
+    #[test]
+    fn launches_with_other_argument_types_are_refused() {
+        let entry = Entry {
+            name: "k".into(),
+            params: vec![ParamType::Bits64, ParamType::Int32, ParamType::F64],
+        };
+        let ok = [ParamType::Bits64, ParamType::Int32, ParamType::F64];
+        assert_eq!(check_launch_args(&entry, &ok), Ok(()));
+        let short = check_launch_args(&entry, &ok[..2]).unwrap_err();
+        assert!(
+            short.contains("takes 3 arguments") && short.contains("passes 2"),
+            "{short}"
+        );
+        let swapped = [ParamType::Bits64, ParamType::F64, ParamType::Int32];
+        let err = check_launch_args(&entry, &swapped).unwrap_err();
+        assert!(
+            err.contains("argument 1") && err.contains("32-bit int"),
+            "{err}"
+        );
+        let other = Entry {
+            name: "s".into(),
+            params: vec![ParamType::Other],
+        };
+        assert!(check_launch_args(&other, &[ParamType::Other]).is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! without a GPU; in CI (or with `FLUX_REQUIRE_NVRTC=1`) a missing NVRTC fails the test, elsewhere
 //! the test is ignored rather than passed.
 
-use flux_cuda::{KERNEL_FILES, compile_kernels, kernels::include_paths_from_env, nvrtc_available};
+use flux_cuda::kernels::{ParamType, include_paths_from_env};
+use flux_cuda::{KERNEL_FILES, compile_kernels, nvrtc_available};
 
 fn compile_for(arch: &'static str) {
     assert!(
@@ -22,10 +23,43 @@ fn compile_for(arch: &'static str) {
             file.file
         );
     }
+    // Every entry's parameter list was read, in types the launch helper can pass (the launch
+    // checks its arguments against these lists).
+    for entry in compiled.iter().flat_map(|f| &f.entries) {
+        assert!(
+            !entry.params.is_empty() && !entry.params.contains(&ParamType::Other),
+            "{arch}: kernel {} has parameters {:?}",
+            entry.name,
+            entry.params
+        );
+    }
+    let params = |name: &str| {
+        compiled
+            .iter()
+            .flat_map(|f| &f.entries)
+            .find(|e| e.name == name)
+            .map(|e| e.params.clone())
+    };
+    // Two signatures written out from the sources: `lincomb` (the output and six term
+    // pointers, six double coefficients, the int term count and flag, the double `a`, the u64
+    // count) and `rms_norm` (three pointers, u64, double, int).
+    use ParamType::{Bits64 as P, F64, Int32 as I};
+    assert_eq!(
+        params("lincomb_f32"),
+        Some(vec![
+            P, P, P, P, P, P, P, F64, F64, F64, F64, F64, F64, I, I, F64, P
+        ]),
+        "{arch}: lincomb_f32"
+    );
+    assert_eq!(
+        params("rms_norm_f64"),
+        Some(vec![P, P, P, P, F64, I]),
+        "{arch}: rms_norm_f64"
+    );
     // Spot-check that the families the backend launches are all there, in both precisions.
     let all: Vec<&str> = compiled
         .iter()
-        .flat_map(|f| f.entries.iter().map(String::as_str))
+        .flat_map(|f| f.entries.iter().map(|e| e.name.as_str()))
         .collect();
     for base in [
         "lincomb",
