@@ -22,14 +22,14 @@
 // addresses lanes 8i..8i+7 supply for block i. Shared rows are padded by 16 bytes so the eight
 // rows of one 8x8 block fall on distinct banks.
 //
-// Needs sm_80 (bf16 mma); built for older architectures the kernels trap, and the backend
-// never launches them there.
+// Needs sm_80 (bf16 mma); built for older architectures (or for the CPU test model of the
+// kernels) the attention kernels trap, and the backend never launches them there.
 
 #define TC_BM 64  // query rows per block
 #define TC_BN 64  // keys per tile
 #define TC_THREADS 128
 
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#if !defined(FLUX_CUDA_EMULATOR) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define TC_ENABLED 1
 #else
 #define TC_ENABLED 0
@@ -47,9 +47,13 @@ __device__ __forceinline__ u32 tc_pack_bf16x2(float lo, float hi) {
 }
 
 __device__ __forceinline__ u32 tc_smem_addr(const void* p) {
+#if TC_ENABLED
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
+#else
+    return (u32)(unsigned long long)p;
+#endif
 }
 
 // Four 8x8 bf16 blocks; this lane supplies the address of one row of block lane / 8.
