@@ -5,7 +5,9 @@
 #   cuda_bench   the CUDA benches (GEMM, attention, one flux-dev step)
 #   wgpu_ops     the wgpu benches at real sizes (scripts/wgpu-bench.sh --binary)
 #   tests/       the test binaries of flux-cuda and flux-wgpu (release profile), named
-#                CRATE-TARGET; gpu-check.sh runs each with --include-ignored
+#                CRATE-TARGET; gpu-check.sh runs each with --include-ignored (not the
+#                CPU-only checks that read the source tree: the kernels' CPU model and the
+#                launch-site check)
 # Everything is stripped and compressed: the repository with the bundle must stay under the
 # 64 MiB a device call carries (the script prints both sizes).
 # Copy the repository with gpu-carry/ to the GPU machine and run scripts/gpu-check.sh there.
@@ -44,6 +46,8 @@ for line in sys.stdin:
         crate = os.path.basename(os.path.dirname(m["manifest_path"]))
         print(crate + "-" + m["target"]["name"] + "\t" + m["executable"])
 ' | while IFS=$'\t' read -r name exe; do
+        # CPU-only checks that read the source tree (CI runs them): no use on the GPU machine.
+        case "$name" in flux-cuda-emulated | flux-cuda-launch_sites) continue ;; esac
         cp "$exe" "$STAGE/tests/$name"
         echo "  $name"
     done
