@@ -22,22 +22,31 @@
 // addresses lanes 8i..8i+7 supply for block i. Shared rows are padded by 16 bytes so the eight
 // rows of one 8x8 block fall on distinct banks.
 //
-// Needs sm_80 (bf16 mma); built for older architectures (or for the CPU test model of the
-// kernels) the attention kernels trap, and the backend never launches them there.
+// Needs sm_80 (bf16 mma); built for older architectures the kernels trap, and the backend
+// never launches them there.
 
 #define TC_BM 64  // query rows per block
 #define TC_BN 64  // keys per tile
 #define TC_THREADS 128
 
-#if !defined(FLUX_CUDA_EMULATOR) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define TC_ENABLED 1
 #else
 #define TC_ENABLED 0
 #endif
+// The CPU test model of the kernels (crates/flux-cuda/tests/emu) supplies the warp-level
+// operations below from their PTX ISA definitions instead of the instructions.
+#if TC_ENABLED && !defined(FLUX_CUDA_EMULATOR)
+#define TC_PTX 1
+#else
+#define TC_PTX 0
+#endif
 
 // Round-to-nearest-even bf16x2 of (lo, hi): lo in the low half (the lower column).
 __device__ __forceinline__ u32 tc_pack_bf16x2(float lo, float hi) {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    return emu::pack_bf16x2(lo, hi);
+#elif TC_ENABLED
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
@@ -47,7 +56,7 @@ __device__ __forceinline__ u32 tc_pack_bf16x2(float lo, float hi) {
 }
 
 __device__ __forceinline__ u32 tc_smem_addr(const void* p) {
-#if TC_ENABLED
+#if TC_PTX
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
@@ -58,7 +67,9 @@ __device__ __forceinline__ u32 tc_smem_addr(const void* p) {
 
 // Four 8x8 bf16 blocks; this lane supplies the address of one row of block lane / 8.
 __device__ __forceinline__ void tc_ldmatrix_x4(u32 r[4], const u16* row) {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    emu::ldmatrix_x4(r, row);
+#elif TC_ENABLED
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(tc_smem_addr(row)));
@@ -69,7 +80,9 @@ __device__ __forceinline__ void tc_ldmatrix_x4(u32 r[4], const u16* row) {
 
 // 16 bytes global -> shared without passing through registers (sm_80 cp.async).
 __device__ __forceinline__ void tc_cp_async16(u16* dst, const u16* src) {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    emu::cp_async16(dst, src);
+#elif TC_ENABLED
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(tc_smem_addr(dst)), "l"(src)
                  : "memory");
 #else
@@ -78,7 +91,9 @@ __device__ __forceinline__ void tc_cp_async16(u16* dst, const u16* src) {
 }
 
 __device__ __forceinline__ void tc_cp_async_commit() {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    emu::cp_async_commit();
+#elif TC_ENABLED
     asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
@@ -86,14 +101,18 @@ __device__ __forceinline__ void tc_cp_async_commit() {
 // Waits until at most N of this thread's committed copy groups are still in flight.
 template <int N>
 __device__ __forceinline__ void tc_cp_async_wait() {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    emu::cp_async_wait(N);
+#elif TC_ENABLED
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 
 // c += a b for one 16x8x16 tile (a: 16x16 row-major fragment, b: 16x8 column fragment).
 __device__ __forceinline__ void tc_mma(float c[4], const u32 a[4], u32 b0, u32 b1) {
-#if TC_ENABLED
+#if defined(FLUX_CUDA_EMULATOR)
+    emu::mma_16816(c, a, b0, b1);
+#elif TC_ENABLED
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"

@@ -1,6 +1,7 @@
-//! The SIMT kernels of `shaders/cuda` run on a CPU model of CUDA's execution (`tests/emu`): one
-//! OS thread per CUDA thread, real barriers for `__syncthreads` and warp shuffles, the blocks of
-//! a grid in turn. `tests/emu/check.cpp` launches each kernel family at awkward sizes with the
+//! The kernels of `shaders/cuda` run on a CPU model of CUDA's execution (`tests/emu`): one OS
+//! thread per CUDA thread, real barriers for `__syncthreads` and warp shuffles, the blocks of a
+//! grid in turn, and the tensor-core attention's `ldmatrix`, `mma.sync` and `cp.async` modelled
+//! from the PTX ISA. `tests/emu/check.cpp` launches each kernel family at awkward sizes with the
 //! launch shapes the backend uses and compares with loops written from the kernels' contracts,
 //! so the index arithmetic, shared-memory staging and reductions are checked on machines
 //! without a GPU. (Speed and the GPU's own rounding are not: that is `scripts/gpu-check.sh`.)
@@ -61,7 +62,7 @@ fn dynamic_shared_declarations_are_rewritten() {
     not(flux_require_cxx),
     ignore = "needs a C++20 compiler ($CXX or c++); set FLUX_REQUIRE_CXX=1 to require it"
 )]
-fn simt_kernels_match_their_contracts_on_the_cpu_model() {
+fn kernels_match_their_contracts_on_the_cpu_model() {
     let dir = std::env::temp_dir().join(format!("flux-cuda-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("creating a scratch folder");
     let mut unit = format!("{COMMON}\n");

@@ -9,10 +9,14 @@
 // write-barrier-read-barrier exchange among the warp's 32 threads. Dynamic shared memory
 // (`extern __shared__`) is rewritten by the test driver into a pointer to `emu::dyn_smem`,
 // filled with 0xff bytes (NaN for floats) before each launch so that reading shared memory no
-// thread wrote shows up in the results.
+// thread wrote shows up in the results. The sm_80 warp-level operations of the tensor-core
+// attention (`ldmatrix.x4`, `mma.sync.m16n8k16` with bf16 operands, `cp.async` groups, whose
+// copies land only when a wait retires them) are modelled from the PTX ISA's definitions.
 #pragma once
 
+#include <array>
 #include <barrier>
+#include <deque>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -40,6 +44,9 @@ inline Idx grid_dim{1, 1, 1};
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
 inline std::vector<uint64_t> exchange;
+// Per-lane slots of the warp-wide tensor-core operations (operand registers, addresses).
+constexpr int WIDE = 12;
+inline std::vector<std::array<uint64_t, WIDE>> wide;
 constexpr size_t DYN_SMEM_BYTES = 1 << 20;
 alignas(16) inline unsigned char dyn_smem[DYN_SMEM_BYTES];
 
@@ -81,6 +88,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel) {
     warp_barriers.clear();
     for (unsigned w = 0; w < n / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
     exchange.assign(n, 0);
+    wide.assign(n, {});
     std::vector<std::thread> threads;
     threads.reserve(n);
     for (unsigned t = 0; t < n; ++t) {
@@ -100,7 +108,104 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel) {
     block_barrier = nullptr;
 }
 
+// ---- sm_80 warp-level operations of the tensor-core attention, from the PTX ISA ----
+
+inline float bf16_bits_to_float(uint32_t h) {
+    const uint32_t u = h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t float_to_bf16_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// `cvt.rn.bf16x2.f32 d, hi, lo`: lo in the low half.
+inline uint32_t pack_bf16x2(float lo, float hi) {
+    return (uint32_t)float_to_bf16_bits(lo) | ((uint32_t)float_to_bf16_bits(hi) << 16);
+}
+
+// `ldmatrix.sync.aligned.m8n8.x4.shared.b16`: lane l gives the address of row l % 8 of matrix
+// l / 8; it receives, for each matrix j, the two 16-bit elements 2 (l % 4), 2 (l % 4) + 1 of
+// row l / 4.
+inline void ldmatrix_x4(uint32_t r[4], const uint16_t* row) {
+    const unsigned me = linear_thread(), warp = me / 32, lane = me % 32;
+    wide[me][0] = (uint64_t)(uintptr_t)row;
+    warp_barriers[warp]->arrive_and_wait();
+    for (int j = 0; j < 4; ++j) {
+        const auto* src = (const uint16_t*)(uintptr_t)wide[warp * 32 + j * 8 + lane / 4][0];
+        std::memcpy(&r[j], src + 2 * (lane % 4), 4);
+    }
+    warp_barriers[warp]->arrive_and_wait();
+}
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 d, a, b, c` with d = c in place.
+// Fragments (g = lane / 4, t = lane % 4): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 =
+// A[g][2t+8..], a3 = A[g+8][2t+8..]; b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g]; c0, c1 =
+// C[g][2t], C[g][2t+1]; c2, c3 = C[g+8][2t], C[g+8][2t+1]. Products are exact; the sum is
+// taken in double and rounded once (the hardware's order of f32 additions is unspecified).
+inline void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    const unsigned me = linear_thread(), warp = me / 32, lane = me % 32;
+    auto& slot = wide[me];
+    for (int i = 0; i < 4; ++i) slot[i] = a[i];
+    slot[4] = b0;
+    slot[5] = b1;
+    warp_barriers[warp]->arrive_and_wait();
+    auto a_at = [&](unsigned r, unsigned k) {
+        const auto& s = wide[warp * 32 + (r % 8) * 4 + (k % 8) / 2];
+        const uint32_t reg = (uint32_t)s[(r >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+        return bf16_bits_to_float(k % 2 ? reg >> 16 : reg & 0xffffu);
+    };
+    auto b_at = [&](unsigned k, unsigned n) {
+        const auto& s = wide[warp * 32 + n * 4 + (k % 8) / 2];
+        const uint32_t reg = (uint32_t)s[4 + (k >= 8 ? 1 : 0)];
+        return bf16_bits_to_float(k % 2 ? reg >> 16 : reg & 0xffffu);
+    };
+    const unsigned g = lane / 4, t = lane % 4;
+    float d[4];
+    for (int e = 0; e < 4; ++e) {
+        const unsigned r = g + (e >= 2 ? 8 : 0), n = 2 * t + (e & 1);
+        double acc = c[e];
+        for (unsigned k = 0; k < 16; ++k) acc += (double)a_at(r, k) * (double)b_at(k, n);
+        d[e] = (float)acc;
+    }
+    warp_barriers[warp]->arrive_and_wait();
+    for (int e = 0; e < 4; ++e) c[e] = d[e];
+}
+
+// `cp.async.cg.shared.global` (16 bytes), `commit_group`, `wait_group N`: the copies of a
+// thread are held back until a wait retires their group, so reading a tile before waiting for
+// it sees stale (poisoned) shared memory, as it might on the GPU.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+};
+inline thread_local std::vector<AsyncCopy> open_group;
+inline thread_local std::deque<std::vector<AsyncCopy>> committed;
+
+inline void cp_async16(void* dst, const void* src) { open_group.push_back({dst, src}); }
+inline void cp_async_commit() {
+    committed.push_back(std::move(open_group));
+    open_group.clear();
+}
+inline void cp_async_wait(int pending) {
+    while ((int)committed.size() > pending) {
+        for (const AsyncCopy& c : committed.front()) std::memcpy(c.dst, c.src, 16);
+        committed.pop_front();
+    }
+}
+
 }  // namespace emu
+
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
@@ -110,7 +215,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel) {
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 
 struct alignas(16) uint4 {
