@@ -71,9 +71,11 @@ fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
 #[cfg(feature = "cuda")]
 fn run_cuda<J: Job>(job: J) -> Result<J::Output> {
     let bf16 = cuda_attention(std::env::var(CUDA_ATTENTION_ENV).ok().as_deref())?;
+    let fp8 = cuda_linear(std::env::var(CUDA_LINEAR_ENV).ok().as_deref())?;
     let be = flux_cuda::Cuda::new()
         .map_err(|e| anyhow::anyhow!("backend 'cuda' is not available on this machine: {e}"))?
-        .with_bf16_attention(bf16);
+        .with_bf16_attention(bf16)
+        .with_fp8_gemm(fp8);
     job.run(&be)
 }
 
@@ -90,6 +92,23 @@ pub fn cuda_attention(value: Option<&str>) -> Result<bool> {
         Some("bf16") => Ok(true),
         Some(other) => Err(anyhow::anyhow!(
             "{CUDA_ATTENTION_ENV}: expected 'f32' (exact attention) or 'bf16' (tensor cores), got '{other}'"
+        )),
+    }
+}
+
+/// Environment variable choosing how the CUDA backend multiplies fp8 (e4m3) weights: `bf16`
+/// (widened to bf16, the default) or `fp8` (activations quantised to e4m3, fp8 tensor cores).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub const CUDA_LINEAR_ENV: &str = "FLUX_CUDA_LINEAR";
+
+/// Whether the value of [`CUDA_LINEAR_ENV`] asks for fp8 GEMMs.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn cuda_linear(value: Option<&str>) -> Result<bool> {
+    match value.map(str::trim) {
+        None | Some("" | "bf16") => Ok(false),
+        Some("fp8") => Ok(true),
+        Some(other) => Err(anyhow::anyhow!(
+            "{CUDA_LINEAR_ENV}: expected 'bf16' (fp8 weights widened) or 'fp8' (fp8 tensor cores), got '{other}'"
         )),
     }
 }
@@ -129,6 +148,19 @@ mod tests {
         let e = cuda_attention(Some("fp16")).unwrap_err().to_string();
         assert!(
             e.contains("FLUX_CUDA_ATTENTION") && e.contains("'fp16'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_cuda_linear_setting_is_parsed_or_refused_by_name() {
+        use super::cuda_linear;
+        assert!(!cuda_linear(None).unwrap());
+        assert!(!cuda_linear(Some(" bf16 ")).unwrap());
+        assert!(cuda_linear(Some("fp8")).unwrap());
+        let e = cuda_linear(Some("int8")).unwrap_err().to_string();
+        assert!(
+            e.contains("FLUX_CUDA_LINEAR") && e.contains("'int8'"),
             "{e}"
         );
     }

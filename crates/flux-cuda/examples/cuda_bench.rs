@@ -1,13 +1,14 @@
 //! GPU benchmarks of the CUDA backend, printed as a table (`scripts/gpu-check.sh` runs it):
 //!
-//! - bf16 linear layers at the Flux shapes (4608 tokens = 4096 image + 512 text at 1024x1024)
-//!   as TFLOP/s and as a fraction of the card's dense bf16 peak (`--peak-tflops`, default 790,
-//!   measured on an H100);
+//! - linear layers at the Flux shapes (4608 tokens = 4096 image + 512 text at 1024x1024), bf16
+//!   and fp8 (e4m3 weights and activations, `with_fp8_gemm`), as TFLOP/s and as a fraction of
+//!   the card's dense bf16 peak (`--peak-tflops`, default 790, measured on an H100) or twice it
+//!   for fp8;
 //! - the attention kernels (exact f32 and bf16 tensor cores) at 4608 tokens, 24 heads x 128,
 //!   against their FLOP floor;
-//! - one full flux-dev transformer step at 1024x1024 with random bf16 weights at real sizes,
-//!   with each attention kernel (`--skip-model` leaves it out; it needs about 24 GB of host and
-//!   device memory).
+//! - one full flux-dev transformer step at 1024x1024 with random weights at real sizes: bf16
+//!   weights with each attention kernel, fp8 weights widened to bf16 and in fp8 GEMMs
+//!   (`--skip-model` leaves it out; it needs about 24 GB of host and device memory).
 //!
 //! Every figure is the median of several runs after a warm-up, timed around a device sync.
 
@@ -62,10 +63,23 @@ fn bf16_weight(cuda: &Cuda, n: usize, k: usize) -> Result<Tensor<Cuda>, String> 
         .map_err(|e| e.to_string())
 }
 
+/// Random e4m3 weights of about the same spread as [`bf16_weight`]'s, with scale 1.
+fn fp8_weight(cuda: &Cuda, n: usize, k: usize) -> Result<Tensor<Cuda>, String> {
+    let bytes: Vec<u8> = pseudo_random(n * k, 3)
+        .into_iter()
+        .map(|v| flux_kernels::cpu::f32_to_f8e4m3(v * 0.02))
+        .collect();
+    cuda.upload_weight(ByteView::from_vec(bytes), &[n, k], DType::F8E4M3, Some(1.0))
+        .map_err(|e| e.to_string())
+}
+
 fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
     let m = 4608;
-    println!("| bf16 linear (M=4608) | N x K | ms | TFLOP/s | of peak |");
-    println!("|---|---|---|---|---|");
+    let fp8 = cuda.clone().with_fp8_gemm(true);
+    println!(
+        "| linear (M=4608) | N x K | bf16 ms | TFLOP/s | of peak | fp8 ms | TFLOP/s | of 2x peak |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, n, k) in [
         ("double qkv", 9216, 3072),
         ("double proj", 3072, 3072),
@@ -80,10 +94,22 @@ fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let s = time(cuda, 10, || cuda.linear(&x, &w, None).map(drop))?;
         let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
+        drop(w);
+        // fp8 weights and activations (the activation quantisation is inside the timing).
+        let w8 = fp8_weight(cuda, n, k)?;
+        let s8 = time(&fp8, 10, || fp8.linear(&x, &w8, None).map(drop))?;
+        let tflops8 = 2.0 * (m * n * k) as f64 / s8 / 1e12;
+        let fp8_note = if fp8.fp8_gemm_refused(m, n, k) {
+            " (refused: ran in bf16)"
+        } else {
+            ""
+        };
         println!(
-            "| {name} | {n} x {k} | {:.3} | {tflops:.1} | {:.1}% |",
+            "| {name} | {n} x {k} | {:.3} | {tflops:.1} | {:.1}% | {:.3}{fp8_note} | {tflops8:.1} | {:.1}% |",
             s * 1e3,
-            100.0 * tflops / peak
+            100.0 * tflops / peak,
+            s8 * 1e3,
+            50.0 * tflops8 / peak
         );
     }
     Ok(())
@@ -148,15 +174,17 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
 
 fn model_step(cuda: &Cuda) -> Result<(), String> {
     let cfg = FluxConfig::dev();
-    let t0 = Instant::now();
-    let w = random_weights(&cfg, DType::BF16, 7).map_err(|e| e.to_string())?;
-    let model = FluxTransformer::load_with_config(cuda, &w, cfg.clone(), DType::F32)
-        .map_err(|e| e.to_string())?;
-    drop(w);
-    eprintln!(
-        "random flux-dev weights built and uploaded in {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    let load = |dtype: DType| -> Result<FluxTransformer<Cuda>, String> {
+        let t0 = Instant::now();
+        let w = random_weights(&cfg, dtype, 7).map_err(|e| e.to_string())?;
+        let model = FluxTransformer::load_with_config(cuda, &w, cfg.clone(), DType::F32)
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "random flux-dev weights ({dtype}) built and uploaded in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        Ok(model)
+    };
     let (li, lt) = (4096usize, 512usize);
     let up = |v: Vec<f32>, shape: &[usize]| {
         cuda.upload(HostData::F32(&v), shape, DType::F32)
@@ -181,18 +209,9 @@ fn model_step(cuda: &Cuda) -> Result<(), String> {
     let (hd, l) = (3072.0f64, (li + lt) as f64);
     let flops = 2.0 * 57.0 * (12.0 * hd * hd * l + 2.0 * l * l * hd);
     println!();
-    println!("| flux-dev step 1024x1024 (bf16 weights), 4608 tokens | ms | TFLOP/s | target |");
+    println!("| flux-dev step 1024x1024, 4608 tokens | ms | TFLOP/s | target |");
     println!("|---|---|---|---|");
-    for (label, be) in [
-        (
-            "exact f32 attention",
-            cuda.clone().with_bf16_attention(false),
-        ),
-        (
-            "bf16 tensor-core attention",
-            cuda.clone().with_bf16_attention(true),
-        ),
-    ] {
+    let row = |label: &str, model: &FluxTransformer<Cuda>, be: Cuda| -> Result<(), String> {
         let s = time(&be, 3, || {
             model
                 .forward(&be, &inp)
@@ -204,7 +223,31 @@ fn model_step(cuda: &Cuda) -> Result<(), String> {
             s * 1e3,
             flops / s / 1e12
         );
-    }
+        Ok(())
+    };
+    let model = load(DType::BF16)?;
+    row(
+        "bf16 weights, exact f32 attention",
+        &model,
+        cuda.clone().with_bf16_attention(false),
+    )?;
+    row(
+        "bf16 weights, bf16 tensor-core attention",
+        &model,
+        cuda.clone().with_bf16_attention(true),
+    )?;
+    drop(model);
+    let model = load(DType::F8E4M3)?;
+    row(
+        "fp8 weights (widened to bf16), bf16 attention",
+        &model,
+        cuda.clone().with_bf16_attention(true),
+    )?;
+    row(
+        "fp8 weights, fp8 GEMMs, bf16 attention",
+        &model,
+        cuda.clone().with_bf16_attention(true).with_fp8_gemm(true),
+    )?;
     Ok(())
 }
 

@@ -206,6 +206,24 @@ impl Drop for LtDescs {
     }
 }
 
+/// One row-major `out [m, n] (f32) = alpha * x [m, k] w [n, k]^T + beta * out` on cuBLASLt
+/// (column-major `out^T = W^T' X'`: `W` transposed, the "TN" layout fp8 requires), with an
+/// optional epilogue and a device-side dequantisation scale for `x`.
+struct LtGemm {
+    dims: (usize, usize, usize),
+    /// Element type of `x` and `w` (bf16 or e4m3).
+    input: cudarc::cublaslt::sys::cudaDataType,
+    x: u64,
+    w: u64,
+    out: u64,
+    alpha: f32,
+    beta: f32,
+    /// Bias epilogue (f32 bias `[n]`), with GELU after it when set.
+    bias: Option<(u64, bool)>,
+    /// Device address of one f32 multiplying `x` (fp8 activations).
+    x_scale: Option<u64>,
+}
+
 impl Cuda {
     /// `out [m, n] (f32) = alpha * x [m, k] (bf16) w [n, k]^T (bf16) + bias [n] (f32)` on
     /// cuBLASLt with the bias added in the GEMM's epilogue, followed there by GELU (the tanh
@@ -214,7 +232,7 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn linear_bf16_bias_lt(
         &self,
-        (m, n, k): (usize, usize, usize),
+        dims: (usize, usize, usize),
         x: u64,
         w: u64,
         bias: u64,
@@ -222,8 +240,50 @@ impl Cuda {
         alpha: f32,
         gelu: bool,
     ) -> std::result::Result<(), String> {
+        self.lt_gemm(&LtGemm {
+            dims,
+            input: cudarc::cublaslt::sys::cudaDataType::CUDA_R_16BF,
+            x,
+            w,
+            out,
+            alpha,
+            beta: 0.0,
+            bias: Some((bias, gelu)),
+            x_scale: None,
+        })
+    }
+
+    /// `out [m, n] (f32) = alpha * x_scale * xq [m, k] (e4m3) w [n, k]^T (e4m3) + beta * out`
+    /// on the fp8 tensor cores, `x_scale` read from the device. `Err` when cuBLASLt is missing
+    /// or refuses the problem (shape, alignment, device); nothing is written then.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear_fp8_lt(
+        &self,
+        dims: (usize, usize, usize),
+        xq: u64,
+        w: u64,
+        x_scale: u64,
+        out: u64,
+        alpha: f32,
+        beta: f32,
+    ) -> std::result::Result<(), String> {
+        self.lt_gemm(&LtGemm {
+            dims,
+            input: cudarc::cublaslt::sys::cudaDataType::CUDA_R_8F_E4M3,
+            x: xq,
+            w,
+            out,
+            alpha,
+            beta,
+            bias: None,
+            x_scale: Some(x_scale),
+        })
+    }
+
+    fn lt_gemm(&self, g: &LtGemm) -> std::result::Result<(), String> {
         use cudarc::cublaslt::result as r;
         use cudarc::cublaslt::sys as s;
+        let (m, n, k) = g.dims;
         self.inner.ctx.bind_to_thread().map_err(|e| e.to_string())?;
         let mut lt = self
             .inner
@@ -246,20 +306,10 @@ impl Cuda {
         .map_err(e)?;
         d.desc = Some(desc);
         let trans_a = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-        let epilogue = if gelu {
-            s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
-        } else {
-            s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-        };
-        let bias_ptr = bias as *const c_void;
-        // Column-major: D' [n, m] = W'^T [n, k] x X' [k, m], the bias broadcast over columns.
-        let a_layout =
-            r::create_matrix_layout(s::cudaDataType::CUDA_R_16BF, k as u64, n as u64, k as i64)
-                .map_err(e)?;
+        // Column-major: D' [n, m] = W'^T [n, k] x X' [k, m], a bias broadcast over columns.
+        let a_layout = r::create_matrix_layout(g.input, k as u64, n as u64, k as i64).map_err(e)?;
         d.layouts.push(a_layout);
-        let b_layout =
-            r::create_matrix_layout(s::cudaDataType::CUDA_R_16BF, k as u64, m as u64, k as i64)
-                .map_err(e)?;
+        let b_layout = r::create_matrix_layout(g.input, k as u64, m as u64, k as i64).map_err(e)?;
         d.layouts.push(b_layout);
         let c_layout =
             r::create_matrix_layout(s::cudaDataType::CUDA_R_32F, n as u64, m as u64, n as i64)
@@ -268,7 +318,6 @@ impl Cuda {
         let pref = r::create_matmul_pref().map_err(e)?;
         d.pref = Some(pref);
         let ws = LT_WORKSPACE;
-        let beta = 0.0f32;
         let stream = self.inner.stream.cu_stream();
         let wsp = self.ptr(&lt.workspace);
         // SAFETY: attribute buffers are plain values of the documented types and sizes; the
@@ -282,20 +331,39 @@ impl Cuda {
                 std::mem::size_of_val(&trans_a),
             )
             .map_err(e)?;
-            r::set_matmul_desc_attribute(
-                desc,
-                s::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                std::ptr::from_ref(&epilogue).cast(),
-                std::mem::size_of_val(&epilogue),
-            )
-            .map_err(e)?;
-            r::set_matmul_desc_attribute(
-                desc,
-                s::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                std::ptr::from_ref(&bias_ptr).cast(),
-                std::mem::size_of_val(&bias_ptr),
-            )
-            .map_err(e)?;
+            if let Some((bias, gelu)) = g.bias {
+                let epilogue = if gelu {
+                    s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_GELU_BIAS
+                } else {
+                    s::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+                };
+                let bias_ptr = bias as *const c_void;
+                r::set_matmul_desc_attribute(
+                    desc,
+                    s::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    std::ptr::from_ref(&epilogue).cast(),
+                    std::mem::size_of_val(&epilogue),
+                )
+                .map_err(e)?;
+                r::set_matmul_desc_attribute(
+                    desc,
+                    s::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    std::ptr::from_ref(&bias_ptr).cast(),
+                    std::mem::size_of_val(&bias_ptr),
+                )
+                .map_err(e)?;
+            }
+            if let Some(scale) = g.x_scale {
+                // X is cuBLASLt's B operand (see the layouts above).
+                let scale_ptr = scale as *const c_void;
+                r::set_matmul_desc_attribute(
+                    desc,
+                    s::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                    std::ptr::from_ref(&scale_ptr).cast(),
+                    std::mem::size_of_val(&scale_ptr),
+                )
+                .map_err(e)?;
+            }
             r::set_matmul_pref_attribute(
                 pref,
                 s::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -310,15 +378,15 @@ impl Cuda {
             r::matmul(
                 lt.handle,
                 desc,
-                std::ptr::from_ref(&alpha).cast(),
-                std::ptr::from_ref(&beta).cast(),
-                w as *const c_void,
+                std::ptr::from_ref(&g.alpha).cast(),
+                std::ptr::from_ref(&g.beta).cast(),
+                g.w as *const c_void,
                 a_layout,
-                x as *const c_void,
+                g.x as *const c_void,
                 b_layout,
-                out as *const c_void,
+                g.out as *const c_void,
                 c_layout,
-                out as *mut c_void,
+                g.out as *mut c_void,
                 c_layout,
                 &raw const heuristic.algo,
                 wsp as *mut c_void,

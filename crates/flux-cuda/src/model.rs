@@ -149,6 +149,101 @@ impl Cuda {
         Ok(out)
     }
 
+    /// `x` (f32) quantised to e4m3 for the fp8 GEMM, with its scale computed on the device:
+    /// returns the `[m, k]` bytes and an 8-byte buffer holding (amax / 448, 448 / amax) as f32
+    /// (see `fp8.cu`). Nothing waits for the host.
+    fn fp8_activation(&self, x: &Tensor<Cuda>) -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
+        let n = x.numel();
+        let mut cfg = self.cfg_elems(n);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        let blocks = cfg.grid_dim.0 as usize;
+        let partial = self.alloc_bytes(blocks * 8)?;
+        self.launch(
+            "max_abs_f32",
+            cfg,
+            &[Arg::Buf(&x.storage().buf), u(n), Arg::Buf(&partial)],
+        )?;
+        let scale = self.alloc_bytes(8)?;
+        self.launch(
+            "fp8_scale",
+            Self::cfg_rows(1, 32),
+            &[Arg::Buf(&partial), u(blocks), Arg::Buf(&scale)],
+        )?;
+        let xq = self.alloc_bytes(n)?;
+        self.launch(
+            "quantize_f8e4m3",
+            self.cfg_elems(n),
+            &[
+                Arg::Buf(&xq),
+                Arg::Buf(&x.storage().buf),
+                Arg::Buf(&scale),
+                u(n),
+            ],
+        )?;
+        Ok((xq, scale))
+    }
+
+    /// `x W^T (+ b)` for e4m3 weights on the fp8 tensor cores when [`Cuda::with_fp8_gemm`] is
+    /// on and the device and shape allow it; `Ok(false)` (nothing written) otherwise, and for a
+    /// shape cuBLASLt refuses, which is remembered so later calls skip the quantisation.
+    fn linear_fp8(
+        &self,
+        x: &Tensor<Cuda>,
+        w: &Tensor<Cuda>,
+        bias: Option<&Tensor<Cuda>>,
+        out: &Tensor<Cuda>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<bool> {
+        // cuBLASLt's fp8 kernels: sm_89 or newer, dimensions multiples of 16 (16-byte rows).
+        let eligible = self.fp8_gemm
+            && self.inner.capability >= (8, 9)
+            && x.dtype() == DType::F32
+            && w.dtype() == DType::F8E4M3
+            && m % 16 == 0
+            && n % 16 == 0
+            && k % 16 == 0
+            && m > 0
+            && n > 0
+            && k > 0;
+        let refused = |dims| {
+            self.inner
+                .fp8_refused
+                .lock()
+                .map_or(true, |set| set.contains(&dims))
+        };
+        if !eligible || refused((m, n, k)) {
+            return Ok(false);
+        }
+        let (xq, scale) = self.fp8_activation(x)?;
+        let beta = if let Some(b) = bias {
+            let b = self.operand_as(b, DType::F32)?;
+            self.launch(
+                "broadcast_rows_f32",
+                self.cfg_elems(m * n),
+                &[Arg::Buf(&out.storage().buf), Arg::Buf(b.buf()), u(m), u(n)],
+            )?;
+            1.0
+        } else {
+            0.0
+        };
+        let done = self.linear_fp8_lt(
+            (m, n, k),
+            self.ptr(&xq),
+            self.ptr(&w.storage().buf),
+            self.ptr(&scale),
+            self.ptr(&out.storage().buf),
+            w.storage().scale,
+            beta,
+        );
+        if done.is_err() {
+            if let Ok(mut set) = self.inner.fp8_refused.lock() {
+                set.insert((m, n, k));
+            }
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
     /// `x W^T + b`, with GELU (tanh form) applied in cuBLASLt's epilogue when `gelu` asks for
     /// it and the fused bf16 path runs; the flag returned says whether GELU was applied.
     fn linear_impl(
@@ -166,6 +261,9 @@ impl Cuda {
             out_shape: shape,
         } = shapes::linear(x.shape(), w.shape(), bias.map(Tensor::shape))?;
         let out = self.empty(&shape, x.dtype())?;
+        if self.linear_fp8(x, w, bias, &out, (m, n, k))? {
+            return Ok((out, false));
+        }
         let tensor_cores =
             x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
         if tensor_cores

@@ -81,6 +81,7 @@ fn write_values(out: &mut [u8], dtype: DType, mut value: impl FnMut() -> f32) {
     match dtype {
         DType::F32 => put(out, || value().to_le_bytes()),
         DType::BF16 => put(out, || half::bf16::from_f32(value()).to_le_bytes()),
+        DType::F8E4M3 => put(out, || [flux_kernels::cpu::f32_to_f8e4m3(value())]),
         _ => put(out, || half::f16::from_f32(value()).to_le_bytes()),
     }
 }
@@ -178,14 +179,15 @@ fn tensor_list(cfg: &FluxConfig) -> Vec<(String, Vec<usize>, f32)> {
     v
 }
 
-/// Random weights for `cfg` stored as `dtype` (f32, bf16 or f16) in one in-memory safetensors
+/// Random weights for `cfg` stored as `dtype` (f32, bf16, f16 or fp8 e4m3) in one in-memory safetensors
 /// buffer. Norm scales are 1; linear weights uniform with variance 1/fan_in.
 pub fn random_weights(cfg: &FluxConfig, dtype: DType, seed: u64) -> Result<Weights, WeightError> {
     let (tag, size) = match dtype {
         DType::F32 => ("F32", 4),
         DType::BF16 => ("BF16", 2),
         DType::F16 => ("F16", 2),
-        d => {
+        DType::F8E4M3 => ("F8_E4M3", 1),
+        d @ DType::F64 => {
             return Err(WeightError::Config(format!(
                 "random weights in {d} are not supported"
             )));
@@ -227,6 +229,16 @@ mod tests {
                 let x = if *a == 0.0 { 1.0 } else { rng.next() * a };
                 match dtype {
                     DType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+                    // The nearest e4m3 value by search over the decoded codes (ties: even).
+                    DType::F8E4M3 => out.push(
+                        (0..=0x7eu8)
+                            .min_by(|&a, &b| {
+                                let d =
+                                    |c: u8| (flux_kernels::cpu::f8e4m3_to_f32(c) - x.abs()).abs();
+                                d(a).total_cmp(&d(b)).then((a % 2).cmp(&(b % 2)))
+                            })
+                            .map_or(0, |c| c | if x < 0.0 { 0x80 } else { 0 }),
+                    ),
                     _ => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
                 }
             }
@@ -253,7 +265,7 @@ mod tests {
             ("b".to_string(), vec![23], 2.0),
             ("c".to_string(), vec![1, 64], 0.1),
         ];
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::BF16, DType::F8E4M3] {
             let want = sequential(&list, dtype, 11);
             for piece in [1, 7, 16, 1 << 20] {
                 let mut got = vec![0u8; want.len()];

@@ -616,6 +616,55 @@ void check_casts(Rng& rng) {
     expect("f8e4m3_to_bf16 (all patterns)", f8o, f8b, 0.0);
 }
 
+// e4m3fn code of f by search: the nearest finite value (ties to the even code), saturating at
+// 448, NaN to 0x7f; the sign bit is f's.
+uint8_t f8_encode_reference(float f) {
+    const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+    if (std::isnan(f)) return sign | 0x7f;
+    const double a = std::fabs((double)f);
+    int best = 0;
+    for (int c = 1; c <= 0x7e; ++c) {
+        const double dc = std::fabs(f8_reference((uint8_t)c) - a), db = std::fabs(f8_reference((uint8_t)best) - a);
+        if (dc < db || (dc == db && c % 2 == 0)) best = c;
+    }
+    return sign | (uint8_t)best;
+}
+
+// Activation quantisation for the fp8 GEMM: the per-tensor scale from block maxima, and the
+// rounding to e4m3 (every tie between neighbouring codes, both signs, the subnormal range,
+// saturation, NaN).
+void check_fp8_quantisation(Rng& rng) {
+    std::vector<float> x;
+    for (int c = 0; c < 0x7e; ++c) {
+        const double lo = f8_reference((uint8_t)c), hi = f8_reference((uint8_t)(c + 1));
+        for (double v : {lo, hi, 0.5 * (lo + hi), 0.5 * (lo + hi) * (1 + 1e-6), 0.5 * (lo + hi) * (1 - 1e-6)}) {
+            x.push_back((float)v);
+            x.push_back((float)-v);
+        }
+    }
+    for (int i = 0; i < 3000; ++i) x.push_back((float)(rng.uniform(-1, 1) * std::ldexp(1.0, (int)(rng.next() % 24) - 12)));
+    for (float v : {448.0f, 460.0f, 464.0f, 1e30f, -1e30f, INFINITY, -INFINITY, NAN, 1e-30f, -0.0f, 0.0f}) x.push_back(v);
+    std::vector<float> scale = {1.0f, 1.0f};
+    std::vector<uint8_t> q(x.size());
+    std::vector<double> want(x.size());
+    for (size_t i = 0; i < x.size(); ++i) want[i] = (double)f8_encode_reference(x[i]);
+    emu::launch(elems_grid(x.size()), dim3(256), 0, [&] { quantize_f8e4m3(q.data(), x.data(), scale.data(), x.size()); });
+    expect("quantize_f8e4m3 (codes)", q, want, 0.0);
+    // Scaled: x * (448 / amax) for a tensor whose maxima the reduction left in three blocks.
+    std::vector<double> partial = {0.5, 3.0, 2.0};
+    emu::launch(dim3(1), dim3(32), 0, [&] { fp8_scale(partial.data(), partial.size(), scale.data()); });
+    expect("fp8_scale", scale, {3.0 / 448.0, 448.0 / 3.0}, 1e-7);
+    const auto y = random_vec<float>(rng, 1001, -3, 3);
+    std::vector<uint8_t> qy(y.size());
+    std::vector<double> wy(y.size());
+    for (size_t i = 0; i < y.size(); ++i) wy[i] = (double)f8_encode_reference(y[i] * scale[1]);
+    emu::launch(elems_grid(y.size()), dim3(256), 0, [&] { quantize_f8e4m3(qy.data(), y.data(), scale.data(), y.size()); });
+    expect("quantize_f8e4m3 (scaled)", qy, wy, 0.0);
+    std::vector<double> zeros = {0.0, 0.0};
+    emu::launch(dim3(1), dim3(32), 0, [&] { fp8_scale(zeros.data(), zeros.size(), scale.data()); });
+    expect("fp8_scale (all zero)", scale, {1.0, 1.0}, 0.0);
+}
+
 // The tensor-core attention's operand packing: k as [B*H, Lk_pad, D] bf16, v transposed as
 // [B*H, D, Lk_pad], zero past Lk.
 void check_attention_packing(Rng& rng) {
@@ -721,6 +770,7 @@ int main() {
     check_attention<double>(rng);
     check_casts(rng);
     check_attention_packing(rng);
+    check_fp8_quantisation(rng);
     check_tc_attention<128>(rng, 1, 70, 130, 2, 1);
     check_tc_attention<64>(rng, 2, 77, 65, 2, 2);
     check_tc_attention<32>(rng, 1, 5, 100, 3, 0);

@@ -264,6 +264,7 @@ inline unsigned short flux_emu_f32_to_f16(float f) {
 }
 
 using std::erf;
+using std::isfinite;
 using std::exp;
 using std::fabs;
 using std::fmax;

@@ -14,7 +14,7 @@ use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, Sa
 use rayon::prelude::*;
 
 pub use elementwise::Elem;
-pub use model::{Real, f8e4m3_to_f32};
+pub use model::{Real, f8e4m3_to_f32, f32_to_f8e4m3};
 
 /// Tensors at least this large are processed in parallel chunks.
 pub(crate) const PAR_THRESHOLD: usize = 1 << 16;

@@ -137,6 +137,27 @@ pub fn f8e4m3_to_f32(b: u8) -> f32 {
     F8E4M3_TABLE[b as usize]
 }
 
+/// Encodes `x` as the nearest fp8 e4m3fn value (ties to the even code), saturating at +-448
+/// (the format has no infinities); NaN gives the NaN code `0x7f` with `x`'s sign. The same
+/// rounding as the CUDA backend's activation quantisation (`fp8.cu`).
+pub fn f32_to_f8e4m3(x: f32) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let mag = bits & 0x7fff_ffff;
+    if mag > 0x7f80_0000 {
+        return sign | 0x7f;
+    }
+    if mag >= 0x43e0_0000 {
+        return sign | 0x7e;
+    }
+    if mag < 0x3c80_0000 {
+        // Multiples of 2^-9 below the smallest normal (whose code, 8, continues the count).
+        return sign | (f32::from_bits(mag) * 512.0).round_ties_even() as u8;
+    }
+    let r = (mag + 0x7_ffff + ((mag >> 20) & 1)) >> 20;
+    sign | ((((r >> 3) - 120) << 3) | (r & 7)) as u8
+}
+
 /// Where a weight's elements live.
 enum WSrc<'a> {
     F32(&'a [f32]),
@@ -1426,6 +1447,52 @@ pub(crate) fn widen_f32(t: &Tensor<Cpu>) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::{HostData, SamplerOps};
+
+    /// The encoder against a search over the decoded codes: nearest value, ties to the even
+    /// code, saturation, NaN, both signs; every code and every midpoint between neighbours.
+    #[test]
+    fn f8e4m3_encoding_is_nearest_even_and_saturating() {
+        let search = |x: f32| -> u8 {
+            let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+            if x.is_nan() {
+                return sign | 0x7f;
+            }
+            let a = f64::from(x).abs();
+            let mut best = 0u8;
+            for c in 1..=0x7eu8 {
+                let dc = (f64::from(f8e4m3_to_f32(c)) - a).abs();
+                let db = (f64::from(f8e4m3_to_f32(best)) - a).abs();
+                if dc < db || (dc == db && c % 2 == 0) {
+                    best = c;
+                }
+            }
+            sign | best
+        };
+        let mut xs = vec![
+            448.0,
+            460.0,
+            464.0,
+            1e30,
+            f32::INFINITY,
+            f32::NAN,
+            1e-30,
+            0.0,
+        ];
+        for c in 0..0x7eu8 {
+            let (lo, hi) = (f64::from(f8e4m3_to_f32(c)), f64::from(f8e4m3_to_f32(c + 1)));
+            let mid = 0.5 * (lo + hi);
+            xs.extend([lo, mid, mid * (1.0 + 1e-6), mid * (1.0 - 1e-6)].map(|v| v as f32));
+        }
+        for i in 0..2000u32 {
+            xs.push((i as f32 * 0.618_034).fract() * 2f32.powi((i % 24) as i32 - 12));
+        }
+        for x in xs.iter().flat_map(|&x| [x, -x]) {
+            assert_eq!(f32_to_f8e4m3(x), search(x), "{x:e}");
+        }
+        for c in (0..=255u8).filter(|c| c & 0x7f != 0x7f) {
+            assert_eq!(f32_to_f8e4m3(f8e4m3_to_f32(c)), c, "code {c:#x}");
+        }
+    }
 
     #[test]
     fn exp_f32_is_within_two_ulp_of_exp() {
