@@ -183,9 +183,10 @@ impl Cuda {
         Ok((xq, scale))
     }
 
-    /// `x W^T (+ b)` for e4m3 weights on the fp8 tensor cores when [`Cuda::with_fp8_gemm`] is
-    /// on and the device and shape allow it; `Ok(false)` (nothing written) otherwise, and for a
-    /// shape cuBLASLt refuses, which is remembered so later calls skip the quantisation.
+    /// `x W^T (+ b)` into `out` for e4m3 weights on the fp8 tensor cores when
+    /// [`Cuda::with_fp8_gemm`] is on and the device and shape allow it. `Ok(false)` otherwise,
+    /// and for a shape cuBLASLt refuses (remembered, so later calls skip the quantisation);
+    /// `out` then holds nothing the caller may use (at most the broadcast bias).
     fn linear_fp8(
         &self,
         x: &Tensor<Cuda>,
