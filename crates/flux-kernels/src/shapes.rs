@@ -398,7 +398,7 @@ pub fn attention(
 pub struct DimSplit {
     /// Product of the dims before `dim`.
     pub outer: usize,
-    /// Size of `dim` in the input (of the first input for [`concat`]).
+    /// Size of `dim` in the input (of the first input for [`concat()`]).
     pub size: usize,
     /// Product of the dims after `dim`.
     pub inner: usize,

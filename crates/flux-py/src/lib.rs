@@ -1,9 +1,9 @@
 //! Python bindings of flux-kernels: the module `flux_kernels`.
 //!
-//! * [`samplers`], [`schedulers`], [`sigmas`]: names and ComfyUI's sigma schedules.
-//! * [`sample::sample`]: any Rust sampler driving a Python denoiser.
-//! * [`randn`] and [`Generator`]: noise identical to PyTorch's CPU `randn`.
-//! * [`pipeline::Pipeline`] and [`pipeline::run`]: img2img with the Flux pipeline.
+//! * `samplers`, `schedulers`, `sigmas`: names and ComfyUI's sigma schedules.
+//! * `sample::sample`: any Rust sampler driving a Python denoiser.
+//! * `randn` and `Generator`: noise identical to PyTorch's CPU `randn`.
+//! * `pipeline::Pipeline` and `pipeline::run`: img2img with the Flux pipeline.
 //!
 //! The Python-facing documentation lives in the docstrings below and in `flux_kernels.pyi`.
 

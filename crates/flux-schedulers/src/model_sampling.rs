@@ -66,7 +66,7 @@ impl ModelSampling {
     /// Flux model sampling with time shift `shift`.
     ///
     /// The table is `sigma(arange(1, 10001) / 10000)` evaluated on float32 tensors exactly as
-    /// PyTorch does it (see [`crate::torch_f32`]), so it matches ComfyUI's bit for bit.
+    /// PyTorch does it (see `crate::torch_f32`), so it matches ComfyUI's bit for bit.
     pub fn flux(shift: f64) -> Self {
         let e_mu = shift.exp();
         let e32 = e_mu as f32;

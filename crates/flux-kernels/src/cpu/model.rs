@@ -33,7 +33,7 @@ pub trait Real: Elem + GemmElem + bytemuck::Pod + std::ops::Neg<Output = Self> {
     fn max(self, o: Self) -> Self;
     /// Wraps a vector as storage.
     fn wrap(v: Vec<Self>) -> CpuStorage;
-    /// This thread's pool of scratch vectors (see [`take_scratch`]).
+    /// This thread's pool of scratch vectors (see `take_scratch`).
     fn scratch_pool() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
     /// `o = a(x)` elementwise.
     fn activation_into(a: Activation, x: &[Self], o: &mut [Self]) {

@@ -3,7 +3,7 @@
 //! PyTorch's CPU generator is MT19937 seeded from the low 32 bits of the seed. `randn` has two
 //! paths: tensors of at least 16 elements are filled with uniforms first and converted in
 //! blocks of 16 by Box-Muller (single precision through the AVX2 kernel, whose polynomial
-//! `log`/`sincos` live in [`super::cephes`]); smaller tensors draw each element from a
+//! `log`/`sincos` live in `super::cephes`); smaller tensors draw each element from a
 //! double-precision Box-Muller that caches its second value in the generator.
 //!
 //! The double-precision paths use the platform's `ln`, `ln_1p`, `cos` and `sin`; with glibc
