@@ -71,6 +71,35 @@ __device__ void group_norm(T* out, const T* x, const T* w, const T* b, u64 spati
     }
 }
 
+// adaLN in one pass: out = (1 + scale) * layer_norm(x) + shift over rows of x [B, L, C], one
+// block per row, with the per-batch [B, C] (or shared [C]) vectors of `modulate` and the same
+// roundings as layer_norm (no affine) followed by modulate.
+template <typename T>
+__device__ void layer_norm_modulate(T* out, const T* x, const T* shift, const T* scale, u64 c,
+                                    u64 l, double eps, int shift_shared, int scale_shared) {
+    const u64 row_id = (u64)blockIdx.x;
+    const T* row = x + row_id * c;
+    T* o = out + row_id * c;
+    double s = 0.0;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) s += (double)row[j];
+    const double mean = block_sum(s) / (double)c;
+    double v = 0.0;
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        double d = (double)row[j] - mean;
+        v += d * d;
+    }
+    const double var = block_sum(v) / (double)c;
+    const T r = (T)(1.0 / sqrt(var + eps));
+    const T m = (T)mean;
+    const u64 bi = row_id / l;
+    const T* sh = shift + (shift_shared ? 0 : bi * c);
+    const T* sc = scale + (scale_shared ? 0 : bi * c);
+    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
+        const T y = (row[j] - m) * r;
+        o[j] = ((T)1 + sc[j]) * y + sh[j];
+    }
+}
+
 #define NORMS(T, S)                                                                           \
     extern "C" __global__ void layer_norm_##S(T* out, const T* x, const T* w, const T* b,      \
                                               u64 c, double eps, int has_w, int has_b) {      \
@@ -84,6 +113,12 @@ __device__ void group_norm(T* out, const T* x, const T* w, const T* b, u64 spati
                                               u64 spatial, u64 cpg, u64 groups, double eps,   \
                                               int has_w, int has_b, int swish) {              \
         group_norm<T>(out, x, w, b, spatial, cpg, groups, eps, has_w, has_b, swish);          \
+    }                                                                                         \
+    extern "C" __global__ void layer_norm_modulate_##S(T* out, const T* x, const T* shift,     \
+                                                       const T* scale, u64 c, u64 l,          \
+                                                       double eps, int shift_shared,          \
+                                                       int scale_shared) {                    \
+        layer_norm_modulate<T>(out, x, shift, scale, c, l, eps, shift_shared, scale_shared);  \
     }
 
 INSTANTIATE_F32_F64(NORMS)

@@ -781,6 +781,41 @@ impl ModelOps for Cuda {
         )
     }
 
+    fn layer_norm_modulate(
+        &self,
+        x: &Tensor<Self>,
+        shift: &Tensor<Self>,
+        scale: &Tensor<Self>,
+        eps: f64,
+    ) -> Result<Tensor<Self>> {
+        let s = Self::act("layer_norm_modulate", x)?;
+        let shapes::ModulateDims {
+            l,
+            c,
+            shift_shared: sh_shared,
+            scale_shared: sc_shared,
+            ..
+        } = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
+        let sh = self.operand_as(shift, x.dtype())?;
+        let sc = self.operand_as(scale, x.dtype())?;
+        let rows = x.numel().checked_div(c).unwrap_or(0);
+        self.unary(
+            &format!("layer_norm_modulate_{s}"),
+            x,
+            x.shape(),
+            &[
+                Arg::Buf(sh.buf()),
+                Arg::Buf(sc.buf()),
+                u(c),
+                u(l),
+                Arg::F64(eps),
+                flag(sh_shared),
+                flag(sc_shared),
+            ],
+            Self::cfg_rows(rows, row_threads(c)),
+        )
+    }
+
     fn gated_add(
         &self,
         x: &Tensor<Self>,

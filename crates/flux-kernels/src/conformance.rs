@@ -785,6 +785,23 @@ pub fn modulation<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
                 c.cpu.gated_add(&wx, &wy, &ws),
                 tol.rel,
             );
+            c.check(
+                &format!("{label} layer_norm_modulate"),
+                be.layer_norm_modulate(&gx, &gh, &gs, 1e-6),
+                c.cpu.layer_norm_modulate(&wx, &wh, &ws, 1e-6),
+                tol.rel,
+            );
+            // A per-batch shift with a shared scale (or the other way round).
+            let other: Vec<usize> = if shared { vec![b, ch] } else { vec![ch] };
+            let Some((go, wo)) = c.rand(&label, &other, -1.0, 1.0) else {
+                return c.done();
+            };
+            c.check(
+                &format!("{label} layer_norm_modulate mixed"),
+                be.layer_norm_modulate(&gx, &go, &gs, 1e-6),
+                c.cpu.layer_norm_modulate(&wx, &wo, &ws, 1e-6),
+                tol.rel,
+            );
         }
     }
     c.done()

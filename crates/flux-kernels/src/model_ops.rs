@@ -180,6 +180,23 @@ pub trait ModelOps: SamplerOps {
     where
         Self: Backend;
 
+    /// adaLN on a normalised input: `(1 + scale) * layer_norm(x) + shift`, the layer norm over
+    /// the last dim without affine parameters, the shapes those of [`ModelOps::modulate`]. A
+    /// backend may do both in one pass over `x`; the default runs the two ops.
+    fn layer_norm_modulate(
+        &self,
+        x: &Tensor<Self>,
+        shift: &Tensor<Self>,
+        scale: &Tensor<Self>,
+        eps: f64,
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        let normed = self.layer_norm(x, None, None, eps)?;
+        self.modulate(&normed, shift, scale)
+    }
+
     /// Gated residual `x + gate * y`: `x`, `y` `[B, L, C]`, `gate [B, C]` broadcast over tokens.
     fn gated_add(
         &self,

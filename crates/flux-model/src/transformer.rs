@@ -771,7 +771,7 @@ impl<B: Backend> FluxTransformer<B> {
         let md = self.final_mod.fwd(be, &svec)?;
         tap("final_layer.adaLN_modulation", &md);
         let (shift, scale) = (be.narrow(&md, 1, 0, h)?, be.narrow(&md, 1, h, h)?);
-        let xn = be.modulate(&be.layer_norm(&img, None, None, 1e-6)?, &shift, &scale)?;
+        let xn = be.layer_norm_modulate(&img, &shift, &scale, 1e-6)?;
         let _ = nh;
         self.final_linear.fwd(be, &xn)
     }
@@ -823,7 +823,7 @@ impl<B: Backend> FluxTransformer<B> {
         let limit = self.activation_limit(be);
         let row_bytes = b * (3 * h).max(self.cfg.mlp_hidden) * img.dtype().size_in_bytes();
         let pre = |x: &Tensor<B>, m: &[Tensor<B>], sw: &StreamWeights<B>| -> Result<_> {
-            let x1 = be.modulate(&be.layer_norm(x, None, None, 1e-6)?, &m[0], &m[1])?;
+            let x1 = be.layer_norm_modulate(x, &m[0], &m[1], 1e-6)?;
             let (mut qs, mut ks, mut vs) = (Vec::new(), Vec::new(), Vec::new());
             for span in token_spans(x.shape()[1], row_bytes, limit) {
                 let qkv = with_rows(be, &x1, span, |t| sw.qkv.fwd(be, t))?;
@@ -852,7 +852,7 @@ impl<B: Backend> FluxTransformer<B> {
                     sw: &StreamWeights<B>|
          -> Result<Tensor<B>> {
             let x = be.gated_add(x, &sw.proj.fwd(be, a)?, &m[2])?;
-            let x2 = be.modulate(&be.layer_norm(&x, None, None, 1e-6)?, &m[3], &m[4])?;
+            let x2 = be.layer_norm_modulate(&x, &m[3], &m[4], 1e-6)?;
             let mut ys = Vec::new();
             for span in token_spans(x.shape()[1], row_bytes, limit) {
                 let hmid = with_rows(be, &x2, span, |t| {
@@ -886,7 +886,7 @@ impl<B: Backend> FluxTransformer<B> {
             be.narrow(&md, 1, h, h)?,
             be.narrow(&md, 1, 2 * h, h)?,
         );
-        let x1 = be.modulate(&be.layer_norm(x, None, None, 1e-6)?, &shift, &scale)?;
+        let x1 = be.layer_norm_modulate(x, &shift, &scale, 1e-6)?;
         // linear1's output is the widest activation of the model: over the backend's limit it
         // is computed for spans of tokens, and linear2 runs over the same spans.
         let row_bytes = b * (3 * h + m) * x.dtype().size_in_bytes();

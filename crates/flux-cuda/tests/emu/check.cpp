@@ -36,6 +36,7 @@ ENTRY(group_norm)
 ENTRY(rope)
 ENTRY(modulate)
 ENTRY(gated_add)
+ENTRY(layer_norm_modulate)
 ENTRY(activation)
 ENTRY(permute)
 ENTRY(copy_rows)
@@ -344,6 +345,37 @@ void check_model_elementwise(Rng& rng) {
             expect("modulate_" + ty + " shared=" + std::to_string(s1) + std::to_string(s2), out, want,
                    tolerance<T>());
         }
+    // adaLN in one pass: (1 + scale) * layer_norm(x) + shift, rows of [2, 5, C].
+    for (size_t cc : {7ul, 300ul}) {
+        const size_t nn = b * l * cc;
+        const auto xx = random_vec<T>(rng, nn, -2, 3);
+        const auto sh = random_vec<T>(rng, b * cc, -1, 1);
+        const auto sc = random_vec<T>(rng, b * cc, -1, 1);
+        for (int s1 = 0; s1 <= 1; ++s1)
+            for (int s2 = 0; s2 <= 1; ++s2) {
+                std::vector<T> out(nn);
+                std::vector<double> want(nn);
+                for (size_t r = 0; r < b * l; ++r) {
+                    double mean = 0.0, var = 0.0;
+                    for (size_t j = 0; j < cc; ++j) mean += (double)xx[r * cc + j];
+                    mean /= (double)cc;
+                    for (size_t j = 0; j < cc; ++j) var += ((double)xx[r * cc + j] - mean) * ((double)xx[r * cc + j] - mean);
+                    var /= (double)cc;
+                    const size_t bi = r / l;
+                    for (size_t j = 0; j < cc; ++j) {
+                        const double y = ((double)xx[r * cc + j] - mean) / std::sqrt(var + 1e-6);
+                        want[r * cc + j] =
+                            (1.0 + (double)sc[s2 ? j : bi * cc + j]) * y + (double)sh[s1 ? j : bi * cc + j];
+                    }
+                }
+                emu::launch(dim3(b * l), dim3(row_threads(cc)), 0, [&] {
+                    layer_norm_modulate_kernel<T>(out.data(), xx.data(), sh.data(), sc.data(), cc, l, 1e-6, s1, s2);
+                });
+                expect("layer_norm_modulate_" + ty + " c=" + std::to_string(cc) + " shared=" + std::to_string(s1) +
+                           std::to_string(s2),
+                       out, want, tolerance<T>() * 10);
+            }
+    }
     for (int sg = 0; sg <= 1; ++sg) {
         std::vector<T> out(n);
         std::vector<double> want(n);
