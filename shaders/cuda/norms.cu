@@ -1,11 +1,10 @@
 // Normalisations: one block per row (layer / RMS norm) or per group (group norm); statistics
 // accumulate in f64 as on the CPU backend, the normalisation itself runs in T.
 
+// The block's row statistics for a layer norm: mean m and 1 / sqrt(var + eps) r, accumulated
+// in f64 and rounded to T once.
 template <typename T>
-__device__ void layer_norm(T* out, const T* x, const T* w, const T* b, u64 c, double eps,
-                           int has_w, int has_b) {
-    const T* row = x + (u64)blockIdx.x * c;
-    T* o = out + (u64)blockIdx.x * c;
+__device__ void layer_norm_stats(const T* row, u64 c, double eps, T& m, T& r) {
     double s = 0.0;
     for (u64 j = threadIdx.x; j < c; j += blockDim.x) s += (double)row[j];
     const double mean = block_sum(s) / (double)c;
@@ -15,8 +14,17 @@ __device__ void layer_norm(T* out, const T* x, const T* w, const T* b, u64 c, do
         v += d * d;
     }
     const double var = block_sum(v) / (double)c;
-    const T r = (T)(1.0 / sqrt(var + eps));
-    const T m = (T)mean;
+    r = (T)(1.0 / sqrt(var + eps));
+    m = (T)mean;
+}
+
+template <typename T>
+__device__ void layer_norm(T* out, const T* x, const T* w, const T* b, u64 c, double eps,
+                           int has_w, int has_b) {
+    const T* row = x + (u64)blockIdx.x * c;
+    T* o = out + (u64)blockIdx.x * c;
+    T m, r;
+    layer_norm_stats(row, c, eps, m, r);
     for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
         T y = (row[j] - m) * r;
         if (has_w) y = y * w[j];
@@ -80,17 +88,8 @@ __device__ void layer_norm_modulate(T* out, const T* x, const T* shift, const T*
     const u64 row_id = (u64)blockIdx.x;
     const T* row = x + row_id * c;
     T* o = out + row_id * c;
-    double s = 0.0;
-    for (u64 j = threadIdx.x; j < c; j += blockDim.x) s += (double)row[j];
-    const double mean = block_sum(s) / (double)c;
-    double v = 0.0;
-    for (u64 j = threadIdx.x; j < c; j += blockDim.x) {
-        double d = (double)row[j] - mean;
-        v += d * d;
-    }
-    const double var = block_sum(v) / (double)c;
-    const T r = (T)(1.0 / sqrt(var + eps));
-    const T m = (T)mean;
+    T m, r;
+    layer_norm_stats(row, c, eps, m, r);
     const u64 bi = row_id / l;
     const T* sh = shift + (shift_shared ? 0 : bi * c);
     const T* sc = scale + (scale_shared ? 0 : bi * c);

@@ -116,39 +116,46 @@ fn every_sampler_matches_the_cpu_on_the_device() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn bf16_linear_at_a_flux_shape_matches_the_cpu() {
-    use flux_kernels::{ByteView, ModelOps};
-    let gpu = cuda();
-    let (m, k, n) = (77usize, 3072usize, 1024usize);
+/// `x [m, k] W [n, k]^T + bias` with packed weights of `dtype` (and `scale`) on `be`, the
+/// inputs a fixed pseudo-random pattern; returns the result as f64.
+fn linear_case<B: flux_kernels::Backend>(
+    be: &B,
+    (m, k, n): (usize, usize, usize),
+    weight: &flux_kernels::ByteView,
+    dtype: DType,
+    scale: Option<f32>,
+) -> Vec<f64> {
     let x: Vec<f32> = (0..m * k)
         .map(|i| ((i * 31 % 997) as f32 / 498.5) - 1.0)
         .collect();
+    let bias: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
+    let xt = be.upload(HostData::F32(&x), &[m, k], DType::F32).unwrap();
+    let wt = be
+        .upload_weight(weight.clone(), &[n, k], dtype, scale)
+        .unwrap();
+    let bt = be.upload(HostData::F32(&bias), &[n], DType::F32).unwrap();
+    be.download_f64(&be.linear(&xt, &wt, Some(&bt)).unwrap())
+        .unwrap()
+}
+
+/// Relative L2 error of `got` against `want`.
+fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn bf16_linear_at_a_flux_shape_matches_the_cpu() {
+    let dims = (77usize, 3072usize, 1024usize);
+    let (_, k, n) = dims;
     let w: Vec<u8> = (0..n * k)
         .flat_map(|i| half::bf16::from_f32(((i * 17 % 991) as f32 / 4955.0) - 0.1).to_le_bytes())
         .collect();
-    let bias: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
-    let view = ByteView::from_vec(w);
-    let run = |be: &dyn Fn() -> Vec<f64>| be();
-    let want = run(&|| {
-        let xt = Cpu.upload(HostData::F32(&x), &[m, k], DType::F32).unwrap();
-        let wt = Cpu
-            .upload_weight(view.clone(), &[n, k], DType::BF16, None)
-            .unwrap();
-        let bt = Cpu.upload(HostData::F32(&bias), &[n], DType::F32).unwrap();
-        Cpu.download_f64(&Cpu.linear(&xt, &wt, Some(&bt)).unwrap())
-            .unwrap()
-    });
-    let got = run(&|| {
-        let xt = gpu.upload(HostData::F32(&x), &[m, k], DType::F32).unwrap();
-        let wt = gpu
-            .upload_weight(view.clone(), &[n, k], DType::BF16, None)
-            .unwrap();
-        let bt = gpu.upload(HostData::F32(&bias), &[n], DType::F32).unwrap();
-        gpu.download_f64(&gpu.linear(&xt, &wt, Some(&bt)).unwrap())
-            .unwrap()
-    });
+    let view = flux_kernels::ByteView::from_vec(w);
+    let want = linear_case(&Cpu, dims, &view, DType::BF16, None);
+    let got = linear_case(&cuda(), dims, &view, DType::BF16, None);
     let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len() as f64).sqrt();
     let worst = got
         .iter()
@@ -168,54 +175,26 @@ fn bf16_linear_at_a_flux_shape_matches_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn fp8_linear_matches_the_cpu() {
-    use flux_kernels::{ByteView, ModelOps};
-    let (m, k, n) = (96usize, 3072usize, 1024usize);
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i * 31 % 997) as f32 / 498.5) - 1.0)
-        .collect();
+    let dims = (96usize, 3072usize, 1024usize);
+    let (_, k, n) = dims;
     // e4m3 codes of moderate magnitude, both signs (0x30..0x3f: 0.5 to 1.875).
     let w: Vec<u8> = (0..n * k)
         .map(|i| (0x30 + (i * 7 % 16) as u8) | if i % 3 == 0 { 0x80 } else { 0 })
         .collect();
-    let bias: Vec<f32> = (0..n).map(|i| i as f32 / n as f32).collect();
-    let view = ByteView::from_vec(w);
-    let run = |be: &dyn Fn() -> Vec<f64>| be();
-    let want = run(&|| {
-        let xt = Cpu.upload(HostData::F32(&x), &[m, k], DType::F32).unwrap();
-        let wt = Cpu
-            .upload_weight(view.clone(), &[n, k], DType::F8E4M3, Some(0.5))
-            .unwrap();
-        let bt = Cpu.upload(HostData::F32(&bias), &[n], DType::F32).unwrap();
-        Cpu.download_f64(&Cpu.linear(&xt, &wt, Some(&bt)).unwrap())
-            .unwrap()
-    });
-    let on_gpu = |gpu: &Cuda| {
-        let xt = gpu.upload(HostData::F32(&x), &[m, k], DType::F32).unwrap();
-        let wt = gpu
-            .upload_weight(view.clone(), &[n, k], DType::F8E4M3, Some(0.5))
-            .unwrap();
-        let bt = gpu.upload(HostData::F32(&bias), &[n], DType::F32).unwrap();
-        gpu.download_f64(&gpu.linear(&xt, &wt, Some(&bt)).unwrap())
-            .unwrap()
-    };
-    let fp8 = on_gpu(&cuda().with_fp8_gemm(true));
-    let bf16 = on_gpu(&cuda());
-    let rel_l2 = |got: &[f64]| {
-        let num: f64 = got.iter().zip(&want).map(|(g, w)| (g - w) * (g - w)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        (num / den).sqrt()
-    };
-    assert!(
-        rel_l2(&bf16) < 1e-2,
-        "bf16 path: rel_l2 {:.3e}",
-        rel_l2(&bf16)
+    let view = flux_kernels::ByteView::from_vec(w);
+    let want = linear_case(&Cpu, dims, &view, DType::F8E4M3, Some(0.5));
+    let fp8 = linear_case(
+        &cuda().with_fp8_gemm(true),
+        dims,
+        &view,
+        DType::F8E4M3,
+        Some(0.5),
     );
-    let e = rel_l2(&fp8);
-    assert!(e.is_finite() && e < 6e-2, "fp8 path: rel_l2 {e:.3e}");
-    println!(
-        "fp8 linear: rel_l2 {e:.3e} (bf16 path {:.3e})",
-        rel_l2(&bf16)
-    );
+    let bf16 = linear_case(&cuda(), dims, &view, DType::F8E4M3, Some(0.5));
+    let (e8, e16) = (rel_l2(&fp8, &want), rel_l2(&bf16, &want));
+    assert!(e16 < 1e-2, "bf16 path: rel_l2 {e16:.3e}");
+    assert!(e8.is_finite() && e8 < 6e-2, "fp8 path: rel_l2 {e8:.3e}");
+    println!("fp8 linear: rel_l2 {e8:.3e} (bf16 path {e16:.3e})");
 }
 
 /// The tensor-core attention (bf16 operands, f32 accumulation) against the CPU's f64 result on
@@ -239,11 +218,6 @@ fn bf16_tensor_core_attention_matches_the_cpu() {
         (2, 70, 71, 2, 16, true),
         (1, 129, 65, 1, 128, true),
     ];
-    let rel_l2 = |got: &[f64], want: &[f64]| {
-        let num: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
-        let den: f64 = want.iter().map(|w| w * w).sum();
-        (num / den.max(1e-300)).sqrt()
-    };
     let mut failures = Vec::new();
     for (ci, &(b, lq, lk, h, d, with_bias)) in cases.iter().enumerate() {
         let values = |n: usize, seed: usize| -> Vec<f32> {
