@@ -1,5 +1,5 @@
-// Row norms with one workgroup of 256 threads per row (layer norm, RMS norm) or per group
-// (group norm); statistics reduced in workgroup memory.
+// Row norms with one workgroup of 256 threads per row (layer norm, RMS norm, layer norm with
+// adaLN modulation) or per group (group norm); statistics reduced in workgroup memory.
 
 struct NormParams {
     // Row length (layer/rms) or group length (group norm).
@@ -13,12 +13,14 @@ struct NormParams {
     cpg: u32,
     groups: u32,
     swish: u32,
-    pad0: u32,
-    pad1: u32,
-    pad2: u32,
+    // adaLN (mode 3): tokens per batch; whether shift (w) / scale (b) are one shared [C].
+    tokens: u32,
+    shift_shared: u32,
+    scale_shared: u32,
 }
 
-// 0: layer norm, 1: RMS norm, 2: group norm.
+// 0: layer norm, 1: RMS norm, 2: group norm, 3: layer norm then adaLN modulation
+// (1 + scale) * y + shift, with shift in `w` and scale in `b` ([B, C] or [C]).
 override MODE: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read_write> out: array<f32>;
@@ -87,6 +89,17 @@ fn norm(
             if (p.swish != 0u) {
                 y = y / (1.0 + exp(-y));
             }
+        } else if (MODE == 3u) {
+            let bi = row / p.tokens;
+            var si = bi * p.len + j;
+            if (p.shift_shared != 0u) {
+                si = j;
+            }
+            var ci = bi * p.len + j;
+            if (p.scale_shared != 0u) {
+                ci = j;
+            }
+            y = (1.0 + b[ci]) * ((v - mean) * r) + w[si];
         } else {
             y = (v - mean) * r;
             if (p.has_w != 0u) {

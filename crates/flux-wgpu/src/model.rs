@@ -482,6 +482,50 @@ impl ModelOps for Wgpu {
         self.modulation("modulate", x, &sh, &sc, mask)
     }
 
+    fn layer_norm_modulate(
+        &self,
+        x: &Tensor<Self>,
+        shift: &Tensor<Self>,
+        scale: &Tensor<Self>,
+        eps: f64,
+    ) -> Result<Tensor<Self>> {
+        const OP: &str = "layer_norm_modulate";
+        let d = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
+        let xs = self.act(OP, x)?;
+        let (sh, sc) = (self.operand(OP, shift)?, self.operand(OP, scale)?);
+        let rows = x.numel().checked_div(d.c).unwrap_or(0);
+        let out = self.empty(x.shape())?;
+        let words = [
+            u32_of(OP, d.c)?,
+            u32_of(OP, rows)?,
+            (eps as f32).to_bits(),
+            0,
+            0,
+            1,
+            1,
+            1,
+            0,
+            u32_of(OP, d.l.max(1))?,
+            u32::from(d.shift_shared),
+            u32::from(d.scale_shared),
+        ];
+        self.rows(
+            OP,
+            &shaders::NORMS,
+            "norm",
+            &[("MODE", 3.0)],
+            &[
+                bind(0, Self::out_buf(&out)),
+                bind(1, xs.buffer()),
+                bind(2, sh.buffer()),
+                bind(3, sc.buffer()),
+            ],
+            (4, &words),
+            rows,
+        )?;
+        Ok(out)
+    }
+
     fn gated_add(
         &self,
         x: &Tensor<Self>,
