@@ -17,6 +17,7 @@ use crate::{Result, SamplerError};
 use flux_kernels::{Backend, DType, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// torchsde's entropy pool size for the Brownian tree.
@@ -135,17 +136,26 @@ fn map_in_place<T: Real>(v: &mut [T], f: impl Fn(T) -> T + Sync) {
     }
 }
 
-/// Runs `f(offset, piece)` over consecutive pieces of `out`, on the rayon pool for large
-/// tensors. `f` must compute each element from its own index only, so that the split does
-/// not change any value.
-fn by_pieces<T: Real>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
-    if out.len() >= PAR_ELEMENTS {
-        out.par_chunks_mut(PIECE)
+/// A vector of `n` elements written piece by piece by `f(offset, piece)` (on the rayon pool
+/// for large vectors), without zeroing it first. `f` must write every element of its piece
+/// (through `MaybeUninit::write`) and compute each from its own index only.
+fn filled<T: Real>(n: usize, f: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let spare = &mut v.spare_capacity_mut()[..n];
+    if n >= PAR_ELEMENTS {
+        spare
+            .par_chunks_mut(PIECE)
             .enumerate()
             .for_each(|(k, piece)| f(k * PIECE, piece));
     } else {
-        f(0, out);
+        f(0, spare);
     }
+    // SAFETY: the capacity is at least `n`, and `f` wrote each of the first `n` elements.
+    #[allow(unsafe_code)]
+    unsafe {
+        v.set_len(n);
+    }
+    v
 }
 
 /// `(±(tiles[0] + tiles[1] + ...)) / scale` elementwise in one pass, the sum taken left to
@@ -154,15 +164,18 @@ fn by_pieces<T: Real>(out: &mut [T], f: impl Fn(usize, &mut [T]) + Sync) {
 /// operations do.
 fn combine<T: Real>(tiles: &[Arc<Vec<T>>], numel: usize, negate: bool, scale: Option<T>) -> Vec<T> {
     // An empty query is a zero increment, still negated and scaled (a signed zero).
-    let mut out = vec![T::ZERO; numel];
     let (first, rest) = tiles
         .split_first()
         .map_or((None, tiles), |(f, r)| (Some(f), r));
-    by_pieces(&mut out, |at, piece| {
+    filled(numel, |at, piece| {
         let end = at + piece.len();
-        if let Some(first) = first {
-            piece.copy_from_slice(&first[at..end]);
+        for (i, o) in piece.iter_mut().enumerate() {
+            o.write(first.map_or(T::ZERO, |f| f[at + i]));
         }
+        // SAFETY: every element of the piece was written just above; `MaybeUninit<T>` has the
+        // layout of `T`.
+        #[allow(unsafe_code)]
+        let piece = unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<T>]>(piece) as *mut [T]) };
         for t in rest {
             for (o, &v) in piece.iter_mut().zip(&t[at..end]) {
                 *o = *o + v;
@@ -178,8 +191,7 @@ fn combine<T: Real>(tiles: &[Arc<Vec<T>>], numel: usize, negate: bool, scale: Op
                 *o = *o / s;
             }
         }
-    });
-    out
+    })
 }
 
 /// One torchsde `BrownianTree` of a fixed shape, computing in `T`.
@@ -415,23 +427,33 @@ impl<T: Real> Tree<T> {
             T::from_f64(h_reciprocal),
             T::from_f64(std),
         );
-        // One pass: the left half overwrites the draw, the right half is the parent's
-        // increment minus it.
-        let halves = |z: &mut [T], right: &mut [T], w: &[T]| {
+        // One pass: the left half overwrites the draw, the right half (a new vector, written
+        // once) is the parent's increment minus it.
+        let halves = |z: &mut [T], right: &mut [MaybeUninit<T>], w: &[T]| {
             for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
                 let left = ld * wi * hr + sd * *z;
                 *z = left;
-                *r = wi - left;
+                r.write(wi - left);
             }
         };
-        let mut right = vec![T::ZERO; self.numel];
-        if z.len() >= PAR_ELEMENTS {
-            z.par_chunks_mut(PIECE)
-                .zip(right.par_chunks_mut(PIECE))
-                .zip(w.par_chunks(PIECE))
-                .for_each(|((z, r), w)| halves(z, r, w));
-        } else {
-            halves(&mut z, &mut right, w);
+        let n = self.numel;
+        let mut right: Vec<T> = Vec::with_capacity(n);
+        {
+            let spare = &mut right.spare_capacity_mut()[..n];
+            if n >= PAR_ELEMENTS {
+                z.par_chunks_mut(PIECE)
+                    .zip(spare.par_chunks_mut(PIECE))
+                    .zip(w.par_chunks(PIECE))
+                    .for_each(|((z, r), w)| halves(z, r, w));
+            } else {
+                halves(&mut z, spare, w);
+            }
+        }
+        // SAFETY: the capacity is `n`, and the pass above wrote each of the `n` elements (`z`,
+        // `w` and the spare capacity have `n` elements and are split into the same pieces).
+        #[allow(unsafe_code)]
+        unsafe {
+            right.set_len(n);
         }
         (z, right)
     }
