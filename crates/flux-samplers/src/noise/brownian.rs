@@ -437,6 +437,14 @@ impl<T: Real> Tree<T> {
             }
         };
         let n = self.numel;
+        // Every increment and draw of a tree has its `numel` elements; the write-once pass
+        // below relies on it.
+        assert!(
+            z.len() == n && w.len() == n,
+            "Brownian tree vectors of {} and {} elements for a tree of {n}",
+            z.len(),
+            w.len()
+        );
         let mut right: Vec<T> = Vec::with_capacity(n);
         {
             let spare = &mut right.spare_capacity_mut()[..n];
