@@ -314,6 +314,14 @@ impl Cuda {
         }
     }
 
+    /// The grid of a block reduction over `n` elements (`sum_squares`, `max_abs`, ...): the
+    /// grid-stride configuration with at most 1024 blocks, each writing one f64 partial.
+    pub(crate) fn cfg_reduce(&self, n: usize) -> LaunchConfig {
+        let mut cfg = self.cfg_elems(n);
+        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        cfg
+    }
+
     /// One block of `threads` threads per row.
     pub(crate) fn cfg_rows(rows: usize, threads: u32) -> LaunchConfig {
         LaunchConfig {
@@ -333,8 +341,8 @@ impl Cuda {
             .funcs
             .get(name)
             .ok_or_else(|| KernelError::Device(format!("kernel {name} was not compiled")))?;
-        let kinds: Vec<kernels::ParamType> = args.iter().map(Arg::param_type).collect();
-        kernels::check_launch_args(entry, &kinds).map_err(KernelError::Device)?;
+        kernels::check_launch_args(entry, args.iter().map(Arg::param_type))
+            .map_err(KernelError::Device)?;
         let mut b = self.inner.stream.launch_builder(f);
         for a in args {
             match a {

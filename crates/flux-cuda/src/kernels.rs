@@ -110,7 +110,10 @@ impl std::fmt::Display for ParamType {
 /// Checks a launch's argument types against the kernel's parameters: the driver copies each
 /// argument by the size the kernel declares, so a wrong count or type would make the kernel read
 /// garbage. The error names the kernel, the slot and both types.
-pub fn check_launch_args(entry: &Entry, args: &[ParamType]) -> Result<(), String> {
+pub fn check_launch_args(
+    entry: &Entry,
+    args: impl ExactSizeIterator<Item = ParamType>,
+) -> Result<(), String> {
     if args.len() != entry.params.len() {
         return Err(format!(
             "kernel {} takes {} arguments, the launch passes {}",
@@ -119,7 +122,7 @@ pub fn check_launch_args(entry: &Entry, args: &[ParamType]) -> Result<(), String
             args.len()
         ));
     }
-    for (i, (&want, &got)) in entry.params.iter().zip(args).enumerate() {
+    for (i, (&want, got)) in entry.params.iter().zip(args).enumerate() {
         if want != got || want == ParamType::Other {
             return Err(format!(
                 "kernel {} argument {i}: the kernel takes {want}, the launch passes {got}",
@@ -320,14 +323,14 @@ mod tests {
             params: vec![ParamType::Bits64, ParamType::Int32, ParamType::F64],
         };
         let ok = [ParamType::Bits64, ParamType::Int32, ParamType::F64];
-        assert_eq!(check_launch_args(&entry, &ok), Ok(()));
-        let short = check_launch_args(&entry, &ok[..2]).unwrap_err();
+        assert_eq!(check_launch_args(&entry, ok.iter().copied()), Ok(()));
+        let short = check_launch_args(&entry, ok[..2].iter().copied()).unwrap_err();
         assert!(
             short.contains("takes 3 arguments") && short.contains("passes 2"),
             "{short}"
         );
         let swapped = [ParamType::Bits64, ParamType::F64, ParamType::Int32];
-        let err = check_launch_args(&entry, &swapped).unwrap_err();
+        let err = check_launch_args(&entry, swapped.iter().copied()).unwrap_err();
         assert!(
             err.contains("argument 1") && err.contains("32-bit int"),
             "{err}"
@@ -336,7 +339,7 @@ mod tests {
             name: "s".into(),
             params: vec![ParamType::Other],
         };
-        assert!(check_launch_args(&other, &[ParamType::Other]).is_err());
+        assert!(check_launch_args(&other, [ParamType::Other].into_iter()).is_err());
     }
 
     #[test]

@@ -154,8 +154,7 @@ impl Cuda {
     /// (see `fp8.cu`). Nothing waits for the host.
     fn fp8_activation(&self, x: &Tensor<Cuda>) -> Result<(CudaSlice<u8>, CudaSlice<u8>)> {
         let n = x.numel();
-        let mut cfg = self.cfg_elems(n);
-        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        let cfg = self.cfg_reduce(n);
         let blocks = cfg.grid_dim.0 as usize;
         let partial = self.alloc_bytes(blocks * 8)?;
         self.launch(
@@ -181,6 +180,23 @@ impl Cuda {
             ],
         )?;
         Ok((xq, scale))
+    }
+
+    /// `out [m, n] = bias [n]` repeated over the rows (the initial value of a GEMM that adds
+    /// its product, beta = 1).
+    fn broadcast_bias(
+        &self,
+        out: &Tensor<Cuda>,
+        bias: &Tensor<Cuda>,
+        (m, n): (usize, usize),
+    ) -> Result<()> {
+        let s = Self::act("linear", out)?;
+        let b = self.operand_as(bias, out.dtype())?;
+        self.launch(
+            &format!("broadcast_rows_{s}"),
+            self.cfg_elems(m * n),
+            &[Arg::Buf(&out.storage().buf), Arg::Buf(b.buf()), u(m), u(n)],
+        )
     }
 
     /// `x W^T (+ b)` into `out` for e4m3 weights on the fp8 tensor cores when
@@ -217,12 +233,7 @@ impl Cuda {
         }
         let (xq, scale) = self.fp8_activation(x)?;
         let beta = if let Some(b) = bias {
-            let b = self.operand_as(b, DType::F32)?;
-            self.launch(
-                "broadcast_rows_f32",
-                self.cfg_elems(m * n),
-                &[Arg::Buf(&out.storage().buf), Arg::Buf(b.buf()), u(m), u(n)],
-            )?;
+            self.broadcast_bias(out, b, (m, n))?;
             1.0
         } else {
             0.0
@@ -254,7 +265,7 @@ impl Cuda {
         bias: Option<&Tensor<Cuda>>,
         gelu: bool,
     ) -> Result<(Tensor<Cuda>, bool)> {
-        let s = Self::act("linear", x)?;
+        Self::act("linear", x)?;
         let shapes::LinearDims {
             m,
             k,
@@ -292,12 +303,7 @@ impl Cuda {
             }
         }
         if let Some(b) = bias {
-            let b = self.operand_as(b, x.dtype())?;
-            self.launch(
-                &format!("broadcast_rows_{s}"),
-                self.cfg_elems(m * n),
-                &[Arg::Buf(&out.storage().buf), Arg::Buf(b.buf()), u(m), u(n)],
-            )?;
+            self.broadcast_bias(&out, b, (m, n))?;
         } else if k == 0 {
             return Ok((self.zeros(&shape, x.dtype())?, false));
         }

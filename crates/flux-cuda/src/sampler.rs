@@ -59,8 +59,7 @@ impl Cuda {
         if n == 0 {
             return Ok(0.0);
         }
-        let mut cfg = self.cfg_elems(n);
-        cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+        let cfg = self.cfg_reduce(n);
         let blocks = cfg.grid_dim.0 as usize;
         let partial = self.alloc_bytes(blocks * 8)?;
         let mut all: Vec<Arg<'_>> = args.iter().map(Arg::clone_ref).collect();
