@@ -42,6 +42,13 @@ impl std::fmt::Display for BackendKind {
 pub trait Job {
     /// What the job returns.
     type Output;
+    /// Whether the job checks numerics against reference outputs (`flux parity`): a backend
+    /// with a faster, less exact mode then defaults to its exact one.
+    #[cfg_attr(
+        not(feature = "cuda"),
+        allow(dead_code, reason = "read by the cuda backend")
+    )]
+    const EXACT: bool = false;
     /// Runs the job on `be`.
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
 }
@@ -71,11 +78,17 @@ fn run_wgpu<J: Job>(job: J) -> Result<J::Output> {
 #[cfg(feature = "cuda")]
 fn run_cuda<J: Job>(job: J) -> Result<J::Output> {
     let bf16 = cuda_attention(std::env::var(CUDA_ATTENTION_ENV).ok().as_deref())?;
-    let fp8 = cuda_linear(std::env::var(CUDA_LINEAR_ENV).ok().as_deref())?;
+    let linear = cuda_linear(std::env::var(CUDA_LINEAR_ENV).ok().as_deref(), J::EXACT)?;
     let be = flux_cuda::Cuda::new()
         .map_err(|e| anyhow::anyhow!("backend 'cuda' is not available on this machine: {e}"))?
         .with_bf16_attention(bf16)
-        .with_fp8_gemm(fp8);
+        .with_bf16_gemm(linear != CudaLinear::F32)
+        .with_fp8_gemm(linear == CudaLinear::Fp8);
+    eprintln!(
+        "cuda: linear layers in {} ({CUDA_LINEAR_ENV}), attention in {} ({CUDA_ATTENTION_ENV})",
+        linear.as_str(),
+        if bf16 { "bf16" } else { "f32" }
+    );
     job.run(&be)
 }
 
@@ -96,19 +109,44 @@ pub fn cuda_attention(value: Option<&str>) -> Result<bool> {
     }
 }
 
-/// Environment variable choosing how the CUDA backend multiplies fp8 (e4m3) weights: `bf16`
-/// (widened to bf16, the default) or `fp8` (activations quantised to e4m3, fp8 tensor cores).
+/// Environment variable choosing how the CUDA backend multiplies bf16 and fp8 weights: `bf16`
+/// (tensor cores, activations rounded to bf16; fp8 weights widened to bf16; the default), `fp8`
+/// (fp8 weights with activations quantised to e4m3, fp8 tensor cores) or `f32` (weights
+/// widened to f32, exact; the default of `flux parity`).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub const CUDA_LINEAR_ENV: &str = "FLUX_CUDA_LINEAR";
 
-/// Whether the value of [`CUDA_LINEAR_ENV`] asks for fp8 GEMMs.
+/// How the CUDA backend multiplies packed weights (see [`CUDA_LINEAR_ENV`]).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub fn cuda_linear(value: Option<&str>) -> Result<bool> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CudaLinear {
+    F32,
+    Bf16,
+    Fp8,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl CudaLinear {
+    fn as_str(self) -> &'static str {
+        match self {
+            CudaLinear::F32 => "f32",
+            CudaLinear::Bf16 => "bf16",
+            CudaLinear::Fp8 => "fp8",
+        }
+    }
+}
+
+/// The mode the value of [`CUDA_LINEAR_ENV`] asks for; unset, `f32` for an `exact` job and
+/// `bf16` otherwise.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub fn cuda_linear(value: Option<&str>, exact: bool) -> Result<CudaLinear> {
     match value.map(str::trim) {
-        None | Some("" | "bf16") => Ok(false),
-        Some("fp8") => Ok(true),
+        None | Some("") if exact => Ok(CudaLinear::F32),
+        None | Some("" | "bf16") => Ok(CudaLinear::Bf16),
+        Some("f32") => Ok(CudaLinear::F32),
+        Some("fp8") => Ok(CudaLinear::Fp8),
         Some(other) => Err(anyhow::anyhow!(
-            "{CUDA_LINEAR_ENV}: expected 'bf16' (fp8 weights widened) or 'fp8' (fp8 tensor cores), got '{other}'"
+            "{CUDA_LINEAR_ENV}: expected 'bf16' (tensor cores), 'fp8' (fp8 tensor cores) or 'f32' (exact), got '{other}'"
         )),
     }
 }
@@ -154,11 +192,13 @@ mod tests {
 
     #[test]
     fn the_cuda_linear_setting_is_parsed_or_refused_by_name() {
-        use super::cuda_linear;
-        assert!(!cuda_linear(None).unwrap());
-        assert!(!cuda_linear(Some(" bf16 ")).unwrap());
-        assert!(cuda_linear(Some("fp8")).unwrap());
-        let e = cuda_linear(Some("int8")).unwrap_err().to_string();
+        use super::{CudaLinear, cuda_linear};
+        assert_eq!(cuda_linear(None, false).unwrap(), CudaLinear::Bf16);
+        assert_eq!(cuda_linear(None, true).unwrap(), CudaLinear::F32);
+        assert_eq!(cuda_linear(Some(" bf16 "), true).unwrap(), CudaLinear::Bf16);
+        assert_eq!(cuda_linear(Some("fp8"), false).unwrap(), CudaLinear::Fp8);
+        assert_eq!(cuda_linear(Some("f32"), false).unwrap(), CudaLinear::F32);
+        let e = cuda_linear(Some("int8"), false).unwrap_err().to_string();
         assert!(
             e.contains("FLUX_CUDA_LINEAR") && e.contains("'int8'"),
             "{e}"

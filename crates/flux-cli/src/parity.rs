@@ -25,6 +25,7 @@ struct ParityJob<'a> {
 
 impl Job for ParityJob<'_> {
     type Output = Vec<flux_parity::CaseResult>;
+    const EXACT: bool = true;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         eprintln!("parity on backend {}", be.name());
         Ok(flux_parity::run_dir(be, self.dir)?)

@@ -91,6 +91,8 @@ pub struct Cuda {
     pub(crate) bf16_attention: bool,
     /// fp8 weights multiplied in fp8 on the tensor cores (see [`Cuda::with_fp8_gemm`]).
     pub(crate) fp8_gemm: bool,
+    /// Packed weights multiplied in bf16 on the tensor cores (see [`Cuda::with_bf16_gemm`]).
+    pub(crate) bf16_gemm: bool,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -99,6 +101,7 @@ impl std::fmt::Debug for Cuda {
             .field("device", &self.inner.name)
             .field("bf16_attention", &self.bf16_attention)
             .field("fp8_gemm", &self.fp8_gemm)
+            .field("bf16_gemm", &self.bf16_gemm)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +216,7 @@ impl Cuda {
             }),
             bf16_attention: false,
             fp8_gemm: false,
+            bf16_gemm: true,
         })
     }
 
@@ -231,6 +235,24 @@ impl Cuda {
     /// Whether [`Cuda::with_bf16_attention`] is on.
     pub fn bf16_attention(&self) -> bool {
         self.bf16_attention
+    }
+
+    /// This device with the linear layers of bf16 and fp8 weights multiplied on the
+    /// tensor cores in bf16 (`on`, the default) or exactly (`off`: the weights widened to f32
+    /// and an f32 GEMM, which is what the reference outputs of `flux parity` are computed with).
+    ///
+    /// In bf16 the activations are rounded to bf16 for the product (f32 accumulation and
+    /// output), a relative error of about 2^-9 of the size of the terms summed: the production
+    /// path, several times the f32 GEMM's rate. [`Cuda::with_fp8_gemm`] takes precedence for
+    /// fp8 weights. Clones share the device, not the setting.
+    pub fn with_bf16_gemm(mut self, on: bool) -> Cuda {
+        self.bf16_gemm = on;
+        self
+    }
+
+    /// Whether [`Cuda::with_bf16_gemm`] is on.
+    pub fn bf16_gemm(&self) -> bool {
+        self.bf16_gemm
     }
 
     /// This device with the linear layers of fp8 (e4m3) weights multiplied in fp8 (`on`) or in
@@ -259,6 +281,11 @@ impl Cuda {
             .fp8_refused
             .lock()
             .is_ok_and(|set| set.contains(&(m, n, k)))
+    }
+
+    /// The device's compute capability (major, minor).
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.inner.capability
     }
 
     /// Free and total device memory in bytes.

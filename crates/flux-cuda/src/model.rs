@@ -276,8 +276,9 @@ impl Cuda {
         if self.linear_fp8(x, w, bias, &out, (m, n, k))? {
             return Ok((out, false));
         }
-        let tensor_cores =
-            x.dtype() == DType::F32 && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
+        let tensor_cores = self.bf16_gemm
+            && x.dtype() == DType::F32
+            && matches!(w.dtype(), DType::BF16 | DType::F8E4M3);
         if tensor_cores
             && k > 0
             && m > 0
