@@ -4,7 +4,8 @@
 #   1. the flux-cuda and flux-wgpu test binaries with --include-ignored (backend conformance
 #      against the CPU on CUDA and on the GPU's Vulkan driver, every sampler on the device
 #      against the CPU, bf16 linear at a Flux shape, tensor-core attention, NVRTC compile),
-#   2. `flux parity --backend cuda` over the reference data (sampler and tiny-model cases),
+#   2. `flux parity --backend cuda` over the reference data (sampler and tiny-model cases), and
+#      `flux img2img --backend cuda` on the demo model against the CPU,
 #   3. the CUDA benches: bf16 GEMM at the Flux shapes as a fraction of peak, attention (exact
 #      and tensor-core) at 4608 tokens 24x128, one flux-dev transformer step at 1024x1024
 #      with random bf16 weights,
@@ -112,6 +113,24 @@ parity() {
 }
 
 parity cuda 2
+
+# `flux img2img --backend cuda` on the demo model against the CPU run (both f32: the bounds of
+# crates/flux-cli/tests/img2img_cuda.rs, 2 levels and 45 dB).
+if want 2; then
+    echo
+    echo "== 2. flux img2img --backend cuda against --backend cpu"
+    IMG="$(mktemp -d)"
+    img2img() {
+        "$BIN/flux" img2img --image testdata/images/demo.png --prompt "a red cab" --steps 3 \
+            --seed 5 --backend "$1" --out "$IMG/$1.png"
+    }
+    if img2img cpu && img2img cuda &&
+        "$BIN/flux" compare "$IMG/cpu.png" "$IMG/cuda.png" --max-abs 2 --min-psnr 45; then
+        record "flux img2img --backend cuda" "pass"
+    else
+        record "flux img2img --backend cuda" "FAIL"
+    fi
+fi
 
 if want 3; then
     echo

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{decode, demo_image, flux, ok};
+use common::{compare_images as compare, decode, demo_image, flux, ok};
 
 /// Largest difference of one channel allowed, in 8-bit levels.
 const MAX_ABS: u8 = 2;
@@ -28,23 +28,6 @@ fn skip_without_adapter(what: &str, stderr: &[u8]) {
         "{what}: {err}"
     );
     eprintln!("skipped: no adapter ({err})");
-}
-
-/// Largest channel difference and PSNR (dB) of two images of the same size.
-fn compare(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
-    let (mut max, mut sq) = (0u8, 0.0f64);
-    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
-        let d = x.abs_diff(*y);
-        max = max.max(d);
-        sq += f64::from(d) * f64::from(d);
-    }
-    let mse = sq / a.as_raw().len().max(1) as f64;
-    let psnr = if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (255.0f64 * 255.0 / mse).log10()
-    };
-    (max, psnr)
 }
 
 #[test]

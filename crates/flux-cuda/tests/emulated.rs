@@ -9,42 +9,13 @@
 //! Needs a C++20 compiler (`$CXX`, else `c++`); where none is found and neither `CI` nor
 //! `FLUX_REQUIRE_CXX=1` is set, the test is ignored rather than passed.
 
-use flux_cuda::KERNEL_FILES;
-use flux_cuda::kernels::COMMON;
-use std::fmt::Write as _;
-use std::path::Path;
+#[path = "emu/unit.rs"]
+mod unit;
+
 use std::process::Command;
-
-/// Points `extern __shared__ [__align__(N)] TYPE NAME[];` at the model's dynamic shared memory.
-fn rewrite_dynamic_shared(src: &str) -> String {
-    src.lines()
-        .map(|line| {
-            let Some(at) = line.find("extern __shared__ ") else {
-                return line.to_string();
-            };
-            let decl = line[at + "extern __shared__ ".len()..].trim_end();
-            let decl = match decl.strip_prefix("__align__(") {
-                Some(rest) => rest.split_once(") ").map_or(rest, |(_, d)| d),
-                None => decl,
-            };
-            let Some(decl) = decl.strip_suffix("[];") else {
-                return line.to_string();
-            };
-            let Some((ty, name)) = decl.rsplit_once(' ') else {
-                return line.to_string();
-            };
-            format!(
-                "{}{ty}* {name} = reinterpret_cast<{ty}*>(emu::dyn_smem);",
-                &line[..at]
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-fn compiler() -> String {
-    std::env::var("CXX").unwrap_or_else(|_| "c++".into())
-}
+use unit::{
+    build_model_libraries, emu_dir, rewrite_dynamic_shared, run_compiler, write_kernels_unit,
+};
 
 #[test]
 fn dynamic_shared_declarations_are_rewritten() {
@@ -58,6 +29,17 @@ fn dynamic_shared_declarations_are_rewritten() {
 }
 
 #[test]
+fn kernel_names_are_read_from_the_marked_source() {
+    let pre = "extern \"C\" FLUX_EMU_KERNEL void lincomb_f32(float* out, u64 n) { }\n\
+               static void helper(int x);\n\
+               extern \"C\" FLUX_EMU_KERNEL void  attention_tc_d64 (const float* q);";
+    assert_eq!(
+        unit::kernel_names(pre),
+        ["lincomb_f32".to_string(), "attention_tc_d64".to_string()]
+    );
+}
+
+#[test]
 #[cfg_attr(
     not(flux_require_cxx),
     ignore = "needs a C++20 compiler ($CXX or c++); set FLUX_REQUIRE_CXX=1 to require it"
@@ -65,31 +47,24 @@ fn dynamic_shared_declarations_are_rewritten() {
 fn kernels_match_their_contracts_on_the_cpu_model() {
     let dir = std::env::temp_dir().join(format!("flux-cuda-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("creating a scratch folder");
-    let mut unit = format!("{COMMON}\n");
-    for (file, src) in KERNEL_FILES {
-        writeln!(unit, "#line 1 \"{file}\"\n{}", rewrite_dynamic_shared(src))
-            .expect("writing to a String");
-    }
-    std::fs::write(dir.join("kernels.inc"), unit).expect("writing kernels.inc");
-    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emu");
+    write_kernels_unit(&dir).expect("writing kernels.inc");
+    let emu = emu_dir();
     let exe = dir.join("check");
-    let cxx = compiler();
-    let built = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-pthread", "-ffp-contract=off"])
-        .arg("-I")
-        .arg(&emu)
-        .arg("-I")
-        .arg(&dir)
-        .arg("-o")
-        .arg(&exe)
-        .arg(emu.join("check.cpp"))
-        .output()
-        .unwrap_or_else(|e| panic!("running the C++ compiler {cxx}: {e}"));
-    assert!(
-        built.status.success(),
-        "{cxx} failed to build the kernel model:\n{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    if let Err(e) = run_compiler(&[
+        "-std=c++20".as_ref(),
+        "-O1".as_ref(),
+        "-pthread".as_ref(),
+        "-ffp-contract=off".as_ref(),
+        "-I".as_ref(),
+        emu.as_os_str(),
+        "-I".as_ref(),
+        dir.as_os_str(),
+        "-o".as_ref(),
+        exe.as_os_str(),
+        emu.join("check.cpp").as_os_str(),
+    ]) {
+        panic!("building the kernel model: {e}");
+    }
     let run = Command::new(&exe)
         .output()
         .expect("running the kernel model");
@@ -102,4 +77,45 @@ fn kernels_match_their_contracts_on_the_cpu_model() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(report.contains(", 0 failed"), "{report}");
+}
+
+/// The CPU model of the CUDA libraries (`tests/emu/driver.cpp`, `blas.cpp`; what `.ci/run` runs
+/// the backend's GPU tests on) enforces the rules it claims and computes the documented GEMMs:
+/// `tests/emu/driver_check.cpp` against the built `libcuda.so`.
+#[test]
+#[cfg_attr(
+    not(flux_require_cxx),
+    ignore = "needs a C++20 compiler ($CXX or c++); set FLUX_REQUIRE_CXX=1 to require it"
+)]
+fn the_cuda_library_model_enforces_its_rules() {
+    let dir = std::env::temp_dir().join(format!("flux-cuda-model-{}", std::process::id()));
+    if let Err(e) = build_model_libraries(&dir) {
+        panic!("building the model of the CUDA libraries: {e}");
+    }
+    let exe = dir.join("driver_check");
+    let rpath = format!("-Wl,-rpath,{}", dir.display());
+    if let Err(e) = run_compiler(&[
+        "-std=c++20".as_ref(),
+        "-O1".as_ref(),
+        "-o".as_ref(),
+        exe.as_os_str(),
+        emu_dir().join("driver_check.cpp").as_os_str(),
+        "-L".as_ref(),
+        dir.as_os_str(),
+        "-lcuda".as_ref(),
+        rpath.as_ref(),
+    ]) {
+        panic!("building the model check: {e}");
+    }
+    let run = Command::new(&exe)
+        .output()
+        .expect("running the model check");
+    let report = String::from_utf8_lossy(&run.stdout);
+    println!("{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        run.status.success() && report.contains(", 0 failed"),
+        "the CUDA library model failed its checks:\n{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
 }

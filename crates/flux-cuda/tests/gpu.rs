@@ -1,6 +1,8 @@
 //! Tests that launch kernels. They need a CUDA GPU and are ignored elsewhere (reported as
 //! ignored, never as passed); `scripts/gpu-check.sh` runs them with `--include-ignored`. On a
-//! machine where they are run but no device opens, they fail with the reason.
+//! machine where they are run but no device opens, they fail with the reason. `.ci/run` also
+//! runs them on the CPU model of the CUDA libraries (`examples/cuda_model.rs`), whose device
+//! name says so: that checks the host code and the kernels' logic, not the GPU.
 
 use flux_cuda::Cuda;
 use flux_kernels::conformance::Tolerances;

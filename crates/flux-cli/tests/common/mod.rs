@@ -41,6 +41,23 @@ pub fn failed(o: &Output) -> String {
     err
 }
 
+/// Largest channel difference and PSNR (dB) of two images of the same size.
+pub fn compare_images(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
+    let (mut max, mut sq) = (0u8, 0.0f64);
+    for (x, y) in a.as_raw().iter().zip(b.as_raw()) {
+        let d = x.abs_diff(*y);
+        max = max.max(d);
+        sq += f64::from(d) * f64::from(d);
+    }
+    let mse = sq / a.as_raw().len().max(1) as f64;
+    let psnr = if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    };
+    (max, psnr)
+}
+
 /// Decodes an image file to RGB.
 pub fn decode(path: &Path) -> image::RgbImage {
     image::open(path).expect("output decodes").to_rgb8()
