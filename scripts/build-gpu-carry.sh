@@ -6,8 +6,8 @@
 #   wgpu_ops     the wgpu benches at real sizes (scripts/wgpu-bench.sh --binary)
 #   tests/       the test binaries of flux-cuda and flux-wgpu (release profile), named
 #                CRATE-TARGET; gpu-check.sh runs each with --include-ignored (not the
-#                CPU-only checks that read the source tree: the kernels' CPU model and the
-#                launch-site check)
+#                CPU-only checks that read the source tree or need the CPU model of the CUDA
+#                libraries: the kernels' CPU model, the launch-site check, the model's trace)
 # Everything is stripped and compressed: the repository with the bundle must stay under the
 # 64 MiB a device call carries (the script prints both sizes).
 # Copy the repository with gpu-carry/ to the GPU machine and run scripts/gpu-check.sh there.
@@ -47,7 +47,7 @@ for line in sys.stdin:
         print(crate + "-" + m["target"]["name"] + "\t" + m["executable"])
 ' | while IFS=$'\t' read -r name exe; do
         # CPU-only checks that read the source tree (CI runs them): no use on the GPU machine.
-        case "$name" in flux-cuda-emulated | flux-cuda-launch_sites) continue ;; esac
+        case "$name" in flux-cuda-emulated | flux-cuda-launch_sites | flux-cuda-model_trace) continue ;; esac
         cp "$exe" "$STAGE/tests/$name"
         echo "  $name"
     done

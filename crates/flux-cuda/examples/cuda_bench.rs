@@ -11,6 +11,10 @@
 //!   (`--skip-model` leaves it out; it needs about 24 GB of host and device memory).
 //!
 //! Every figure is the median of several runs after a warm-up, timed around a device sync.
+//!
+//! `--smoke` runs every part at tiny sizes (the same code paths, shapes still multiples of 16
+//! and head dim 128, one timed run each): a check that the bench itself works, e.g. on the CPU
+//! model of the CUDA libraries in CI. Its figures mean nothing.
 
 use flux_cuda::Cuda;
 use flux_kernels::{ByteView, DType, HostData, ModelOps, SamplerOps, Tensor};
@@ -18,6 +22,24 @@ use flux_model::random::random_weights;
 use flux_model::transformer::{FluxConfig, FluxInputs, FluxTransformer};
 use std::process::ExitCode;
 use std::time::Instant;
+
+/// What the bench runs at: the real sizes, or tiny ones (`--smoke`).
+#[derive(Clone, Copy)]
+struct Sizes {
+    smoke: bool,
+}
+
+impl Sizes {
+    /// Timed runs per figure.
+    fn iters(self, real: usize) -> usize {
+        if self.smoke { 1 } else { real }
+    }
+
+    /// A GEMM dimension: the real one, or 1/64 of it (still a multiple of 16).
+    fn dim(self, real: usize) -> usize {
+        if self.smoke { real / 64 } else { real }
+    }
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -73,11 +95,11 @@ fn fp8_weight(cuda: &Cuda, n: usize, k: usize) -> Result<Tensor<Cuda>, String> {
         .map_err(|e| e.to_string())
 }
 
-fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
-    let m = 4608;
+fn gemms(cuda: &Cuda, peak: f64, sz: Sizes) -> Result<(), String> {
+    let m = if sz.smoke { 32 } else { 4608 };
     let fp8 = cuda.clone().with_fp8_gemm(true);
     println!(
-        "| linear (M=4608) | N x K | bf16 ms | TFLOP/s | of peak | fp8 ms | TFLOP/s | of 2x peak |"
+        "| linear (M={m}) | N x K | bf16 ms | TFLOP/s | of peak | fp8 ms | TFLOP/s | of 2x peak |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (name, n, k) in [
@@ -88,16 +110,17 @@ fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
         ("single linear1", 21504, 3072),
         ("single linear2", 3072, 15360),
     ] {
+        let (n, k) = (sz.dim(n), sz.dim(k));
         let w = bf16_weight(cuda, n, k)?;
         let x = cuda
             .upload(HostData::F32(&pseudo_random(m * k, 5)), &[m, k], DType::F32)
             .map_err(|e| e.to_string())?;
-        let s = time(cuda, 10, || cuda.linear(&x, &w, None).map(drop))?;
+        let s = time(cuda, sz.iters(10), || cuda.linear(&x, &w, None).map(drop))?;
         let tflops = 2.0 * (m * n * k) as f64 / s / 1e12;
         drop(w);
         // fp8 weights and activations (the activation quantisation is inside the timing).
         let w8 = fp8_weight(cuda, n, k)?;
-        let s8 = time(&fp8, 10, || fp8.linear(&x, &w8, None).map(drop))?;
+        let s8 = time(&fp8, sz.iters(10), || fp8.linear(&x, &w8, None).map(drop))?;
         let tflops8 = 2.0 * (m * n * k) as f64 / s8 / 1e12;
         let fp8_note = if fp8.fp8_gemm_refused(m, n, k) {
             " (refused: ran in bf16)"
@@ -115,8 +138,12 @@ fn gemms(cuda: &Cuda, peak: f64) -> Result<(), String> {
     Ok(())
 }
 
-fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
-    let (l, h, d) = (4608usize, 24usize, 128usize);
+fn attention(cuda: &Cuda, peak: f64, sz: Sizes) -> Result<(), String> {
+    let (l, h, d) = if sz.smoke {
+        (160usize, 2usize, 128usize)
+    } else {
+        (4608, 24, 128)
+    };
     let mk = |seed| {
         cuda.upload(
             HostData::F32(&pseudo_random(l * h * d, seed)),
@@ -130,7 +157,7 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
     // Floor: the FLOPs at the bf16 tensor-core peak, or moving q, k, v and out once (f32).
     let floor = (flops / (peak * 1e12)).max(4.0 * (l * h * d * 4) as f64 / 3.0e12);
     println!();
-    println!("| attention 4608 tok, 24x128 | ms | TFLOP/s | floor ms | floor / time |");
+    println!("| attention {l} tok, {h}x{d} | ms | TFLOP/s | floor ms | floor / time |");
     println!("|---|---|---|---|---|");
     for (label, be) in [
         (
@@ -142,7 +169,9 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
             cuda.clone().with_bf16_attention(true),
         ),
     ] {
-        let s = time(&be, 5, || be.attention(&q, &k, &v, None, None).map(drop))?;
+        let s = time(&be, sz.iters(5), || {
+            be.attention(&q, &k, &v, None, None).map(drop)
+        })?;
         println!(
             "| {label} | {:.3} | {:.1} | {:.3} | {:.1}% |",
             s * 1e3,
@@ -172,8 +201,24 @@ fn attention(cuda: &Cuda, peak: f64) -> Result<(), String> {
     Ok(())
 }
 
-fn model_step(cuda: &Cuda) -> Result<(), String> {
-    let cfg = FluxConfig::dev();
+fn model_step(cuda: &Cuda, sz: Sizes) -> Result<(), String> {
+    // The smoke configuration keeps flux-dev's structure with head dim 128 and widths that
+    // are multiples of 16 (so the fp8 GEMMs and the tensor-core attention run).
+    let cfg = if sz.smoke {
+        FluxConfig {
+            vec_in_dim: 32,
+            context_in_dim: 64,
+            hidden_size: 256,
+            mlp_hidden: 512,
+            num_heads: 2,
+            depth: 1,
+            depth_single: 1,
+            axes_dim: vec![16, 56, 56],
+            ..FluxConfig::dev()
+        }
+    } else {
+        FluxConfig::dev()
+    };
     let load = |dtype: DType| -> Result<FluxTransformer<Cuda>, String> {
         let t0 = Instant::now();
         let w = random_weights(&cfg, dtype, 7).map_err(|e| e.to_string())?;
@@ -185,16 +230,22 @@ fn model_step(cuda: &Cuda) -> Result<(), String> {
         );
         Ok(model)
     };
-    let (li, lt) = (4096usize, 512usize);
+    let (li, lt) = if sz.smoke {
+        (64usize, 16usize)
+    } else {
+        (4096, 512)
+    };
+    let side = li.isqrt();
     let up = |v: Vec<f32>, shape: &[usize]| {
         cuda.upload(HostData::F32(&v), shape, DType::F32)
             .map_err(|e| e.to_string())
     };
     let img = up(pseudo_random(li * 64, 21), &[1, li, 64])?;
-    let txt = up(pseudo_random(lt * 4096, 22), &[1, lt, 4096])?;
-    let y = up(pseudo_random(768, 23), &[1, 768])?;
+    let (ctx, vec) = (cfg.context_in_dim, cfg.vec_in_dim);
+    let txt = up(pseudo_random(lt * ctx, 22), &[1, lt, ctx])?;
+    let y = up(pseudo_random(vec, 23), &[1, vec])?;
     let img_ids: Vec<f64> = (0..li)
-        .flat_map(|t| [0.0, (t / 64) as f64, (t % 64) as f64])
+        .flat_map(|t| [0.0, (t / side) as f64, (t % side) as f64])
         .collect();
     let txt_ids = vec![0.0; lt * 3];
     let inp = FluxInputs {
@@ -206,13 +257,19 @@ fn model_step(cuda: &Cuda) -> Result<(), String> {
         y: &y,
         guidance: Some(&[3.5]),
     };
-    let (hd, l) = (3072.0f64, (li + lt) as f64);
-    let flops = 2.0 * 57.0 * (12.0 * hd * hd * l + 2.0 * l * l * hd);
+    let (hd, l) = (cfg.hidden_size as f64, (li + lt) as f64);
+    let blocks = (cfg.depth + cfg.depth_single) as f64;
+    let flops = 2.0 * blocks * (12.0 * hd * hd * l + 2.0 * l * l * hd);
     println!();
-    println!("| flux-dev step 1024x1024, 4608 tokens | ms | TFLOP/s | target |");
+    let what = if sz.smoke {
+        "smoke-size flux model step"
+    } else {
+        "flux-dev step 1024x1024"
+    };
+    println!("| {what}, {} tokens | ms | TFLOP/s | target |", li + lt);
     println!("|---|---|---|---|");
     let row = |label: &str, model: &FluxTransformer<Cuda>, be: Cuda| -> Result<(), String> {
-        let s = time(&be, 3, || {
+        let s = time(&be, sz.iters(3), || {
             model
                 .forward(&be, &inp)
                 .map(drop)
@@ -255,10 +312,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut peak = 790.0;
     let mut skip_model = false;
+    let mut sz = Sizes { smoke: false };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--skip-model" => skip_model = true,
+            "--smoke" => sz.smoke = true,
             "--peak-tflops" => match it.next().and_then(|v| v.parse::<f64>().ok()) {
                 Some(p) if p > 0.0 => peak = p,
                 _ => {
@@ -267,7 +326,9 @@ fn main() -> ExitCode {
                 }
             },
             other => {
-                eprintln!("unknown argument '{other}' (known: --skip-model, --peak-tflops X)");
+                eprintln!(
+                    "unknown argument '{other}' (known: --skip-model, --smoke, --peak-tflops X)"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -290,10 +351,13 @@ fn main() -> ExitCode {
             ok = false;
         }
     };
-    report("GEMM bench", gemms(&cuda, peak));
-    report("attention bench", attention(&cuda, peak));
+    if sz.smoke {
+        println!("smoke run: tiny sizes, one timed run each; the figures mean nothing");
+    }
+    report("GEMM bench", gemms(&cuda, peak, sz));
+    report("attention bench", attention(&cuda, peak, sz));
     if !skip_model {
-        report("transformer step", model_step(&cuda));
+        report("transformer step", model_step(&cuda, sz));
     }
     if ok {
         ExitCode::SUCCESS

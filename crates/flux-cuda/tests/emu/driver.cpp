@@ -13,7 +13,9 @@
 //   each launch and copy, so a kernel writing past the end of its buffer fails the launch with
 //   CUDA_ERROR_ILLEGAL_ADDRESS (sticky, as on the GPU: every later call fails too).
 // Everything runs synchronously on the calling thread (streams and events are accepted and
-// ordered trivially), so stream-ordering bugs are not detected; nor is speed.
+// ordered trivially), so stream-ordering bugs are not detected; nor is speed. With
+// FLUX_CUDA_MODEL_TRACE_DIR set, every copy between host and device and every launch is logged
+// to DIR/trace-PID.txt (tests/model_trace.rs reads it).
 //
 // The kernel table comes from the generated `kernels.inc` (the sources of shaders/cuda) and
 // `kernel_table.inc` (one FLUX_KERNEL(name) per `__global__` function); cuModuleLoadData takes
@@ -26,6 +28,7 @@
 #include "model.h"
 
 #include <map>
+#include <unistd.h>
 #include <mutex>
 #include <string>
 #include <string_view>
@@ -104,6 +107,15 @@ CUresult sticky = CUDA_SUCCESS;
 bool initialised = false;
 int context_token = 0;
 thread_local void* current_context = nullptr;
+// FLUX_CUDA_MODEL_TRACE_DIR set: every copy and launch is logged, one line each, to
+// DIR/trace-PID.txt (for tests of what a run transfers).
+FILE* trace = nullptr;
+
+void trace_line(const char* kind, size_t bytes, const char* name = "") {
+    if (!trace) return;
+    std::fprintf(trace, "%s %zu %s\n", kind, bytes, name);
+    std::fflush(trace);
+}
 
 bool guards_intact(const char* after) {
     for (const auto& [base, size] : allocations) {
@@ -178,6 +190,13 @@ CUresult cuGetErrorString(CUresult e, const char** out) { return cuGetErrorName(
 CUresult cuInit(unsigned flags) {
     Guard g;
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (!initialised) {
+        if (const char* dir = std::getenv("FLUX_CUDA_MODEL_TRACE_DIR")) {
+            const std::string path = std::string(dir) + "/trace-" + std::to_string(getpid()) + ".txt";
+            trace = std::fopen(path.c_str(), "a");
+            if (!trace) std::fprintf(stderr, "cuda model: cannot open the trace %s\n", path.c_str());
+        }
+    }
     initialised = true;
     return CUDA_SUCCESS;
 }
@@ -322,6 +341,7 @@ CUresult cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
     if (CUresult s = status()) return s;
     if (bytes == 0) return CUDA_SUCCESS;
     if (!src || !model::check_range(dst, bytes, "host-to-device copy")) return CUDA_ERROR_INVALID_VALUE;
+    trace_line("htod", bytes);
     std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
     return CUDA_SUCCESS;
 }
@@ -331,6 +351,7 @@ CUresult cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
     if (CUresult s = status()) return s;
     if (bytes == 0) return CUDA_SUCCESS;
     if (!dst || !model::check_range(src, bytes, "device-to-host copy")) return CUDA_ERROR_INVALID_VALUE;
+    trace_line("dtoh", bytes);
     std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
     return CUDA_SUCCESS;
 }
@@ -527,6 +548,7 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
                      name, threads);
         return CUDA_ERROR_NOT_SUPPORTED;
     }
+    trace_line("launch", (size_t)gx * gy * gz, name);
     const Trampoline run = f->kernel->run;
     emu::launch(dim3(gx, gy, gz), dim3(bx, by, bz), smem, [&] { run(params); });
     const std::string after = std::string("kernel ") + name;
