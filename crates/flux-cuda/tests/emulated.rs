@@ -65,18 +65,7 @@ fn kernels_match_their_contracts_on_the_cpu_model() {
     ]) {
         panic!("building the kernel model: {e}");
     }
-    let run = Command::new(&exe)
-        .output()
-        .expect("running the kernel model");
-    let report = String::from_utf8_lossy(&run.stdout);
-    println!("{report}");
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        run.status.success(),
-        "kernels failed on the CPU model:\n{report}\n{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(report.contains(", 0 failed"), "{report}");
+    run_check(&dir, &exe, "kernels failed on the CPU model");
 }
 
 /// The CPU model of the CUDA libraries (`tests/emu/driver.cpp`, `blas.cpp`; what `.ci/run` runs
@@ -107,15 +96,21 @@ fn the_cuda_library_model_enforces_its_rules() {
     ]) {
         panic!("building the model check: {e}");
     }
-    let run = Command::new(&exe)
+    run_check(&dir, &exe, "the CUDA library model failed its checks");
+}
+
+/// Runs the check program `exe` (which prints a report ending in "N ..., M failed"), removes
+/// `dir`, and fails with `what` unless it exited cleanly with nothing failed.
+fn run_check(dir: &std::path::Path, exe: &std::path::Path, what: &str) {
+    let run = Command::new(exe)
         .output()
-        .expect("running the model check");
+        .unwrap_or_else(|e| panic!("running {}: {e}", exe.display()));
     let report = String::from_utf8_lossy(&run.stdout);
     println!("{report}");
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
     assert!(
         run.status.success() && report.contains(", 0 failed"),
-        "the CUDA library model failed its checks:\n{report}\n{}",
+        "{what}:\n{report}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
 }
