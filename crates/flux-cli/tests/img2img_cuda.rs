@@ -1,4 +1,6 @@
-//! `flux img2img --backend cuda` on the demo model against the CPU run. The demo model's
+//! `flux img2img --backend cuda` on the demo model against the CPU run, and the same request
+//! served by `flux serve --backend cuda` (its workers run on their own threads) against
+//! `flux serve --backend cpu`. The demo model's
 //! weights are f32, so both compute in f32 (cuBLAS without TF32, the exact attention kernel)
 //! but sum in different orders: the images are not bit-identical in general and must agree to
 //! within [`MAX_ABS`] 8-bit levels on every channel and [`MIN_PSNR`] dB (the wgpu bounds).
@@ -10,7 +12,7 @@
 
 mod common;
 
-use common::{compare_images, decode, demo_image, ok};
+use common::{compare_images, decode, demo_image, demo_job_body, ok, served_image, start_serve};
 
 /// Largest difference of one channel allowed, in 8-bit levels.
 const MAX_ABS: u8 = 2;
@@ -47,4 +49,24 @@ fn cuda_img2img_matches_the_cpu() {
     eprintln!("cuda vs cpu: max_abs_diff={max} psnr_db={psnr:.2}");
     assert!(max <= MAX_ABS, "max abs diff {max} > {MAX_ABS} levels");
     assert!(psnr >= MIN_PSNR, "PSNR {psnr:.2} dB < {MIN_PSNR} dB");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn serve_runs_its_workers_on_cuda() {
+    let body = demo_job_body();
+    let mut images = Vec::new();
+    for backend in ["cpu", "cuda"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (child, addr) = start_serve(backend, dir.path())
+            .unwrap_or_else(|e| panic!("flux serve --backend {backend} did not start: {e}"));
+        images.push(served_image(backend, child, &addr, &body));
+    }
+    let (a, b) = (&images[0], &images[1]);
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (max, psnr) = compare_images(a, b);
+    eprintln!("served cuda vs cpu: max_abs_diff={max} psnr_db={psnr:.2}");
+    assert!(max <= MAX_ABS, "served cuda image differs by {max} levels");
+    assert!(psnr >= MIN_PSNR, "PSNR {psnr:.2} dB < {MIN_PSNR} dB");
+    assert_ne!(*a, decode(&demo_image()), "the job must change the image");
 }

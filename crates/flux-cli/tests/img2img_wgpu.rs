@@ -10,7 +10,10 @@
 
 mod common;
 
-use common::{compare_images as compare, decode, demo_image, flux, ok};
+use common::{
+    compare_images as compare, decode, demo_image, demo_job_body, flux, ok, served_image,
+    start_serve,
+};
 
 /// Largest difference of one channel allowed, in 8-bit levels.
 const MAX_ABS: u8 = 2;
@@ -76,32 +79,16 @@ fn wgpu_img2img_matches_the_cpu() {
 /// Starts `flux serve` with its workers on `backend`; returns the process and its address, or
 /// `None` when the backend is missing on a machine that does not require an adapter.
 fn serve_on(backend: &str, data_dir: &std::path::Path) -> Option<(std::process::Child, String)> {
-    use std::io::BufRead as _;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flux"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--api-key", "test-key"])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--backend", backend])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("flux serve starts");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let addr = lines.find_map(|l| {
-        l.ok()?
-            .strip_prefix("listening on http://")
-            .map(str::to_string)
-    });
-    if let Some(addr) = addr {
-        return Some((child, addr));
+    match start_serve(backend, data_dir) {
+        Ok(started) => Some(started),
+        Err(stderr) => {
+            skip_without_adapter(
+                &format!("flux serve --backend {backend} did not start"),
+                stderr.as_bytes(),
+            );
+            None
+        }
     }
-    let out = child.wait_with_output().expect("flux serve exits");
-    skip_without_adapter(
-        &format!("flux serve --backend {backend} did not start"),
-        &out.stderr,
-    );
-    None
 }
 
 #[test]
@@ -110,48 +97,14 @@ fn serve_on(backend: &str, data_dir: &std::path::Path) -> Option<(std::process::
     ignore = "needs a wgpu adapter (FLUX_REQUIRE_ADAPTER=1)"
 )]
 fn serve_runs_its_workers_on_wgpu() {
-    let png = std::fs::read(demo_image()).unwrap();
-    let body = serde_json::json!({
-        "prompt": "a red cab",
-        "image": flux_pipeline::image_io::to_base64(&png),
-        "steps": 3,
-        "seed": 5,
-        "denoise": 0.75,
-        "scheduler": "simple",
-        "sampler_name": "euler",
-        "image_format": "png",
-    })
-    .to_string();
+    let body = demo_job_body();
     let mut images = Vec::new();
     for backend in ["cpu", "wgpu"] {
         let dir = tempfile::tempdir().unwrap();
-        let Some((mut child, addr)) = serve_on(backend, dir.path()) else {
+        let Some((child, addr)) = serve_on(backend, dir.path()) else {
             return;
         };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let reply = agent
-            .post(format!("http://{addr}/v1/flux-img2img"))
-            .header("x-api-key", "test-key")
-            .header("content-type", "application/json")
-            .send(body.as_bytes());
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        let log = String::from_utf8_lossy(&out.stderr);
-        let mut reply = reply.expect("request answered");
-        let bytes = reply.body_mut().read_to_vec().unwrap();
-        assert_eq!(
-            reply.status().as_u16(),
-            200,
-            "{backend}: {}\n{log}",
-            String::from_utf8_lossy(&bytes)
-        );
-        // The workers say which device their pipelines were loaded on.
-        let want = format!("loaded their model on backend {backend}");
-        assert!(log.contains(&want), "{backend}: log lacks '{want}':\n{log}");
-        images.push(image::load_from_memory(&bytes).unwrap().to_rgb8());
+        images.push(served_image(backend, child, &addr, &body));
     }
     // The same request as `wgpu_img2img_matches_the_cpu`, so the same bounds.
     let (a, b) = (&images[0], &images[1]);

@@ -86,6 +86,7 @@ fn the_cuda_library_model_enforces_its_rules() {
     if let Err(e) = run_compiler(&[
         "-std=c++20".as_ref(),
         "-O1".as_ref(),
+        "-pthread".as_ref(),
         "-o".as_ref(),
         exe.as_os_str(),
         emu_dir().join("driver_check.cpp").as_os_str(),

@@ -58,6 +58,90 @@ pub fn compare_images(a: &image::RgbImage, b: &image::RgbImage) -> (u8, f64) {
     (max, psnr)
 }
 
+/// The img2img job the serve tests post: the demo image and the settings of the img2img tests
+/// (3 euler steps, seed 5), as JSON.
+pub fn demo_job_body() -> String {
+    let png = std::fs::read(demo_image()).expect("reading the demo image");
+    serde_json::json!({
+        "prompt": "a red cab",
+        "image": flux_pipeline::image_io::to_base64(&png),
+        "steps": 3,
+        "seed": 5,
+        "denoise": 0.75,
+        "scheduler": "simple",
+        "sampler_name": "euler",
+        "image_format": "png",
+    })
+    .to_string()
+}
+
+/// Starts `flux serve` (API key `test-key`) with its workers on `backend`: the process and its
+/// address, or what it wrote to stderr when it exited without listening.
+pub fn start_serve(
+    backend: &str,
+    data_dir: &Path,
+) -> Result<(std::process::Child, String), String> {
+    use std::io::BufRead as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flux"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--api-key", "test-key"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--backend", backend])
+        .env_remove("FLUX_MODEL_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("flux serve starts");
+    let stdout = child.stdout.take().expect("stdout piped");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let addr = lines.find_map(|l| {
+        l.ok()?
+            .strip_prefix("listening on http://")
+            .map(str::to_string)
+    });
+    if let Some(addr) = addr {
+        return Ok((child, addr));
+    }
+    let out = child.wait_with_output().expect("flux serve exits");
+    Err(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Posts `body` as a synchronous img2img request to the server at `addr`, stops it, and
+/// returns the image, asserting a 200 reply and that the workers ran on `backend`.
+pub fn served_image(
+    backend: &str,
+    mut child: std::process::Child,
+    addr: &str,
+    body: &str,
+) -> image::RgbImage {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let reply = agent
+        .post(format!("http://{addr}/v1/flux-img2img"))
+        .header("x-api-key", "test-key")
+        .header("content-type", "application/json")
+        .send(body.as_bytes());
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("flux serve exits");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let mut reply = reply.expect("request answered");
+    let bytes = reply.body_mut().read_to_vec().expect("reading the reply");
+    assert_eq!(
+        reply.status().as_u16(),
+        200,
+        "{backend}: {}\n{log}",
+        String::from_utf8_lossy(&bytes)
+    );
+    // The workers say which device their pipelines were loaded on.
+    let want = format!("loaded their model on backend {backend}");
+    assert!(log.contains(&want), "{backend}: log lacks '{want}':\n{log}");
+    image::load_from_memory(&bytes)
+        .expect("the reply is an image")
+        .to_rgb8()
+}
+
 /// Decodes an image file to RGB.
 pub fn decode(path: &Path) -> image::RgbImage {
     image::open(path).expect("output decodes").to_rgb8()

@@ -222,6 +222,7 @@ Status cublasGemmStridedBatchedEx(void* handle, int transa, int transb, int m, i
                                   int ldc, long long stride_c, int batch, int compute, int) {
     Guard g;
     if (handle != &handle_token) return NOT_INITIALIZED;
+    if (!model::has_context("cublasGemmStridedBatchedEx")) return EXECUTION_FAILED;
     if ((transa != OP_N && transa != OP_T) || (transb != OP_N && transb != OP_T) || !alpha || !beta)
         return INVALID_VALUE;
     // The combinations the backend uses (cuBLAS supports these and more).
@@ -405,6 +406,7 @@ Status cublasLtMatmul(void* handle, void* desc, const void* alpha, const void* a
                       size_t, void*) {
     Guard g;
     if (handle != &handle_token) return NOT_INITIALIZED;
+    if (!model::has_context("cublasLtMatmul")) return EXECUTION_FAILED;
     if (!desc || !alpha || !beta || !a_layout || !b_layout || !c_layout || !d_layout)
         return INVALID_VALUE;
     if (algo && *static_cast<const uint64_t*>(algo) != 0x666c7578) return INVALID_VALUE;

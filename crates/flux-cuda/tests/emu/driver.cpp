@@ -7,6 +7,8 @@
 // - a launch's block has at most 1024 threads, its grid's y and z at most 65535 blocks, and its
 //   dynamic shared memory at most 48 KiB unless the kernel was allowed more with
 //   cuFuncSetAttribute (at most 227 KiB, an H100's limit);
+// - a call that works on the current context fails with CUDA_ERROR_INVALID_CONTEXT on a thread
+//   that has not made the context current (cuCtxSetCurrent is per thread, as in the driver);
 // - a copy or memset must lie inside one allocation;
 // - new allocations are filled with 0xff bytes (NaN as floats), so reading memory nothing wrote
 //   shows up in results, and every allocation is followed by a guard zone that is checked after
@@ -45,6 +47,7 @@ constexpr CUresult CUDA_ERROR_OUT_OF_MEMORY = 2;
 constexpr CUresult CUDA_ERROR_NOT_INITIALIZED = 3;
 constexpr CUresult CUDA_ERROR_INVALID_DEVICE = 101;
 constexpr CUresult CUDA_ERROR_INVALID_IMAGE = 200;
+constexpr CUresult CUDA_ERROR_INVALID_CONTEXT = 201;
 constexpr CUresult CUDA_ERROR_INVALID_HANDLE = 400;
 constexpr CUresult CUDA_ERROR_NOT_FOUND = 500;
 constexpr CUresult CUDA_ERROR_ILLEGAL_ADDRESS = 700;
@@ -136,6 +139,17 @@ bool guards_intact(const char* after) {
 
 CUresult status() { return initialised ? sticky : CUDA_ERROR_NOT_INITIALIZED; }
 
+// The state of the calling thread for a call that works on the current context: as the driver,
+// a thread that never made the context current gets CUDA_ERROR_INVALID_CONTEXT.
+CUresult status_in_context(const char* call) {
+    if (CUresult s = status()) return s;
+    if (current_context == nullptr) {
+        std::fprintf(stderr, "cuda model: %s on a thread with no current context\n", call);
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
+    return CUDA_SUCCESS;
+}
+
 }  // namespace
 
 namespace model {
@@ -155,6 +169,8 @@ bool check_range(uint64_t addr, size_t bytes, const char* what) {
                  what, bytes, (unsigned long long)addr);
     return false;
 }
+
+bool has_context(const char* call) { return status_in_context(call) == CUDA_SUCCESS; }
 
 void lock() { big_lock.lock(); }
 void unlock() { big_lock.unlock(); }
@@ -176,6 +192,7 @@ CUresult cuGetErrorName(CUresult e, const char** out) {
         case CUDA_ERROR_NOT_INITIALIZED: *out = "CUDA_ERROR_NOT_INITIALIZED"; break;
         case CUDA_ERROR_INVALID_DEVICE: *out = "CUDA_ERROR_INVALID_DEVICE"; break;
         case CUDA_ERROR_INVALID_IMAGE: *out = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case CUDA_ERROR_INVALID_CONTEXT: *out = "CUDA_ERROR_INVALID_CONTEXT"; break;
         case CUDA_ERROR_INVALID_HANDLE: *out = "CUDA_ERROR_INVALID_HANDLE"; break;
         case CUDA_ERROR_NOT_FOUND: *out = "CUDA_ERROR_NOT_FOUND"; break;
         case CUDA_ERROR_ILLEGAL_ADDRESS: *out = "CUDA_ERROR_ILLEGAL_ADDRESS"; break;
@@ -289,7 +306,7 @@ CUresult cuCtxGetCurrent(void** ctx) {
 
 CUresult cuCtxSynchronize() {
     Guard g;
-    return status();
+    return status_in_context("cuCtxSynchronize");
 }
 
 // ---- memory ----
@@ -297,6 +314,7 @@ CUresult cuCtxSynchronize() {
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     Guard g;
     if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
+    if (CUresult s = status_in_context("cuMemGetInfo")) return s;
     *total = TOTAL_MEMORY;
     *free_bytes = TOTAL_MEMORY - allocated;
     return status();
@@ -305,7 +323,7 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 CUresult cuMemAlloc_v2(uint64_t* dptr, size_t bytes) {
     Guard g;
     if (!dptr || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuMemAlloc")) return s;
     if (bytes > TOTAL_MEMORY - allocated) return CUDA_ERROR_OUT_OF_MEMORY;
     const size_t padded = (bytes + GUARD + 255) / 256 * 256;
     auto* p = static_cast<unsigned char*>(std::aligned_alloc(256, padded));
@@ -338,7 +356,7 @@ CUresult cuMemFreeAsync(uint64_t dptr, void*) { return cuMemFree_v2(dptr); }
 
 CUresult cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
     Guard g;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuMemcpyHtoD")) return s;
     if (bytes == 0) return CUDA_SUCCESS;
     if (!src || !model::check_range(dst, bytes, "host-to-device copy")) return CUDA_ERROR_INVALID_VALUE;
     trace_line("htod", bytes);
@@ -348,7 +366,7 @@ CUresult cuMemcpyHtoD_v2(uint64_t dst, const void* src, size_t bytes) {
 
 CUresult cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
     Guard g;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuMemcpyDtoH")) return s;
     if (bytes == 0) return CUDA_SUCCESS;
     if (!dst || !model::check_range(src, bytes, "device-to-host copy")) return CUDA_ERROR_INVALID_VALUE;
     trace_line("dtoh", bytes);
@@ -358,7 +376,7 @@ CUresult cuMemcpyDtoH_v2(void* dst, uint64_t src, size_t bytes) {
 
 CUresult cuMemcpyDtoD_v2(uint64_t dst, uint64_t src, size_t bytes) {
     Guard g;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuMemcpyDtoD")) return s;
     if (bytes == 0) return CUDA_SUCCESS;
     if (!model::check_range(src, bytes, "device-to-device copy (source)") ||
         !model::check_range(dst, bytes, "device-to-device copy (destination)"))
@@ -379,7 +397,7 @@ CUresult cuMemcpyDtoDAsync_v2(uint64_t dst, uint64_t src, size_t bytes, void*) {
 
 CUresult cuMemsetD8_v2(uint64_t dst, unsigned char value, size_t n) {
     Guard g;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuMemsetD8")) return s;
     if (n == 0) return CUDA_SUCCESS;
     if (!model::check_range(dst, n, "memset")) return CUDA_ERROR_INVALID_VALUE;
     std::memset(reinterpret_cast<void*>(dst), value, n);
@@ -405,7 +423,7 @@ CUresult cuStreamDestroy_v2(void* stream) {
 
 CUresult cuStreamSynchronize(void*) {
     Guard g;
-    return status();
+    return status_in_context("cuStreamSynchronize");
 }
 
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
@@ -436,7 +454,7 @@ CUresult cuEventElapsedTime(float* ms, void*, void*) {
 CUresult cuModuleLoadData(void** module, const void* image) {
     Guard g;
     if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuModuleLoadData")) return s;
     const std::string_view ptx(static_cast<const char*>(image));
     auto m = std::make_unique<Module>();
     // Entries: `.entry NAME(` followed by `.param` lines up to the closing `)`.
@@ -517,7 +535,7 @@ CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned gz, u
                         unsigned by, unsigned bz, unsigned smem, void*, void** params,
                         void** extra) {
     Guard g;
-    if (CUresult s = status()) return s;
+    if (CUresult s = status_in_context("cuLaunchKernel")) return s;
     if (!function) return CUDA_ERROR_INVALID_HANDLE;
     auto* f = static_cast<Function*>(function);
     const char* name = f->kernel->name;

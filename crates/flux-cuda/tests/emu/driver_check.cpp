@@ -9,9 +9,12 @@
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
+#include <thread>
 
 extern "C" {
 int cuInit(unsigned);
+int cuDevicePrimaryCtxRetain(void**, int);
+int cuCtxSetCurrent(void*);
 int cuMemAlloc_v2(uint64_t*, size_t);
 int cuMemFree_v2(uint64_t);
 int cuMemcpyHtoD_v2(uint64_t, const void*, size_t);
@@ -230,6 +233,16 @@ void driver_checks() {
 
 int main() {
     expect_code(cuInit(0), 0, "cuInit");
+    uint64_t p = 0;
+    expect_code(cuMemAlloc_v2(&p, 4), 201, "an allocation before any context is current");
+    void* ctx = nullptr;
+    expect_code(cuDevicePrimaryCtxRetain(&ctx, 0), 0, "retaining the primary context");
+    expect_code(cuCtxSetCurrent(ctx), 0, "making it current");
+    expect_code(cuMemAlloc_v2(&p, 4), 0, "an allocation with the context current");
+    // The context is current per thread, as in the driver.
+    int other = -1;
+    std::thread([&] { other = cuMemAlloc_v2(&p, 4); }).join();
+    expect_code(other, 201, "an allocation on another thread, where it is not current");
     blas_checks();
     driver_checks();
     std::printf("driver model: %d checks, %d failed\n", checks, failed);

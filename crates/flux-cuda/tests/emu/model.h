@@ -13,6 +13,10 @@ namespace model {
 // message naming `what` to stderr and returns false.
 bool check_range(uint64_t addr, size_t bytes, const char* what);
 
+// True when the calling thread has the context current (and no sticky error is pending);
+// otherwise prints a message naming `call` and returns false.
+bool has_context(const char* call);
+
 // Serialises every entry point: the execution model keeps its state in globals.
 void lock();
 void unlock();
