@@ -1,7 +1,8 @@
-//! The host traffic of the CUDA backend's sampler loops, read from the trace of the CPU model
-//! of the CUDA libraries (`examples/cuda_model.rs`, `FLUX_CUDA_MODEL_TRACE_DIR`): a sampler
-//! step must never copy the latent to the host (only the scalars of reductions come back,
-//! and host-drawn noise goes up), so the whole loop stays on the device.
+//! The host traffic of the CUDA backend, read from the trace of the CPU model of the CUDA
+//! libraries (`examples/cuda_model.rs`, `FLUX_CUDA_MODEL_TRACE_DIR`): a sampler step must never
+//! copy the latent to the host (only the scalars of reductions come back, and host-drawn noise
+//! goes up), so the whole loop stays on the device; and a transformer forward is queued on the
+//! stream without a synchronisation or a copy back to the host.
 //!
 //! Runs only on that model (the trace is its feature): ignored elsewhere, run by `.ci/run` with
 //! `--run-ignored only` and the trace folder set; where it is run without them it fails
@@ -9,6 +10,8 @@
 
 use flux_cuda::Cuda;
 use flux_kernels::{Backend, DType, HostData, SamplerOps, Tensor};
+use flux_model::random::random_weights;
+use flux_model::transformer::{FluxConfig, FluxInputs, FluxTransformer};
 use flux_samplers::noise::reference_noise;
 use flux_samplers::{Denoised, Denoiser, SampleContext, Sampler, SamplerOptions, sample};
 use flux_schedulers::ModelSampling;
@@ -32,7 +35,7 @@ impl<B: Backend> Denoiser<B> for OnDevice {
     }
 }
 
-/// One line of the trace: `dtoh BYTES`, `htod BYTES` or `launch BLOCKS NAME`.
+/// One line of the trace: `dtoh BYTES`, `htod BYTES`, `sync 0` or `launch BLOCKS NAME`.
 struct Event {
     kind: String,
     bytes: usize,
@@ -61,15 +64,21 @@ fn events_since(from: usize) -> (Vec<Event>, usize) {
     (events, text.len())
 }
 
-#[test]
-#[ignore = "needs the CPU model of the CUDA libraries (examples/cuda_model.rs) and FLUX_CUDA_MODEL_TRACE_DIR"]
-fn sampler_steps_do_not_copy_the_latent_to_the_host() {
+/// The backend, on the model (the trace is its feature).
+fn model_backend() -> Cuda {
     let be = Cuda::new().unwrap_or_else(|e| panic!("no CUDA backend: {e}"));
     assert!(
         be.device_name().contains("CPU model of CUDA"),
         "this test reads the trace of the CPU model of the CUDA libraries, not a GPU ({})",
         be.device_name()
     );
+    be
+}
+
+#[test]
+#[ignore = "needs the CPU model of the CUDA libraries (examples/cuda_model.rs) and FLUX_CUDA_MODEL_TRACE_DIR"]
+fn sampler_steps_do_not_copy_the_latent_to_the_host() {
+    let be = model_backend();
     let shape = [1usize, 16, 32, 32];
     let n: usize = shape.iter().product();
     let latent_bytes = n * 4;
@@ -131,4 +140,74 @@ fn sampler_steps_do_not_copy_the_latent_to_the_host() {
         );
         at = end2;
     }
+}
+
+#[test]
+#[ignore = "needs the CPU model of the CUDA libraries (examples/cuda_model.rs) and FLUX_CUDA_MODEL_TRACE_DIR"]
+fn a_transformer_forward_never_waits_for_the_device() {
+    let be = model_backend();
+    // flux-dev's structure at a small width (two double and two single blocks).
+    let cfg = FluxConfig {
+        vec_in_dim: 32,
+        context_in_dim: 48,
+        hidden_size: 128,
+        mlp_hidden: 256,
+        num_heads: 2,
+        depth: 2,
+        depth_single: 2,
+        axes_dim: vec![8, 28, 28],
+        ..FluxConfig::dev()
+    };
+    let w = random_weights(&cfg, DType::BF16, 3).expect("random weights");
+    let model = FluxTransformer::load_with_config(&be, &w, cfg.clone(), DType::F32)
+        .expect("loading the transformer");
+    let (li, lt) = (36usize, 7usize);
+    let up = |n: usize, shape: &[usize]| {
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+            .collect();
+        be.upload(HostData::F32(&v), shape, DType::F32)
+            .expect("upload")
+    };
+    let img = up(li * 64, &[1, li, 64]);
+    let txt = up(lt * cfg.context_in_dim, &[1, lt, cfg.context_in_dim]);
+    let y = up(cfg.vec_in_dim, &[1, cfg.vec_in_dim]);
+    let img_ids: Vec<f64> = (0..li)
+        .flat_map(|t| [0.0, (t / 6) as f64, (t % 6) as f64])
+        .collect();
+    let txt_ids = vec![0.0; lt * 3];
+    let inp = FluxInputs {
+        img: &img,
+        img_ids: &img_ids,
+        txt: &txt,
+        txt_ids: &txt_ids,
+        timesteps: &[0.5],
+        y: &y,
+        guidance: Some(&[3.5]),
+    };
+    // The first forward may upload tables (RoPE, ids); the second is the steady state.
+    model.forward(&be, &inp).expect("forward");
+    let (_, at) = events_since(0);
+    let out = model.forward(&be, &inp).expect("forward");
+    let (events, end) = events_since(at);
+    let count = |kind: &str| events.iter().filter(|e| e.kind == kind).count();
+    assert!(
+        count("launch") > 20,
+        "only {} launches in a forward",
+        count("launch")
+    );
+    assert_eq!(count("sync"), 0, "a forward synchronised with the device");
+    assert_eq!(count("dtoh"), 0, "a forward copied data back to the host");
+    println!(
+        "forward: {} launches, {} host-to-device copies, no sync, no device-to-host copy",
+        count("launch"),
+        count("htod")
+    );
+    // The detector sees a synchronising download when there is one.
+    be.download_f64(&out).expect("download");
+    let (events, _) = events_since(end);
+    assert!(
+        events.iter().any(|e| e.kind == "dtoh"),
+        "the trace missed the download"
+    );
 }

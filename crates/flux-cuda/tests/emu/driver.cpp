@@ -110,7 +110,7 @@ CUresult sticky = CUDA_SUCCESS;
 bool initialised = false;
 int context_token = 0;
 thread_local void* current_context = nullptr;
-// FLUX_CUDA_MODEL_TRACE_DIR set: every copy and launch is logged, one line each, to
+// FLUX_CUDA_MODEL_TRACE_DIR set: every copy, launch and synchronisation is logged, one line each, to
 // DIR/trace-PID.txt (for tests of what a run transfers).
 FILE* trace = nullptr;
 
@@ -273,7 +273,7 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, int dev) {
         case 75: *value = 9; break;             // compute capability major
         case 76: *value = 0; break;             // compute capability minor
         case 97: *value = MAX_DYNAMIC_SMEM_OPTIN; break;  // shared memory per block, opt-in
-        case 115: *value = 0; break;            // memory pools: no (plain cuMemAlloc)
+        case 115: *value = 1; break;            // memory pools: yes (stream-ordered alloc/free, as on an H100)
         default: *value = 0; break;
     }
     return CUDA_SUCCESS;
@@ -306,6 +306,7 @@ CUresult cuCtxGetCurrent(void** ctx) {
 
 CUresult cuCtxSynchronize() {
     Guard g;
+    trace_line("sync", 0);
     return status_in_context("cuCtxSynchronize");
 }
 
@@ -423,6 +424,7 @@ CUresult cuStreamDestroy_v2(void* stream) {
 
 CUresult cuStreamSynchronize(void*) {
     Guard g;
+    trace_line("sync", 0);
     return status_in_context("cuStreamSynchronize");
 }
 
