@@ -120,8 +120,11 @@ pub const CUDA_LINEAR_ENV: &str = "FLUX_CUDA_LINEAR";
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CudaLinear {
+    /// Weights widened to f32, an f32 GEMM (exact).
     F32,
+    /// bf16 tensor cores, activations rounded to bf16.
     Bf16,
+    /// fp8 tensor cores for fp8 weights, activations quantised to e4m3.
     Fp8,
 }
 

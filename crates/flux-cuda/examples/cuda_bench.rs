@@ -244,9 +244,7 @@ fn model_step(cuda: &Cuda, sz: Sizes) -> Result<(), String> {
     let (ctx, vec) = (cfg.context_in_dim, cfg.vec_in_dim);
     let txt = up(pseudo_random(lt * ctx, 22), &[1, lt, ctx])?;
     let y = up(pseudo_random(vec, 23), &[1, vec])?;
-    let img_ids: Vec<f64> = (0..li)
-        .flat_map(|t| [0.0, (t / side) as f64, (t % side) as f64])
-        .collect();
+    let img_ids = flux_model::denoiser::img_ids(1, side, side);
     let txt_ids = vec![0.0; lt * 3];
     let inp = FluxInputs {
         img: &img,

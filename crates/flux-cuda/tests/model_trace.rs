@@ -172,9 +172,7 @@ fn a_transformer_forward_never_waits_for_the_device() {
     let img = up(li * 64, &[1, li, 64]);
     let txt = up(lt * cfg.context_in_dim, &[1, lt, cfg.context_in_dim]);
     let y = up(cfg.vec_in_dim, &[1, cfg.vec_in_dim]);
-    let img_ids: Vec<f64> = (0..li)
-        .flat_map(|t| [0.0, (t / 6) as f64, (t % 6) as f64])
-        .collect();
+    let img_ids = flux_model::denoiser::img_ids(1, 6, 6);
     let txt_ids = vec![0.0; lt * 3];
     let inp = FluxInputs {
         img: &img,
