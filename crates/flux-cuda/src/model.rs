@@ -51,6 +51,20 @@ impl Cuda {
         }
     }
 
+    /// The shapes of a modulation of `x` and its shift and scale as operands of `x`'s dtype
+    /// (shared by `modulate` and the fused `layer_norm_modulate`).
+    fn modulation_operands<'a>(
+        &self,
+        x: &Tensor<Cuda>,
+        shift: &'a Tensor<Cuda>,
+        scale: &'a Tensor<Cuda>,
+    ) -> Result<(shapes::ModulateDims, Operand<'a>, Operand<'a>)> {
+        let dims = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
+        let sh = self.operand_as(shift, x.dtype())?;
+        let sc = self.operand_as(scale, x.dtype())?;
+        Ok((dims, sh, sc))
+    }
+
     /// `t` as a plain compute tensor: borrowed when f32/f64, else widened to `fallback`.
     pub(crate) fn compute_operand<'a>(
         &self,
@@ -761,15 +775,17 @@ impl ModelOps for Cuda {
         scale: &Tensor<Self>,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("modulate", x)?;
-        let shapes::ModulateDims {
-            l,
-            c,
-            shift_shared: sh_shared,
-            scale_shared: sc_shared,
-            ..
-        } = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
-        let sh = self.operand_as(shift, x.dtype())?;
-        let sc = self.operand_as(scale, x.dtype())?;
+        let (
+            shapes::ModulateDims {
+                l,
+                c,
+                shift_shared: sh_shared,
+                scale_shared: sc_shared,
+                ..
+            },
+            sh,
+            sc,
+        ) = self.modulation_operands(x, shift, scale)?;
         let n = x.numel();
         self.unary(
             &format!("modulate_{s}"),
@@ -796,15 +812,17 @@ impl ModelOps for Cuda {
         eps: f64,
     ) -> Result<Tensor<Self>> {
         let s = Self::act("layer_norm_modulate", x)?;
-        let shapes::ModulateDims {
-            l,
-            c,
-            shift_shared: sh_shared,
-            scale_shared: sc_shared,
-            ..
-        } = shapes::modulate(x.shape(), shift.shape(), scale.shape())?;
-        let sh = self.operand_as(shift, x.dtype())?;
-        let sc = self.operand_as(scale, x.dtype())?;
+        let (
+            shapes::ModulateDims {
+                l,
+                c,
+                shift_shared: sh_shared,
+                scale_shared: sc_shared,
+                ..
+            },
+            sh,
+            sc,
+        ) = self.modulation_operands(x, shift, scale)?;
         let rows = x.numel().checked_div(c).unwrap_or(0);
         self.unary(
             &format!("layer_norm_modulate_{s}"),

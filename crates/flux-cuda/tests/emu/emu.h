@@ -18,6 +18,7 @@
 #pragma once
 
 #include <array>
+#include <bit>
 #include <deque>
 #include <cmath>
 #include <cstdint>
@@ -241,12 +242,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel) {
 
 // ---- sm_80 warp-level operations of the tensor-core attention, from the PTX ISA ----
 
-inline float bf16_bits_to_float(uint32_t h) {
-    const uint32_t u = h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+inline float bf16_bits_to_float(uint32_t h) { return std::bit_cast<float>(h << 16); }
 
 inline uint16_t float_to_bf16_bits(float f) {
     uint32_t u;
@@ -370,21 +366,9 @@ T __shfl_sync(unsigned, T v, int src_lane) {
     return emu::shuffle_from(v, (unsigned)src_lane);
 }
 
-inline float __int_as_float(int v) {
-    float f;
-    std::memcpy(&f, &v, 4);
-    return f;
-}
-inline float __uint_as_float(unsigned v) {
-    float f;
-    std::memcpy(&f, &v, 4);
-    return f;
-}
-inline unsigned __float_as_uint(float f) {
-    unsigned v;
-    std::memcpy(&v, &f, 4);
-    return v;
-}
+inline float __int_as_float(int v) { return std::bit_cast<float>(v); }
+inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
+inline unsigned __float_as_uint(float f) { return std::bit_cast<unsigned>(f); }
 
 // Round-to-nearest-even float -> IEEE half bits (what `cvt.rn.f16.f32` computes).
 inline unsigned short flux_emu_f32_to_f16(float f) {
