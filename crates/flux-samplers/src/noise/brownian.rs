@@ -12,7 +12,7 @@
 
 use super::NoiseSource;
 use super::seed_sequence::SeedSequence;
-use super::torch::{HostNoise, TorchGenerator};
+use super::torch::{HostNoise, TorchGenerator, box_muller_blocks_f32, box_muller_blocks_f64};
 use crate::{Result, SamplerError};
 use flux_kernels::{Backend, DType, Tensor};
 use rayon::prelude::*;
@@ -76,12 +76,62 @@ trait Real:
     fn abs(self) -> Self;
     /// `torch.randn(numel, generator=torch.manual_seed(seed))` in this type.
     fn randn(seed: u32, numel: usize) -> Vec<Self>;
+    /// Fills `out` with `generator`'s next uniforms of this type and returns it initialised.
+    fn uniforms<'a>(
+        generator: &mut TorchGenerator,
+        out: &'a mut [MaybeUninit<Self>],
+    ) -> &'a mut [Self];
+    /// Converts whole blocks of 16 uniforms to normals in place, as a large `randn` does.
+    fn box_muller_blocks(chunk: &mut [Self]);
+    /// One piece of a Brownian bridge with coefficients `(l, 1 / h, s)` (see
+    /// [`Tree::bridge`]): `left = l w (1 / h) + s z` overwrites `z`, `right = w - left`.
+    fn bridge_halves(
+        z: &mut [Self],
+        right: &mut [MaybeUninit<Self>],
+        w: &[Self],
+        c: (Self, Self, Self),
+    );
+    /// `out[i] = out[i] + v[i]`.
+    fn add_assign(out: &mut [Self], v: &[Self]);
     /// Wraps host values.
     fn host(v: Vec<Self>) -> HostNoise;
 }
 
+/// The elementwise kernels of [`Real`] for one type, compiled for AVX-512 and AVX2 too (the
+/// same IEEE operations in the same order: Rust never fuses a multiply and an add, so the
+/// values do not depend on the instruction set).
+macro_rules! elementwise_kernels {
+    ($t:ty) => {
+        fn bridge_halves(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
+            #[allow(clippy::inline_always)] // compiled once per instruction set below
+            #[inline(always)]
+            fn body(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
+                let (ld, hr, sd) = c;
+                for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
+                    let left = ld * wi * hr + sd * *z;
+                    *z = left;
+                    r.write(wi - left);
+                }
+            }
+            flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) -> ());
+        }
+
+        fn add_assign(out: &mut [$t], v: &[$t]) {
+            #[allow(clippy::inline_always)] // compiled once per instruction set below
+            #[inline(always)]
+            fn body(out: &mut [$t], v: &[$t]) {
+                for (o, &x) in out.iter_mut().zip(v) {
+                    *o += x;
+                }
+            }
+            flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [$t], v: &[$t]) -> ());
+        }
+    };
+}
+
 impl Real for f64 {
     const ZERO: Self = 0.0;
+    elementwise_kernels!(f64);
     fn from_f64(x: f64) -> Self {
         x
     }
@@ -94,6 +144,15 @@ impl Real for f64 {
     fn randn(seed: u32, numel: usize) -> Vec<Self> {
         TorchGenerator::new(u64::from(seed)).randn_f64(numel)
     }
+    fn uniforms<'a>(
+        generator: &mut TorchGenerator,
+        out: &'a mut [MaybeUninit<Self>],
+    ) -> &'a mut [Self] {
+        generator.fill_uniforms_f64(out)
+    }
+    fn box_muller_blocks(chunk: &mut [Self]) {
+        box_muller_blocks_f64(chunk);
+    }
     fn host(v: Vec<Self>) -> HostNoise {
         HostNoise::F64(v)
     }
@@ -101,6 +160,7 @@ impl Real for f64 {
 
 impl Real for f32 {
     const ZERO: Self = 0.0;
+    elementwise_kernels!(f32);
     fn from_f64(x: f64) -> Self {
         x as f32
     }
@@ -113,10 +173,22 @@ impl Real for f32 {
     fn randn(seed: u32, numel: usize) -> Vec<Self> {
         TorchGenerator::new(u64::from(seed)).randn_f32(numel)
     }
+    fn uniforms<'a>(
+        generator: &mut TorchGenerator,
+        out: &'a mut [MaybeUninit<Self>],
+    ) -> &'a mut [Self] {
+        generator.fill_uniforms_f32(out)
+    }
+    fn box_muller_blocks(chunk: &mut [Self]) {
+        box_muller_blocks_f32(chunk);
+    }
     fn host(v: Vec<Self>) -> HostNoise {
         HostNoise::F32(v)
     }
 }
+
+/// `randn` converts its uniforms in independent blocks of this many.
+const BLOCK: usize = 16;
 
 /// Below this many elements the tree's elementwise passes stay on the calling thread.
 const PAR_ELEMENTS: usize = 1 << 15;
@@ -177,9 +249,7 @@ fn combine<T: Real>(tiles: &[Arc<Vec<T>>], numel: usize, negate: bool, scale: Op
         #[allow(unsafe_code)]
         let piece = unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<T>]>(piece) as *mut [T]) };
         for t in rest {
-            for (o, &v) in piece.iter_mut().zip(&t[at..end]) {
-                *o = *o + v;
-            }
+            T::add_assign(piece, &t[at..end]);
         }
         if negate {
             for o in piece.iter_mut() {
@@ -194,6 +264,126 @@ fn combine<T: Real>(tiles: &[Arc<Vec<T>>], numel: usize, negate: bool, scale: Op
     })
 }
 
+/// Where a fused query reads an increment: a known tensor, or the left or right half of the
+/// pass's `k`-th split.
+enum Source<T> {
+    Known(Arc<Vec<T>>),
+    Left(usize),
+    Right(usize),
+}
+
+/// A split's bridge in a fused query: where its increment comes from, and
+/// `(l, 1 / h, sqrt(l r / h))` (see [`Tree::bridge`]).
+struct SplitPlan<T> {
+    parent: Source<T>,
+    coefficients: (T, T, T),
+}
+
+/// What the task of one piece of a fused query needs besides its buffers.
+struct FusedPiece<'a, T> {
+    /// The piece's first element.
+    at: usize,
+    plans: &'a [SplitPlan<T>],
+    tiles: &'a [Source<T>],
+    negate: bool,
+    scale: Option<T>,
+}
+
+/// The elements `at .. at + len` of `src`, given the piece's left halves `lefts` and finished
+/// right halves `rights`.
+fn source_piece<'s, T>(
+    src: &'s Source<T>,
+    at: usize,
+    len: usize,
+    lefts: &'s [&mut [T]],
+    rights: &'s [&[T]],
+) -> &'s [T] {
+    match src {
+        Source::Known(v) => &v[at..at + len],
+        Source::Left(j) => &*lefts[*j],
+        Source::Right(j) => rights[*j],
+    }
+}
+
+/// The first `n` elements of the spare capacity of each of `buffers`, cut into pieces of
+/// [`PIECE`] and gathered per piece: `result[piece][buffer]`.
+fn gather_pieces<T>(buffers: &mut [Vec<T>], n: usize) -> Vec<Vec<&mut [MaybeUninit<T>]>> {
+    let mut gathered: Vec<Vec<&mut [MaybeUninit<T>]>> = (0..n.div_ceil(PIECE))
+        .map(|_| Vec::with_capacity(buffers.len()))
+        .collect();
+    for b in buffers {
+        for (piece, chunk) in b.spare_capacity_mut()[..n].chunks_mut(PIECE).enumerate() {
+            gathered[piece].push(chunk);
+        }
+    }
+    gathered
+}
+
+impl<T: Real> FusedPiece<'_, T> {
+    /// Converts the splits' uniforms `zs` to normals, overwrites each with the split's left
+    /// half and writes its right half into `rights`, parents first, then writes the query's
+    /// value into `out`: the operations of [`Tree::bridge`] and [`combine`], element by
+    /// element in the same order.
+    fn run(
+        &self,
+        mut zs: Vec<&mut [T]>,
+        rights: Vec<&mut [MaybeUninit<T>]>,
+        out: &mut [MaybeUninit<T>],
+    ) {
+        let (at, len) = (self.at, out.len());
+        let mut done: Vec<&[T]> = Vec::with_capacity(rights.len());
+        for (k, (plan, right)) in self.plans.iter().zip(rights).enumerate() {
+            let (before, rest) = zs.split_at_mut(k);
+            let z = &mut *rest[0];
+            T::box_muller_blocks(z);
+            let w: &[T] = match &plan.parent {
+                Source::Known(v) => &v[at..at + len],
+                Source::Left(j) => &*before[*j],
+                Source::Right(j) => done[*j],
+            };
+            T::bridge_halves(z, right, w, plan.coefficients);
+            // SAFETY: the loop above wrote every element (`right`, `z` and `w` are the piece's
+            // `len` elements); `MaybeUninit<T>` has the layout of `T`.
+            #[allow(unsafe_code)]
+            done.push(unsafe { &*(std::ptr::from_mut::<[MaybeUninit<T>]>(right) as *const [T]) });
+        }
+        let tile = |src| source_piece(src, at, len, &zs, &done);
+        // As in `combine`: an empty sum is zero, still negated and scaled.
+        let (first, rest) = self
+            .tiles
+            .split_first()
+            .map_or((None, self.tiles), |(f, r)| (Some(f), r));
+        match first {
+            Some(f) => {
+                for (o, &v) in out.iter_mut().zip(tile(f)) {
+                    o.write(v);
+                }
+            }
+            None => {
+                for o in out.iter_mut() {
+                    o.write(T::ZERO);
+                }
+            }
+        }
+        // SAFETY: every element of `out` was written just above.
+        #[allow(unsafe_code)]
+        let out = unsafe { &mut *(std::ptr::from_mut::<[MaybeUninit<T>]>(out) as *mut [T]) };
+        for t in rest {
+            T::add_assign(out, tile(t));
+        }
+        if self.negate {
+            for o in out.iter_mut() {
+                *o = -*o;
+            }
+        }
+        if let Some(s) = self.scale {
+            for o in out.iter_mut() {
+                *o = *o / s;
+            }
+        }
+    }
+}
+
 /// One torchsde `BrownianTree` of a fixed shape, computing in `T`.
 struct Tree<T> {
     entropy: u64,
@@ -203,6 +393,13 @@ struct Tree<T> {
     top: Arc<Vec<T>>,
     cache: HashMap<usize, (Arc<Vec<T>>, u64)>,
     tick: u64,
+    /// Allocations of evicted increments, reused for the halves of new splits: once the cache
+    /// is full a query evicts about as many tensors as it makes, so in the steady state it
+    /// touches no fresh memory (each fresh page costs a fault and a zeroing pass).
+    spare: Vec<Vec<T>>,
+    /// Whether queries take the fused path ([`Tree::fused_query`]) where it applies; the
+    /// separate passes stay as its reference (and for sizes it does not cover).
+    fused: bool,
 }
 
 impl<T> std::fmt::Debug for Tree<T> {
@@ -239,6 +436,8 @@ impl<T: Real> Tree<T> {
             top: Arc::new(top),
             cache: HashMap::new(),
             tick: 0,
+            spare: Vec::new(),
+            fused: true,
         }
     }
 
@@ -341,16 +540,7 @@ impl<T: Real> Tree<T> {
         for &id in ids {
             self.plan(id, &mut have, &mut todo);
         }
-        // The split nodes whose draws are needed, each once, ancestors first (`todo` lists a
-        // node after its ancestors, so its parent's first appearance follows theirs).
-        let mut splits: Vec<usize> = Vec::new();
-        for &id in &todo {
-            if let Some(p) = self.nodes[id].parent
-                && !splits.contains(&p)
-            {
-                splits.push(p);
-            }
-        }
+        let splits = self.splits_of(&todo);
         // A few draws in flight per worker keeps both the pool busy and the scratch bounded.
         let batch = 2 * rayon::current_num_threads().max(1);
         for group in splits.chunks(batch) {
@@ -378,6 +568,41 @@ impl<T: Real> Tree<T> {
                     .map_or_else(|| Arc::clone(&self.top), Arc::clone)
             })
             .collect()
+    }
+
+    /// Whether queries take [`Tree::fused_query`]: it needs whole blocks of 16 elements.
+    fn fuses(&self) -> bool {
+        self.fused && self.numel >= BLOCK && self.numel.is_multiple_of(BLOCK)
+    }
+
+    /// The split nodes whose draws the nodes `todo` need, each once, ancestors first (`todo`
+    /// lists a node after its ancestors, so its parent's first appearance follows theirs).
+    fn splits_of(&self, todo: &[usize]) -> Vec<usize> {
+        let mut splits: Vec<usize> = Vec::new();
+        for &id in todo {
+            if let Some(p) = self.nodes[id].parent
+                && !splits.contains(&p)
+            {
+                splits.push(p);
+            }
+        }
+        splits
+    }
+
+    /// The Brownian bridge of split node `p` in this precision: `(l, 1 / h, sqrt(l r / h))`
+    /// for its halves of lengths `l` and `r` (`h = l + r`), or `None` if `p` is not split.
+    fn bridge_coefficients(&self, p: usize) -> Option<(T, T, T)> {
+        let parent = &self.nodes[p];
+        let split = parent.split?;
+        let h_reciprocal = 1.0 / (parent.end - parent.start);
+        let left_diff = split.midway - parent.start;
+        let right_diff = parent.end - split.midway;
+        let std = (left_diff * right_diff * h_reciprocal).sqrt();
+        Some((
+            T::from_f64(left_diff),
+            T::from_f64(h_reciprocal),
+            T::from_f64(std),
+        ))
     }
 
     /// Finds `id`'s increment in the cache, or lists it (after its missing ancestors) in `todo`.
@@ -413,28 +638,14 @@ impl<T: Real> Tree<T> {
         mut z: Vec<T>,
         have: &HashMap<usize, Arc<Vec<T>>>,
     ) -> (Vec<T>, Vec<T>) {
-        let parent = &self.nodes[p];
         let w = have.get(&p).unwrap_or(&self.top);
-        let Some(split) = parent.split else {
+        let Some((ld, hr, sd)) = self.bridge_coefficients(p) else {
             return (w.as_ref().clone(), vec![T::ZERO; self.numel]);
         };
-        let h_reciprocal = 1.0 / (parent.end - parent.start);
-        let left_diff = split.midway - parent.start;
-        let right_diff = parent.end - split.midway;
-        let std = (left_diff * right_diff * h_reciprocal).sqrt();
-        let (ld, hr, sd) = (
-            T::from_f64(left_diff),
-            T::from_f64(h_reciprocal),
-            T::from_f64(std),
-        );
         // One pass: the left half overwrites the draw, the right half (a new vector, written
         // once) is the parent's increment minus it.
         let halves = |z: &mut [T], right: &mut [MaybeUninit<T>], w: &[T]| {
-            for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
-                let left = ld * wi * hr + sd * *z;
-                *z = left;
-                r.write(wi - left);
-            }
+            T::bridge_halves(z, right, w, (ld, hr, sd));
         };
         let n = self.numel;
         // Every increment and draw of a tree has its `numel` elements; the write-once pass
@@ -475,15 +686,20 @@ impl<T: Real> Tree<T> {
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(k, _)| *k)
+            && let Some((w, _)) = self.cache.remove(&oldest)
+            && self.fuses()
+            && self.spare.len() < CACHE_CAPACITY
+            && let Ok(mut v) = Arc::try_unwrap(w)
         {
-            self.cache.remove(&oldest);
+            v.clear();
+            self.spare.push(v);
         }
         self.cache.insert(id, (w, self.tick));
     }
 
     /// The tree nodes tiling `[ta, tb]` for `ta < tb` (clamped to the tree's interval, as
-    /// torchsde does; empty when the clamped interval is empty), with their increments.
-    fn tiles(&mut self, ta: f64, tb: f64) -> Result<Vec<Arc<Vec<T>>>> {
+    /// torchsde does; empty when the clamped interval is empty).
+    fn tile_ids(&mut self, ta: f64, tb: f64) -> Result<Vec<usize>> {
         let (start, end) = (self.nodes[0].start, self.nodes[0].end);
         let ta = ta.clamp(start, end);
         let tb = tb.clamp(start, end);
@@ -493,19 +709,140 @@ impl<T: Real> Tree<T> {
         let (ta, tb) = (quantise(ta), quantise(tb));
         let mut tiles = Vec::new();
         self.locate(0, ta, tb, &mut tiles)?;
-        Ok(self.increments(&tiles))
+        Ok(tiles)
     }
 
     /// `(W(t1) - W(t0)) / scale` for times in either order (already quantised like float32
     /// queries): the increment over the ordered interval, negated when `t0 > t1`.
     fn signed_query(&mut self, t0: f64, t1: f64, scale: Option<T>) -> Result<Vec<T>> {
         let negate = t0 > t1;
-        let tiles = if negate {
-            self.tiles(t1, t0)?
+        let ids = if negate {
+            self.tile_ids(t1, t0)?
         } else {
-            self.tiles(t0, t1)?
+            self.tile_ids(t0, t1)?
         };
+        if self.fuses() {
+            return Ok(self.fused_query(&ids, negate, scale));
+        }
+        let tiles = self.increments(&ids);
         Ok(combine(&tiles, self.numel, negate, scale))
+    }
+
+    /// [`Tree::increments`] and [`combine`] in one pass over pieces of the elements, for
+    /// trees of a multiple of 16 elements.
+    ///
+    /// The separate passes write each bridge draw, read it back to convert it, read it again
+    /// with the parent's increment to make the two halves and finally read every tile again
+    /// to add them up: about 100 MiB of memory traffic per query on a Flux latent, which
+    /// costs as much as the draws' arithmetic. Here the elements are cut into pieces of
+    /// [`PIECE`]: this thread draws a piece's uniforms from every split's generator in turn
+    /// (each engine is sequential), and a pool task converts them, runs the bridges parents
+    /// first and sums the tiles while the piece is in the core's cache. A `randn` of a
+    /// multiple of 16 elements is its uniforms in order converted in independent blocks of
+    /// 16, so drawing it piece by piece gives the same values; every other operation is
+    /// elementwise and the same as in the separate passes, so the result is bit for bit
+    /// theirs (`fused_and_separate_passes_agree` checks it).
+    fn fused_query(&mut self, ids: &[usize], negate: bool, scale: Option<T>) -> Vec<T> {
+        let mut have: HashMap<usize, Arc<Vec<T>>> = HashMap::new();
+        let mut todo: Vec<usize> = Vec::new();
+        for &id in ids {
+            self.plan(id, &mut have, &mut todo);
+        }
+        let splits = self.splits_of(&todo);
+        let known = |id: usize| {
+            have.get(&id)
+                .map_or_else(|| Arc::clone(&self.top), Arc::clone)
+        };
+        if splits.is_empty() {
+            let tiles: Vec<_> = ids.iter().map(|&id| known(id)).collect();
+            return combine(&tiles, self.numel, negate, scale);
+        }
+        // Where each split's increment and each tile come from: the cache (or the root), or a
+        // half made earlier in this pass (a node in `todo` is a half of a split listed before
+        // any split that needs it).
+        let position: HashMap<usize, usize> =
+            splits.iter().enumerate().map(|(k, &p)| (p, k)).collect();
+        let source = |id: usize| -> Source<T> {
+            if !have.contains_key(&id)
+                && let Some(&k) = self.nodes[id].parent.and_then(|p| position.get(&p))
+            {
+                return if self.nodes[id].is_left {
+                    Source::Left(k)
+                } else {
+                    Source::Right(k)
+                };
+            }
+            Source::Known(known(id))
+        };
+        let mut generators = Vec::with_capacity(splits.len());
+        let mut plans = Vec::with_capacity(splits.len());
+        for &p in &splits {
+            let (seed, coefficients) = match (self.nodes[p].split, self.bridge_coefficients(p)) {
+                (Some(split), Some(c)) => (split.seed, c),
+                // `splits` lists split nodes only.
+                _ => (0, (T::ZERO, T::ZERO, T::ZERO)),
+            };
+            generators.push(TorchGenerator::new(u64::from(seed)));
+            plans.push(SplitPlan {
+                parent: source(p),
+                coefficients,
+            });
+        }
+        let tiles: Vec<Source<T>> = ids.iter().map(|&id| source(id)).collect();
+
+        let n = self.numel;
+        let mut buffer = || {
+            let mut v = self.spare.pop().unwrap_or_default();
+            v.reserve(n);
+            v
+        };
+        let mut lefts: Vec<Vec<T>> = splits.iter().map(|_| buffer()).collect();
+        let mut rights: Vec<Vec<T>> = splits.iter().map(|_| buffer()).collect();
+        let mut out: Vec<T> = Vec::with_capacity(n);
+        {
+            let left_pieces = gather_pieces(&mut lefts, n);
+            let right_pieces = gather_pieces(&mut rights, n);
+            let out_pieces = out.spare_capacity_mut()[..n].chunks_mut(PIECE);
+            let (plans, tiles) = (&plans, &tiles);
+            rayon::scope(|scope| {
+                for (k, ((ls, rs), o)) in left_pieces
+                    .into_iter()
+                    .zip(right_pieces)
+                    .zip(out_pieces)
+                    .enumerate()
+                {
+                    let zs: Vec<&mut [T]> = ls
+                        .into_iter()
+                        .zip(generators.iter_mut())
+                        .map(|(l, g)| T::uniforms(g, l))
+                        .collect();
+                    let piece = FusedPiece {
+                        at: k * PIECE,
+                        plans,
+                        tiles,
+                        negate,
+                        scale,
+                    };
+                    scope.spawn(move |_| piece.run(zs, rs, o));
+                }
+            });
+        }
+        // SAFETY: every buffer has capacity `n`, and each of its pieces was written in full by
+        // `FusedPiece::run` (the pieces cover `0..n`).
+        #[allow(unsafe_code)]
+        unsafe {
+            for v in lefts.iter_mut().chain(rights.iter_mut()) {
+                v.set_len(n);
+            }
+            out.set_len(n);
+        }
+        for ((&p, left), right) in splits.iter().zip(lefts).zip(rights) {
+            if let Some(split) = self.nodes[p].split {
+                self.remember(split.left, Arc::new(left));
+                self.remember(split.right, Arc::new(right));
+            }
+        }
+        out
     }
 
     /// The normalised draw `(W(s1) - W(s0)) / sqrt(|s1 - s0|)` in the tree's precision.
@@ -768,6 +1105,70 @@ mod tests {
                 proptest::prop_assert!((whole[i] - (left[i] + right[i])).abs() < 1e-12);
             }
         }
+    }
+
+    /// The queries of `times` on a fresh tree of `numel` elements, with the fused path on or
+    /// off, as f64 bit patterns (f32 values widen exactly, signed zeros included).
+    fn query_bits<T: Real>(
+        fused: bool,
+        seed: u64,
+        numel: usize,
+        times: &[(f64, f64)],
+    ) -> Vec<Vec<u64>> {
+        let mut tree = Tree::<T>::new(seed, 0.03, 1.0, numel);
+        tree.fused = fused;
+        times
+            .iter()
+            .map(|&(s0, s1)| {
+                let (a, b) = (f64::from(s0 as f32), f64::from(s1 as f32));
+                let v = tree.draw(a, b, s0, s1).unwrap();
+                T::host(v).to_f64().iter().map(|x| x.to_bits()).collect()
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// The fused pass gives bit for bit the values of the separate passes (which the
+        /// reference data checks), over sizes of one to several pieces (the last one partial),
+        /// for successive queries that reuse cached nodes and split new ones.
+        #[test]
+        fn fused_and_separate_passes_agree(
+            seed in 0u64..10_000,
+            blocks in 1usize..1300,
+            times in proptest::collection::vec((0.01f64..1.2, 0.01f64..1.2), 1..5),
+            single in proptest::bool::ANY,
+        ) {
+            let times: Vec<(f64, f64)> =
+                times.into_iter().filter(|(a, b)| (a - b).abs() > 1e-4).collect();
+            let numel = BLOCK * blocks;
+            if single {
+                proptest::prop_assert_eq!(
+                    query_bits::<f32>(true, seed, numel, &times),
+                    query_bits::<f32>(false, seed, numel, &times)
+                );
+            } else {
+                proptest::prop_assert_eq!(
+                    query_bits::<f64>(true, seed, numel, &times),
+                    query_bits::<f64>(false, seed, numel, &times)
+                );
+            }
+        }
+    }
+
+    /// A Flux latent's size (32 pieces) on the sigmas of a 20-step flux-dev schedule, as
+    /// dpmpp_2m_sde queries them.
+    #[test]
+    fn fused_pass_agrees_on_a_flux_latent() {
+        let sigmas = [
+            1.0, 0.9837, 0.9658, 0.946, 0.9239, 0.8992, 0.8713, 0.8397, 0.8035, 0.7617, 0.7129,
+        ];
+        let times: Vec<(f64, f64)> = sigmas.windows(2).map(|w| (w[0], w[1])).collect();
+        let numel = 16 * 128 * 128;
+        assert_eq!(
+            query_bits::<f32>(true, 42, numel, &times),
+            query_bits::<f32>(false, 42, numel, &times)
+        );
     }
 
     #[test]

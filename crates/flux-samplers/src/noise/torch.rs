@@ -142,7 +142,10 @@ impl TorchGenerator {
 
     /// Fills `out` with successive [`TorchGenerator::uniform_f32`] values and returns it as
     /// initialised floats.
-    fn fill_uniforms_f32<'a>(&mut self, out: &'a mut [MaybeUninit<f32>]) -> &'a mut [f32] {
+    pub(crate) fn fill_uniforms_f32<'a>(
+        &mut self,
+        out: &'a mut [MaybeUninit<f32>],
+    ) -> &'a mut [f32] {
         let mut raw = [0u32; UNIFORM_BATCH];
         for out in out.chunks_mut(UNIFORM_BATCH) {
             let raw = &mut raw[..out.len()];
@@ -157,17 +160,36 @@ impl TorchGenerator {
         }
     }
 
+    /// Fills `out` with successive [`TorchGenerator::uniform_f64`] values and returns it as
+    /// initialised floats.
+    pub(crate) fn fill_uniforms_f64<'a>(
+        &mut self,
+        out: &'a mut [MaybeUninit<f64>],
+    ) -> &'a mut [f64] {
+        let mut raw = vec![0u32; 2 * UNIFORM_BATCH.min(out.len())];
+        for out in out.chunks_mut(UNIFORM_BATCH) {
+            let raw = &mut raw[..2 * out.len()];
+            self.engine.fill_u32(raw);
+            for (o, p) in out.iter_mut().zip(raw.chunks_exact(2)) {
+                o.write(uniform_f64_of((u64::from(p[0]) << 32) | u64::from(p[1])));
+            }
+        }
+        // SAFETY: every element was written just above, and `MaybeUninit<f64>` has the layout
+        // of `f64`.
+        #[allow(unsafe_code)]
+        unsafe {
+            &mut *(std::ptr::from_mut::<[MaybeUninit<f64>]>(out) as *mut [f64])
+        }
+    }
+
     /// `numel` successive [`TorchGenerator::uniform_f64`] values.
     fn uniforms_f64(&mut self, numel: usize) -> Vec<f64> {
-        let mut raw = vec![0u32; 2 * UNIFORM_BATCH.min(numel)];
         let mut out = Vec::with_capacity(numel);
-        while out.len() < numel {
-            let raw = &mut raw[..2 * UNIFORM_BATCH.min(numel - out.len())];
-            self.engine.fill_u32(raw);
-            out.extend(
-                raw.chunks_exact(2)
-                    .map(|p| uniform_f64_of((u64::from(p[0]) << 32) | u64::from(p[1]))),
-            );
+        self.fill_uniforms_f64(&mut out.spare_capacity_mut()[..numel]);
+        // SAFETY: the capacity is `numel` and the call above initialised all `numel` elements.
+        #[allow(unsafe_code)]
+        unsafe {
+            out.set_len(numel);
         }
         out
     }
@@ -278,6 +300,20 @@ fn numel_of(shape: &[usize]) -> Result<usize> {
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
         .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} has too many elements")))
+}
+
+/// Converts whole blocks of 16 uniforms to normals in place, as a large `randn` does: a draw
+/// of a multiple of 16 elements is the engine's uniforms in order, converted block by block,
+/// so it can be made in pieces (each a multiple of 16 long) that interleave the uniforms of
+/// several generators with the conversion. `chunk.len()` must be a multiple of 16 (a partial
+/// last block is left as it is).
+pub(crate) fn box_muller_blocks_f32(chunk: &mut [f32]) {
+    convert_chunk(chunk);
+}
+
+/// [`box_muller_blocks_f32`] in double precision.
+pub(crate) fn box_muller_blocks_f64(chunk: &mut [f64]) {
+    convert_chunk(chunk);
 }
 
 /// Uniforms per parallel task when converting large draws (a multiple of [`BLOCK`]).
