@@ -97,95 +97,87 @@ trait Real:
     fn host(v: Vec<Self>) -> HostNoise;
 }
 
-/// The elementwise kernels of [`Real`] for one type, compiled for AVX-512 and AVX2 too (the
-/// same IEEE operations in the same order: Rust never fuses a multiply and an add, so the
+/// [`Real`] for one float type. The elementwise kernels are compiled for AVX-512 and AVX2 too
+/// (the same IEEE operations in the same order: Rust never fuses a multiply and an add, so the
 /// values do not depend on the instruction set).
-macro_rules! elementwise_kernels {
-    ($t:ty) => {
-        fn bridge_halves(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
-            #[allow(clippy::inline_always)] // compiled once per instruction set below
-            #[inline(always)]
-            fn body(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
-                let (ld, hr, sd) = c;
-                for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
-                    let left = ld * wi * hr + sd * *z;
-                    *z = left;
-                    r.write(wi - left);
-                }
-            }
-            flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) -> ());
-        }
+macro_rules! impl_real {
+    ($t:ident, $randn:ident, $uniforms:ident, $box_muller:ident, $host:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
 
-        fn add_assign(out: &mut [$t], v: &[$t]) {
-            #[allow(clippy::inline_always)] // compiled once per instruction set below
-            #[inline(always)]
-            fn body(out: &mut [$t], v: &[$t]) {
-                for (o, &x) in out.iter_mut().zip(v) {
-                    *o += x;
-                }
+            fn from_f64(x: f64) -> Self {
+                x as $t
             }
-            flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [$t], v: &[$t]) -> ());
+
+            fn sqrt(self) -> Self {
+                $t::sqrt(self)
+            }
+
+            fn abs(self) -> Self {
+                $t::abs(self)
+            }
+
+            fn randn(seed: u32, numel: usize) -> Vec<Self> {
+                TorchGenerator::new(u64::from(seed)).$randn(numel)
+            }
+
+            fn uniforms<'a>(
+                generator: &mut TorchGenerator,
+                out: &'a mut [MaybeUninit<Self>],
+            ) -> &'a mut [Self] {
+                generator.$uniforms(out)
+            }
+
+            fn box_muller_blocks(chunk: &mut [Self]) {
+                $box_muller(chunk);
+            }
+
+            fn bridge_halves(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
+                #[allow(clippy::inline_always)] // compiled once per instruction set below
+                #[inline(always)]
+                fn body(z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) {
+                    let (ld, hr, sd) = c;
+                    for ((z, r), &wi) in z.iter_mut().zip(right.iter_mut()).zip(w) {
+                        let left = ld * wi * hr + sd * *z;
+                        *z = left;
+                        r.write(wi - left);
+                    }
+                }
+                flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (z: &mut [$t], right: &mut [MaybeUninit<$t>], w: &[$t], c: ($t, $t, $t)) -> ());
+            }
+
+            fn add_assign(out: &mut [$t], v: &[$t]) {
+                #[allow(clippy::inline_always)] // compiled once per instruction set below
+                #[inline(always)]
+                fn body(out: &mut [$t], v: &[$t]) {
+                    for (o, &x) in out.iter_mut().zip(v) {
+                        *o += x;
+                    }
+                }
+                flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [$t], v: &[$t]) -> ());
+            }
+
+            fn host(v: Vec<Self>) -> HostNoise {
+                HostNoise::$host(v)
+            }
         }
     };
 }
 
-impl Real for f64 {
-    const ZERO: Self = 0.0;
-    elementwise_kernels!(f64);
-    fn from_f64(x: f64) -> Self {
-        x
-    }
-    fn sqrt(self) -> Self {
-        f64::sqrt(self)
-    }
-    fn abs(self) -> Self {
-        f64::abs(self)
-    }
-    fn randn(seed: u32, numel: usize) -> Vec<Self> {
-        TorchGenerator::new(u64::from(seed)).randn_f64(numel)
-    }
-    fn uniforms<'a>(
-        generator: &mut TorchGenerator,
-        out: &'a mut [MaybeUninit<Self>],
-    ) -> &'a mut [Self] {
-        generator.fill_uniforms_f64(out)
-    }
-    fn box_muller_blocks(chunk: &mut [Self]) {
-        box_muller_blocks_f64(chunk);
-    }
-    fn host(v: Vec<Self>) -> HostNoise {
-        HostNoise::F64(v)
-    }
-}
-
-impl Real for f32 {
-    const ZERO: Self = 0.0;
-    elementwise_kernels!(f32);
-    fn from_f64(x: f64) -> Self {
-        x as f32
-    }
-    fn sqrt(self) -> Self {
-        f32::sqrt(self)
-    }
-    fn abs(self) -> Self {
-        f32::abs(self)
-    }
-    fn randn(seed: u32, numel: usize) -> Vec<Self> {
-        TorchGenerator::new(u64::from(seed)).randn_f32(numel)
-    }
-    fn uniforms<'a>(
-        generator: &mut TorchGenerator,
-        out: &'a mut [MaybeUninit<Self>],
-    ) -> &'a mut [Self] {
-        generator.fill_uniforms_f32(out)
-    }
-    fn box_muller_blocks(chunk: &mut [Self]) {
-        box_muller_blocks_f32(chunk);
-    }
-    fn host(v: Vec<Self>) -> HostNoise {
-        HostNoise::F32(v)
-    }
-}
+impl_real!(
+    f64,
+    randn_f64,
+    fill_uniforms_f64,
+    box_muller_blocks_f64,
+    F64
+);
+impl_real!(
+    f32,
+    randn_f32,
+    fill_uniforms_f32,
+    box_muller_blocks_f32,
+    F32
+);
 
 /// `randn` converts its uniforms in independent blocks of this many.
 const BLOCK: usize = 16;
