@@ -2,8 +2,9 @@
 //! step.
 //!
 //! Each operation is the one [`super::cephes`] performs lane by lane (same constants, same
-//! fused multiply-adds, same order), so the values are bit for bit those of the portable code and
-//! of PyTorch's AVX2 kernel; the test below checks that on every uniform pattern it draws.
+//! fused multiply-adds, same order), except the argument checks that the uniforms never trigger,
+//! so the values are bit for bit those of the portable code and of PyTorch's AVX2 kernel; the
+//! tests below check that on every uniform the generator can produce and on random patterns.
 
 #![allow(unsafe_code)]
 
