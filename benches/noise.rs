@@ -1,10 +1,13 @@
 //! Noise sources on a Flux latent of 1024x1024 pixels ([1, 16, 128, 128]): torch-compatible
-//! `randn` in f32 and f64 (`cpu_randn_*`), and one Brownian-tree draw of an SDE step from a
-//! fresh tree (`cpu_brownian_draw_*`, the worst case: every node on the path is computed).
+//! `randn` in f32 and f64 (`cpu_randn_*`), one Brownian-tree draw of an SDE step from a
+//! fresh tree (`cpu_brownian_draw_*`, the worst case: every node on the path is computed),
+//! and the draw of the middle step of a 20-step flux-dev schedule from a tree that has
+//! answered the steps before it (`cpu_brownian_step_*`, what an SDE sampler pays per step).
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use flux_kernels::DType;
 use flux_samplers::noise::{BrownianTreeNoise, Mt19937, randn};
+use flux_schedulers::{ModelSampling, Scheduler, ksampler_sigmas};
 use std::hint::black_box;
 
 const LATENT: [usize; 4] = [1, 16, 128, 128];
@@ -29,6 +32,41 @@ fn noise(c: &mut Criterion) {
             let mut tree = BrownianTreeNoise::new(42, 0.000316, 1.0)?;
             tree.draw(black_box(&LATENT), DType::F32, 0.8, 0.7)
         });
+    });
+    let sigmas: Vec<f64> = ksampler_sigmas(
+        Scheduler::Simple,
+        &ModelSampling::flux_dev(),
+        20,
+        1.0,
+        false,
+    )
+    .expect("schedule")
+    .into_iter()
+    .map(f64::from)
+    .collect();
+    // The sampler's tree spans its smallest positive sigma to its largest.
+    let sigma_min = sigmas[sigmas.len() - 2];
+    let middle = 10;
+    group.bench_function("cpu_brownian_step_f32_1x16x128x128", |b| {
+        b.iter_batched(
+            || {
+                let mut tree = BrownianTreeNoise::new(42, sigma_min, sigmas[0]).expect("tree");
+                for w in sigmas[..=middle].windows(2) {
+                    tree.draw(&LATENT, DType::F32, w[0], w[1]).expect("draw");
+                }
+                tree
+            },
+            |mut tree| {
+                let step = tree.draw(
+                    black_box(&LATENT),
+                    DType::F32,
+                    sigmas[middle],
+                    sigmas[middle + 1],
+                );
+                (step, tree)
+            },
+            BatchSize::PerIteration,
+        );
     });
     group.finish();
 }
