@@ -27,7 +27,11 @@ if [ ! -f "$CARRY/bundle.tar.xz" ]; then
     echo "no $CARRY/bundle.tar.xz: run scripts/build-gpu-carry.sh on a CPU machine first" >&2
     exit 2
 fi
+# Scratch folders made below; removed on exit, whatever the outcome.
+SCRATCH=()
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
 BIN="$(mktemp -d)"
+SCRATCH+=("$BIN")
 if command -v xz >/dev/null 2>&1; then
     tar -xJf "$CARRY/bundle.tar.xz" -C "$BIN"
 else
@@ -54,6 +58,7 @@ PY
 )
 fi
 SHIM="$(mktemp -d)"
+SCRATCH+=("$SHIM")
 for name in nvrtc cublas cublasLt; do
     found=""
     for d in "${LIBDIRS[@]}"; do
@@ -83,7 +88,11 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # A GPU machine has Vulkan through the NVIDIA driver: a missing adapter fails the wgpu tests.
 export FLUX_REQUIRE_ADAPTER=1
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+    XDG_RUNTIME_DIR="$(mktemp -d)"
+    SCRATCH+=("$XDG_RUNTIME_DIR")
+fi
+export XDG_RUNTIME_DIR
 
 if want 1; then
     echo
@@ -120,6 +129,7 @@ if want 2; then
     echo
     echo "== 2. flux img2img --backend cuda against --backend cpu"
     IMG="$(mktemp -d)"
+    SCRATCH+=("$IMG")
     img2img() {
         "$BIN/flux" img2img --image testdata/images/demo.png --prompt "a red cab" --steps 3 \
             --seed 5 --backend "$1" --out "$IMG/$1.png"
@@ -162,5 +172,4 @@ for i in "${!NAMES[@]}"; do
     echo "| ${NAMES[$i]} | ${RESULTS[$i]} |"
     case "${RESULTS[$i]}" in FAIL*) status=1 ;; esac
 done
-rm -rf "$SHIM" "$BIN"
 exit "$status"

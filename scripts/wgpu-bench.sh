@@ -24,7 +24,14 @@ case "${1:-}" in
 esac
 
 export FLUX_BENCH_LARGE=1
-export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
+# Scratch files made below; removed on exit, whatever the outcome.
+SCRATCH=()
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+    XDG_RUNTIME_DIR="$(mktemp -d)"
+    SCRATCH+=("$XDG_RUNTIME_DIR")
+fi
+export XDG_RUNTIME_DIR
 
 build() {
     cargo bench -p flux-benches --bench wgpu_ops --no-run --message-format=json 2>/dev/null \
@@ -44,6 +51,7 @@ case "$mode" in
 esac
 
 log="$(mktemp)"
+SCRATCH+=("$log")
 "$bin" --bench 2>&1 | tee "$log"
 
 peak="${PEAK_GFLOPS:-}"

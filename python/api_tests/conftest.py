@@ -6,6 +6,7 @@ import base64
 import glob
 import os
 import pwd
+import shutil
 import socket
 import struct
 import subprocess
@@ -63,11 +64,21 @@ def broken_image() -> str:
     return base64.b64encode(data[: idat + 20]).decode()
 
 
+def _log_tail(log_name: str, lines: int = 40) -> str:
+    """The end of a server log, for failure messages (the scratch folder holding it is removed
+    when the fixture ends)."""
+    try:
+        with open(log_name, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError as e:
+        return f"(cannot read {log_name}: {e})"
+
+
 def _wait_healthy(proc, base: str, log_name: str) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"flux exited with {proc.returncode}; log in {log_name}")
+            pytest.fail(f"flux exited with {proc.returncode}; its log ends:\n{_log_tail(log_name)}")
         try:
             if httpx.get(base + "/healthz", timeout=1).status_code == 200:
                 return
@@ -75,7 +86,7 @@ def _wait_healthy(proc, base: str, log_name: str) -> None:
             pass
         time.sleep(0.2)
     proc.kill()
-    pytest.fail(f"flux did not become healthy; log in {log_name}")
+    pytest.fail(f"flux did not become healthy; its log ends:\n{_log_tail(log_name)}")
 
 
 def _stop(procs) -> None:
@@ -94,16 +105,22 @@ def sqlite_server():
     data_dir = tempfile.mkdtemp(prefix="flux-api-")
     port = _free_port()
     log = open(os.path.join(data_dir, "server.log"), "w")
-    proc = subprocess.Popen(
-        [_flux_binary(), "serve", "--addr", f"127.0.0.1:{port}", "--data-dir", data_dir, "--api-key", API_KEY],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    base = f"http://127.0.0.1:{port}"
-    _wait_healthy(proc, base, log.name)
-    yield base
-    _stop([proc])
-    log.close()
+    procs = []
+    try:
+        procs.append(
+            subprocess.Popen(
+                [_flux_binary(), "serve", "--addr", f"127.0.0.1:{port}", "--data-dir", data_dir, "--api-key", API_KEY],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        )
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(procs[0], base, log.name)
+        yield base
+    finally:
+        _stop(procs)
+        log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _postgres_bin():
@@ -128,14 +145,18 @@ class _Postgres:
         self.dir = tempfile.mkdtemp(prefix="flux-pg-")
         self.port = _free_port()
         self.prefix = []
-        if os.geteuid() == 0:
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-            self.prefix = ["runuser", "-u", "postgres", "--"]
-        data = os.path.join(self.dir, "data")
-        self._run("initdb", "-D", data, "-U", "flux", "-A", "trust", "-E", "UTF8", "--no-sync")
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run("pg_ctl", "-D", data, "-l", os.path.join(self.dir, "server.log"), "-o", options, "-w", "start")
+        try:
+            if os.geteuid() == 0:
+                pw = pwd.getpwnam("postgres")
+                os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+                self.prefix = ["runuser", "-u", "postgres", "--"]
+            data = os.path.join(self.dir, "data")
+            self._run("initdb", "-D", data, "-U", "flux", "-A", "trust", "-E", "UTF8", "--no-sync")
+            options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            self._run("pg_ctl", "-D", data, "-l", os.path.join(self.dir, "server.log"), "-o", options, "-w", "start")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.url = f"postgres://flux@127.0.0.1:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
@@ -144,7 +165,11 @@ class _Postgres:
             pytest.fail(f"{tool} failed: {out.stdout}{out.stderr}")
 
     def stop(self) -> None:
-        self._run("pg_ctl", "-D", os.path.join(self.dir, "data"), "-m", "immediate", "-w", "stop")
+        """Stops the server and removes its scratch folder (data, logs)."""
+        try:
+            self._run("pg_ctl", "-D", os.path.join(self.dir, "data"), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -377,19 +377,25 @@ mod tests {
         )
     }
 
-    fn write(name: &str, text: &str) -> PathBuf {
-        // Tests run in parallel: every file gets its own folder.
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("flux-tok-{}-{name}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("tokenizer.json");
-        std::fs::write(&p, text).unwrap();
-        p
+    /// A tokenizer file in a scratch folder of its own (tests run in parallel), removed with
+    /// the folder when dropped.
+    struct Scratch {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+    }
+
+    fn write(name: &str, text: &str) -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("flux-tok-{name}-"))
+            .tempdir()
+            .unwrap();
+        let file = dir.path().join("tokenizer.json");
+        std::fs::write(&file, text).unwrap();
+        Scratch { dir, file }
     }
 
     fn t5(len: usize) -> PromptTokenizer {
-        PromptTokenizer::from_file(&write("t5", &t5_json()), TokenizerKind::T5, len).unwrap()
+        PromptTokenizer::from_file(&write("t5", &t5_json()).file, TokenizerKind::T5, len).unwrap()
     }
 
     #[test]
@@ -413,7 +419,7 @@ mod tests {
     #[test]
     fn clip_wraps_in_bos_eos_and_pads_with_eos() {
         let p = write("clip", &clip_json());
-        let t = PromptTokenizer::from_file(&p, TokenizerKind::Clip, CLIP_LEN).unwrap();
+        let t = PromptTokenizer::from_file(&p.file, TokenizerKind::Clip, CLIP_LEN).unwrap();
         let ids = t.encode("ABC x ab").unwrap();
         assert_eq!(ids.len(), CLIP_LEN);
         assert_eq!(&ids[..5], &[7, 4, 5, 3, 8]);
@@ -429,9 +435,9 @@ mod tests {
 
     #[test]
     fn clip_from_vocab_and_merges_follows_the_clip_pipeline() {
-        let json = write("clip-vm", "");
-        std::fs::remove_file(&json).unwrap();
-        let dir = json.parent().unwrap().to_path_buf();
+        let scratch = write("clip-vm", "");
+        std::fs::remove_file(&scratch.file).unwrap();
+        let dir = scratch.dir.path().to_path_buf();
         std::fs::write(
             dir.join("vocab.json"),
             r#"{"a":0,"b":1,"!":2,"a</w>":3,"b</w>":4,"!</w>":5,"ab</w>":6,"<|startoftext|>":7,"<|endoftext|>":8}"#,
@@ -458,15 +464,16 @@ mod tests {
 
     #[test]
     fn bad_files_give_clear_errors() {
-        let missing = std::env::temp_dir().join("flux-no-such-dir/tokenizer.json");
+        let empty = tempfile::tempdir().unwrap();
+        let missing = empty.path().join("no-such-dir/tokenizer.json");
         let err = PromptTokenizer::from_file(&missing, TokenizerKind::T5, 512).unwrap_err();
         assert!(err.to_string().contains("tokenizer_2"), "{err}");
         let p = write("bad", "{ not json");
-        let err = PromptTokenizer::from_file(&p, TokenizerKind::T5, 512).unwrap_err();
+        let err = PromptTokenizer::from_file(&p.file, TokenizerKind::T5, 512).unwrap_err();
         assert!(matches!(err, TokenizerError::Load { .. }), "{err}");
         // A CLIP file used for T5 lacks `<pad>`.
         let p = write("wrong", &clip_json());
-        let err = PromptTokenizer::from_file(&p, TokenizerKind::T5, 512).unwrap_err();
+        let err = PromptTokenizer::from_file(&p.file, TokenizerKind::T5, 512).unwrap_err();
         assert!(err.to_string().contains("<pad>"), "{err}");
     }
 
