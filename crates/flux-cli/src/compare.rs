@@ -12,7 +12,7 @@
 //!   wide as the widest of the image and the longest label (8 pixels a character plus 4).
 
 use crate::backend::{Job, run_on};
-use crate::img2img::{ModelArgs, load_pipeline_on, write_atomic};
+use crate::img2img::{ModelArgs, check_out, load_pipeline_on, write_atomic};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use flux_kernels::Backend;
@@ -230,6 +230,7 @@ fn run_grid(args: &GridArgs) -> Result<()> {
     // Lossless cells: each is exactly the image `flux img2img` writes as PNG.
     req.format = OutputFormat::Png;
     req.validate()?;
+    check_out(&args.out)?;
     let format = OutputFormat::from_extension(&args.out).unwrap_or_default();
     run_on(
         args.model.backend,

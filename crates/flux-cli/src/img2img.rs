@@ -171,13 +171,38 @@ pub fn request(args: &Img2ImgArgs) -> Result<Img2ImgRequest> {
     Ok(req)
 }
 
+/// The folder a file `path` is written into (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Checks, before any model is loaded, that `--out` can be written where it points: its folder
+/// exists and it is not itself a folder. A run that would fail at its last step fails at once.
+pub fn check_out(path: &Path) -> Result<()> {
+    let dir = folder_of(path);
+    if !dir.is_dir() {
+        bail!(
+            "invalid --out {}: the folder {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!(
+            "invalid --out {}: it is a folder; expected a file name",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so an
 /// error never leaves a partial file behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     tmp.write_all(bytes)
@@ -198,6 +223,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Runs `flux img2img` on the backend `--backend` names.
 pub fn run(args: &Img2ImgArgs) -> Result<()> {
     let req = request(args)?;
+    check_out(&args.out)?;
     run_on(args.model.backend, Img2ImgJob { args, req: &req })
 }
 

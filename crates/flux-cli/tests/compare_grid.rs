@@ -1,7 +1,7 @@
 //! `flux compare --image ... --samplers ... --schedulers ...` on the demo model: the grid's size
 //! follows the documented layout, every cell is the image `flux img2img` makes with the same
-//! parameters, every label is drawn; a bad sampler name fails with the valid names; the
-//! two-image mode still works.
+//! parameters, every label is drawn; a bad sampler name fails with the valid names, an output
+//! folder that does not exist is refused; the two-image mode still works.
 
 mod common;
 
@@ -126,6 +126,16 @@ fn an_unknown_sampler_in_the_list_names_the_valid_ones() {
         assert!(err.contains(n), "`{n}` not in: {err}");
     }
     assert!(!out.exists());
+
+    // A grid whose --out folder does not exist is refused before any cell is computed.
+    let missing = dir.path().join("no-such-folder").join("grid.png");
+    let mut args = vec!["compare".to_string()];
+    args.extend(base_args(&missing));
+    args.extend(["--samplers".into(), "euler".into()]);
+    let err = failed(&flux(&args));
+    for n in ["--out", "no-such-folder", "does not exist"] {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
 }
 
 #[test]

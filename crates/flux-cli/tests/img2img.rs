@@ -110,4 +110,25 @@ fn bad_inputs_fail_cleanly_without_output() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(!out.exists(), "{args:?} left an output file");
     }
+    // An --out in a folder that does not exist, or naming a folder: refused up front, with
+    // the folder named, and nothing created.
+    let missing = dir.path().join("no-such-folder").join("out.png");
+    let o = run(&["--image", img, "--prompt", "x"], &missing);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "an --out in a missing folder succeeded"
+    );
+    assert!(
+        err.contains("--out") && err.contains("no-such-folder") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(!dir.path().join("no-such-folder").exists());
+    let o = run(&["--image", img, "--prompt", "x"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "an --out naming a folder succeeded");
+    assert!(
+        err.contains("--out") && err.contains("is a folder"),
+        "{err}"
+    );
 }
