@@ -5,18 +5,24 @@
 /// instruction), else for the baseline. `$body` should be `#[inline(always)]` so the loop is
 /// compiled inside each variant. The variants perform the same IEEE operations (a `mul_add`
 /// is fused on every path: an instruction or the software `fma`), so they give the same bits.
-/// Used as a function's whole body; `$avx512` and `$avx2` name the generated variants.
+/// Used as a function's whole body; `$avx512` and `$avx2` name the generated variants, which
+/// take the type parameters given in `<...>` after them (when there is such a list).
 #[macro_export]
 macro_rules! simd_dispatch {
-    ($body:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+    ($body:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $crate::simd_dispatch!($body, $avx512, $avx2, <>, ($($arg: $ty),*) -> $ret)
+    };
+    // With type parameters of the variants: `<T, F: Fn(u32) -> T>`.
+    ($body:ident, $avx512:ident, $avx2:ident, <$($g:ident $(: $bound:path)?),*>,
+     ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma")]
-        fn $avx512($($arg: $ty),*) -> $ret {
+        fn $avx512<$($g $(: $bound)?),*>($($arg: $ty),*) -> $ret {
             $body($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2,fma")]
-        fn $avx2($($arg: $ty),*) -> $ret {
+        fn $avx2<$($g $(: $bound)?),*>($($arg: $ty),*) -> $ret {
             $body($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]

@@ -1,5 +1,7 @@
 //! The 32-bit Mersenne Twister (MT19937), the engine behind PyTorch's CPU generator.
 
+use std::mem::MaybeUninit;
+
 const N: usize = 624;
 const M: usize = 397;
 const MATRIX_A: u32 = 0x9908_b0df;
@@ -155,16 +157,18 @@ mod x86 {
     }
 }
 
-/// Tempers `words` into `out` (same lengths), in vector registers where the CPU has them.
-fn temper_into(out: &mut [u32], words: &[u32]) {
+/// Writes `map(temper(w))` for each word `w` of `words` into `out` (same lengths), compiled for
+/// the widest vector unit the CPU has.
+fn temper_map_into<T, F: Fn(u32) -> T>(out: &mut [MaybeUninit<T>], words: &[u32], map: F) {
     #[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch below
     #[inline(always)]
-    fn body(out: &mut [u32], words: &[u32]) {
+    fn body<T, F: Fn(u32) -> T>(out: &mut [MaybeUninit<T>], words: &[u32], map: F) {
         for (o, &y) in out.iter_mut().zip(words) {
-            *o = temper(y);
+            o.write(map(temper(y)));
         }
     }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [u32], words: &[u32]) -> ());
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, <T, F: Fn(u32) -> T>,
+        (out: &mut [MaybeUninit<T>], words: &[u32], map: F) -> ());
 }
 
 /// MT19937 with the standard 32-bit seeding (Matsumoto and Nishimura, 2002).
@@ -215,6 +219,21 @@ impl Mt19937 {
     /// Fills `out` with the next `out.len()` outputs: the same values as that many calls of
     /// [`Mt19937::next_u32`], tempered a whole state at a time (a loop that vectorises).
     pub fn fill_u32(&mut self, out: &mut [u32]) {
+        // SAFETY: `MaybeUninit<u32>` has the layout of `u32`, and `fill_mapped` only writes
+        // initialised words into it.
+        #[allow(unsafe_code)]
+        let out = unsafe { &mut *(std::ptr::from_mut::<[u32]>(out) as *mut [MaybeUninit<u32>]) };
+        self.fill_mapped(out, |w| w);
+    }
+
+    /// Writes `map` of each of the next `out.len()` outputs into `out`, in one pass over each
+    /// regenerated state (tempering and `map` in the same vectorised loop), so a caller that
+    /// turns the words into something else needs no buffer of raw words.
+    pub(crate) fn fill_mapped<T, F: Fn(u32) -> T + Copy>(
+        &mut self,
+        out: &mut [MaybeUninit<T>],
+        map: F,
+    ) {
         let mut out = out;
         while !out.is_empty() {
             if self.index >= N {
@@ -222,7 +241,7 @@ impl Mt19937 {
             }
             let n = out.len().min(N - self.index);
             let (now, later) = out.split_at_mut(n);
-            temper_into(now, &self.state[self.index..self.index + n]);
+            temper_map_into(now, &self.state[self.index..self.index + n], map);
             self.index += n;
             out = later;
         }
@@ -314,6 +333,26 @@ mod tests {
             a.fill_u32(&mut bulk);
             let one_by_one: Vec<u32> = (0..n).map(|_| b.next_u32()).collect();
             prop_assert_eq!(bulk, one_by_one);
+            prop_assert_eq!(a.next_u32(), b.next_u32());
+        }
+
+        #[test]
+        fn mapped_fill_maps_each_output_of_the_stream(seed in any::<u32>(), skip in 0usize..700, n in 0usize..2000) {
+            let mut a = Mt19937::new(seed);
+            let mut b = Mt19937::new(seed);
+            for _ in 0..skip {
+                a.next_u32();
+                b.next_u32();
+            }
+            // A map that moves bits around, so a word mapped out of place or not at all shows.
+            let map = |w: u32| u64::from(w.rotate_left(7)) << 3 | 5;
+            let mut mapped = vec![std::mem::MaybeUninit::<u64>::uninit(); n];
+            a.fill_mapped(&mut mapped, map);
+            // SAFETY: `fill_mapped` wrote all `n` elements.
+            #[allow(unsafe_code)]
+            let mapped: Vec<u64> = mapped.iter().map(|v| unsafe { v.assume_init() }).collect();
+            let one_by_one: Vec<u64> = (0..n).map(|_| map(b.next_u32())).collect();
+            prop_assert_eq!(mapped, one_by_one);
             prop_assert_eq!(a.next_u32(), b.next_u32());
         }
 

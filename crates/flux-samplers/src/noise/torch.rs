@@ -84,25 +84,13 @@ fn uniform_f32_of(r: u32) -> f32 {
     (r & ((1 << 24) - 1)) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
-/// The float uniforms of 32-bit draws, in vector registers where the CPU has them.
-fn uniforms_of_words(out: &mut [MaybeUninit<f32>], words: &[u32]) {
-    #[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch below
-    #[inline(always)]
-    fn body(out: &mut [MaybeUninit<f32>], words: &[u32]) {
-        for (o, &w) in out.iter_mut().zip(words) {
-            o.write(uniform_f32_of(w));
-        }
-    }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (out: &mut [MaybeUninit<f32>], words: &[u32]) -> ());
-}
-
 /// The double uniform of one 64-bit draw (its low 53 bits).
 #[inline]
 fn uniform_f64_of(r: u64) -> f64 {
     (r & ((1 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
-/// Uniforms drawn per batch of raw engine output (bounds the scratch buffer).
+/// Double uniforms drawn per batch of raw engine output (bounds the scratch buffer).
 const UNIFORM_BATCH: usize = 1 << 12;
 
 /// Below this many elements PyTorch draws element by element instead of in blocks.
@@ -146,12 +134,7 @@ impl TorchGenerator {
         &mut self,
         out: &'a mut [MaybeUninit<f32>],
     ) -> &'a mut [f32] {
-        let mut raw = [0u32; UNIFORM_BATCH];
-        for out in out.chunks_mut(UNIFORM_BATCH) {
-            let raw = &mut raw[..out.len()];
-            self.engine.fill_u32(raw);
-            uniforms_of_words(out, raw);
-        }
+        self.engine.fill_mapped(out, uniform_f32_of);
         // SAFETY: every element was written just above, and `MaybeUninit<f32>` has the layout
         // of `f32`.
         #[allow(unsafe_code)]
