@@ -1,10 +1,13 @@
 //! The single-precision Box-Muller block conversion in AVX-512 registers, two blocks of 16 per
 //! step.
 //!
-//! Each operation is the one [`super::cephes`] performs lane by lane (same constants, same
-//! fused multiply-adds, same order), except the argument checks that the uniforms never trigger,
-//! so the values are bit for bit those of the portable code and of PyTorch's AVX2 kernel; the
-//! tests below check that on every uniform the generator can produce and on random patterns.
+//! Every rounded operation is the one [`super::cephes`] performs lane by lane (same constants,
+//! same fused multiply-adds, same order), so the values are bit for bit those of the portable
+//! code and of PyTorch's AVX2 kernel. What differs is only how exact steps are done, chosen
+//! for this loop's throughput: the argument checks the uniforms never trigger are left out,
+//! exponent and mantissa come from `getexp`/`getmant`, selections and sign flips are masked
+//! operations, a product by -2 is a doubling of the negated value. The tests below check the
+//! result on every uniform the generator can produce and on random patterns.
 
 #![allow(unsafe_code)]
 
@@ -20,27 +23,28 @@ use std::arch::x86_64::*;
 /// Floats converted per step: two blocks of 16.
 pub(super) const STEP: usize = 32;
 
-/// `log` of 16 lanes (`cephes::log`) for the arguments Box-Muller passes it: `1 - u` for a
-/// uniform `u = k / 2^24`, so every lane is a normal number in `[2^-24, 1]` and the kernel's
+/// `-log` of 16 lanes (`cephes::log`, negated) for the arguments Box-Muller passes it: `1 - u`
+/// for a uniform `u = k / 2^24`, so every lane is a normal number in `[2^-24, 1]` and the kernel's
 /// handling of zero, negative and subnormal arguments (a NaN, a clamp) never applies; it is
 /// left out. `every_uniform_converts_as_the_lane_by_lane_code` checks all 2^24 arguments.
+///
+/// The exponent and mantissa come from `getexp`/`getmant` (exact for normal numbers, so the
+/// same values the kernel's integer shifts and masks give), and the kernel's conditional
+/// adjustments (adding a masked-out zero) are masked operations.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-fn log16(v: __m512) -> __m512 {
-    let bits = _mm512_castps_si512(v);
-    let exponent = _mm512_sub_epi32(_mm512_srli_epi32::<23>(bits), _mm512_set1_epi32(0x7f));
+fn minus_log16(v: __m512) -> __m512 {
     let one = _mm512_set1_ps(1.0);
-    let mut e = _mm512_add_ps(_mm512_cvtepi32_ps(exponent), one);
-    let mantissa = _mm512_or_si512(
-        _mm512_andnot_si512(_mm512_set1_epi32(0x7f80_0000), bits),
-        _mm512_set1_epi32(0.5f32.to_bits() as i32),
-    );
-    let mut x = _mm512_castsi512_ps(mantissa);
-    let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(SQRT_HALF));
-    let tmp = _mm512_maskz_mov_ps(below, x);
-    x = _mm512_sub_ps(x, one);
-    e = _mm512_sub_ps(e, _mm512_maskz_mov_ps(below, one));
-    x = _mm512_add_ps(x, tmp);
+    // `floor(log2 v)` and the mantissa scaled into [0.5, 1).
+    let exponent = _mm512_getexp_ps(v);
+    let m = _mm512_getmant_ps::<_MM_MANT_NORM_P5_1, _MM_MANT_SIGN_SRC>(v);
+    let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(m, _mm512_set1_ps(SQRT_HALF));
+    // The kernel's `e = exponent + 1`, less one where the mantissa is below sqrt(1/2); both
+    // sums are exact.
+    let e = _mm512_mask_add_ps(exponent, !below, exponent, one);
+    // `m - 1`, plus `m` again where below (the kernel adds +0 elsewhere; `m - 1` is never 0).
+    let x = _mm512_sub_ps(m, one);
+    let x = _mm512_mask_add_ps(x, below, x, m);
 
     let z = _mm512_mul_ps(x, x);
     let mut y = _mm512_set1_ps(LOG_P[0]);
@@ -50,16 +54,23 @@ fn log16(v: __m512) -> __m512 {
     y = _mm512_mul_ps(y, x);
     y = _mm512_fmadd_ps(y, z, _mm512_mul_ps(e, _mm512_set1_ps(LOG_Q1)));
     y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
-    x = _mm512_add_ps(x, y);
-    _mm512_fmadd_ps(e, _mm512_set1_ps(LOG_Q2), x)
+    let x = _mm512_add_ps(x, y);
+    // The kernel's last step, `fma(e, q2, x)`, negated: `-(e q2) - x` rounds to exactly the
+    // negated value (rounding to nearest is symmetric).
+    _mm512_fnmsub_ps(e, _mm512_set1_ps(LOG_Q2), x)
 }
 
-/// `(sin, cos)` of 16 lanes (`cephes::sincos`) for the arguments Box-Muller passes it:
+/// Sine and cosine of 16 lanes (`cephes::sincos`) for the arguments Box-Muller passes it:
 /// `2 pi u` for a uniform `u`, never negative, so the kernel's sign handling of the argument
 /// (taking its absolute value, flipping the sine back) is left out.
+///
+/// Returns the magnitudes' polynomial results `(sin, cos)` and the lanes where each must be
+/// negated, as masks: the caller applies the signs. The kernel selects between its two
+/// polynomials by masking both and adding; a blend gives the same values, except that the
+/// sign of a zero may differ, which the caller's final `+ 0` erases.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-fn sincos16(v: __m512) -> (__m512, __m512) {
+fn sincos16(v: __m512) -> (__m512, __m512, __mmask16, __mmask16) {
     let mut x = v;
 
     let mut j = _mm512_cvttps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(FOUR_OVER_PI)));
@@ -68,14 +79,12 @@ fn sincos16(v: __m512) -> (__m512, __m512) {
         _mm512_set1_epi32(!1),
     );
     let y = _mm512_cvtepi32_ps(j);
-    let four = _mm512_set1_epi32(4);
-    let swap_sign_sin = _mm512_slli_epi32::<29>(_mm512_and_si512(j, four));
-    let use_sin_poly_for_sin = _mm512_testn_epi32_mask(j, _mm512_set1_epi32(2));
-    let sign_cos = _mm512_slli_epi32::<29>(_mm512_andnot_si512(
-        _mm512_sub_epi32(j, _mm512_set1_epi32(2)),
-        four,
-    ));
-    let sign_sin = swap_sign_sin;
+    // The octant `j` is one of 0, 2, 4, 6, 8 here. The sine is negated for j & 4, the sine
+    // polynomial gives the sine where j & 2 is clear, and the cosine is negated where
+    // (j - 2) & 4 is clear, i.e. for j = 2 and 4: exactly where the other two masks agree.
+    let negate_sin = _mm512_test_epi32_mask(j, _mm512_set1_epi32(4));
+    let sin_poly_for_sin = _mm512_testn_epi32_mask(j, _mm512_set1_epi32(2));
+    let negate_cos = !(sin_poly_for_sin ^ negate_sin);
 
     x = _mm512_fmadd_ps(y, _mm512_set1_ps(MINUS_DP1), x);
     x = _mm512_fmadd_ps(y, _mm512_set1_ps(MINUS_DP2), x);
@@ -93,50 +102,92 @@ fn sincos16(v: __m512) -> (__m512, __m512) {
     ys = _mm512_mul_ps(ys, z);
     ys = _mm512_fmadd_ps(ys, x, x);
 
-    let sin_from_sin_poly = _mm512_maskz_mov_ps(use_sin_poly_for_sin, ys);
-    let sin_from_cos_poly = _mm512_maskz_mov_ps(!use_sin_poly_for_sin, yc);
-    let cos_from_sin_poly = _mm512_sub_ps(ys, sin_from_sin_poly);
-    let cos_from_cos_poly = _mm512_sub_ps(yc, sin_from_cos_poly);
-    let s = _mm512_add_ps(sin_from_cos_poly, sin_from_sin_poly);
-    let c = _mm512_add_ps(cos_from_cos_poly, cos_from_sin_poly);
     (
-        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(s), sign_sin)),
-        _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(c), sign_cos)),
+        _mm512_mask_blend_ps(sin_poly_for_sin, yc, ys),
+        _mm512_mask_blend_ps(sin_poly_for_sin, ys, yc),
+        negate_sin,
+        negate_cos,
+    )
+}
+
+/// `radius * trig`, negated in the lanes of `negate`, plus zero: the kernel's product of the
+/// radius with the signed sine or cosine followed by its `fma(n, std = 1, mean = 0)`. The
+/// product is rounded once either way (the fused multiply-add adds an exact zero), negation
+/// commutes with rounding to nearest, and a zero comes out as +0 in both.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+fn signed_product(radius: __m512, trig: __m512, negate: __mmask16) -> __m512 {
+    let zero = _mm512_setzero_ps();
+    let n = _mm512_fmadd_ps(radius, trig, zero);
+    _mm512_mask_sub_ps(n, negate, zero, n)
+}
+
+/// 8 floats at `p` and 8 at `p + 16` as one register (`f64` casts keep it within AVX-512F).
+///
+/// # Safety
+/// `p..p + 24` must be readable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn load_halves(p: *const f32) -> __m512 {
+    // SAFETY: the caller guarantees both 8-float ranges are readable.
+    let (lo, hi) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(16))) };
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+        _mm512_castpd256_pd512(_mm256_castps_pd(lo)),
+        _mm256_castps_pd(hi),
+    ))
+}
+
+/// Stores the low 8 floats of `v` at `p` and the high 8 at `p + 16`.
+///
+/// # Safety
+/// `p..p + 24` must be writable.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_halves(p: *mut f32, v: __m512) {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
+    // SAFETY: the caller guarantees both 8-float ranges are writable.
+    unsafe {
+        _mm256_storeu_ps(p, _mm512_castps512_ps256(v));
+        _mm256_storeu_ps(p.add(16), hi);
+    }
+}
+
+/// The normals of one step: `(r cos, r sin)` for the first values `u1` and second values `u2`
+/// of 16 pairs.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+fn pairs16(u1: __m512, u2: __m512) -> (__m512, __m512) {
+    // `-2 log(1 - u1)` as `-log + -log`: the doubling is exact, as the kernel's product by -2
+    // is, and it runs on the adders, leaving the multipliers one operation fewer.
+    let minus_log = minus_log16(_mm512_sub_ps(_mm512_set1_ps(1.0), u1));
+    let radius = _mm512_sqrt_ps(_mm512_add_ps(minus_log, minus_log));
+    let two_pi = _mm512_set1_ps((2.0 * std::f64::consts::PI) as f32);
+    let (sin, cos, negate_sin, negate_cos) = sincos16(_mm512_mul_ps(two_pi, u2));
+    (
+        signed_product(radius, cos, negate_cos),
+        signed_product(radius, sin, negate_sin),
     )
 }
 
 /// Converts the uniforms of `chunk` in place, [`STEP`] at a time; returns how many it
 /// converted (a multiple of [`STEP`]; the caller converts the rest).
 ///
+/// Lanes 0..8 of each block are the first values of its pairs, lanes 8..16 the second: the
+/// first halves of two blocks go into one register, the second halves into another.
+///
 /// # Safety
 /// The CPU must support AVX-512F and FMA.
 #[target_feature(enable = "avx512f,fma")]
 pub(super) unsafe fn convert_f32_avx512(chunk: &mut [f32]) -> usize {
-    // Lanes 0..8 of each block are the first values of its pairs, lanes 8..16 the second:
-    // gather the first halves of two blocks into one register and the second halves into another.
-    let first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    let second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    let two_pi = _mm512_set1_ps((2.0 * std::f64::consts::PI) as f32);
-    let one = _mm512_set1_ps(1.0);
-    let minus_two = _mm512_set1_ps(-2.0);
-    let zero = _mm512_setzero_ps();
     let len = chunk.len();
     let mut steps = chunk.chunks_exact_mut(STEP);
     for step in &mut steps {
         let p = step.as_mut_ptr();
-        // SAFETY: `step` holds exactly 32 floats; unaligned loads and stores of 16 each.
-        let (b0, b1) = unsafe { (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16))) };
-        let u1 = _mm512_permutex2var_ps(b0, first, b1);
-        let u2 = _mm512_permutex2var_ps(b0, second, b1);
-        let radius = _mm512_sqrt_ps(_mm512_mul_ps(minus_two, log16(_mm512_sub_ps(one, u1))));
-        let (sin, cos) = sincos16(_mm512_mul_ps(two_pi, u2));
-        // The kernel's final `fma(n, std = 1, mean = 0)` turns -0 into +0.
-        let a = _mm512_add_ps(_mm512_mul_ps(radius, cos), zero);
-        let b = _mm512_add_ps(_mm512_mul_ps(radius, sin), zero);
-        // SAFETY: as for the loads.
+        // SAFETY: `step` holds exactly 32 floats: p..p + 24 and p + 8..p + 32 are in it.
         unsafe {
-            _mm512_storeu_ps(p, _mm512_permutex2var_ps(a, first, b));
-            _mm512_storeu_ps(p.add(16), _mm512_permutex2var_ps(a, second, b));
+            let (cos, sin) = pairs16(load_halves(p), load_halves(p.add(8)));
+            store_halves(p, cos);
+            store_halves(p.add(8), sin);
         }
     }
     len - steps.into_remainder().len()
