@@ -1,13 +1,14 @@
-//! The single-precision Box-Muller block conversion in AVX-512 registers, two blocks of 16 per
-//! step.
+//! The single-precision Box-Muller block conversion in vector registers: AVX-512 (two blocks
+//! of 16 per step) and AVX2 (one block per step, the layout PyTorch's own kernel uses).
 //!
 //! Every rounded operation is the one [`super::cephes`] performs lane by lane (same constants,
 //! same fused multiply-adds, same order), so the values are bit for bit those of the portable
 //! code and of PyTorch's AVX2 kernel. What differs is only how exact steps are done, chosen
-//! for this loop's throughput: the argument checks the uniforms never trigger are left out,
-//! exponent and mantissa come from `getexp`/`getmant`, selections and sign flips are masked
-//! operations, a product by -2 is a doubling of the negated value. The tests below check the
-//! result on every uniform the generator can produce and on random patterns.
+//! for throughput: the argument checks the uniforms never trigger are left out, the
+//! logarithm's exponent adjustments are integer or masked operations (with AVX-512, exponent
+//! and mantissa come from `getexp`/`getmant`), selections are blends, sign flips are applied
+//! to the final product, a product by -2 is a doubling of the negated logarithm. The tests
+//! below check both kernels on every uniform the generator can produce and on random patterns.
 
 #![allow(unsafe_code)]
 
@@ -193,10 +194,153 @@ pub(super) unsafe fn convert_f32_avx512(chunk: &mut [f32]) -> usize {
     len - steps.into_remainder().len()
 }
 
+/// Floats converted per step of the AVX2 kernel: one block.
+pub(super) const STEP_AVX2: usize = 16;
+
+/// [`minus_log16`] on 8 lanes with AVX2: the exponent and mantissa from shifts and masks as
+/// the kernel takes them; its exponent `e = (exponent + 1) - [mantissa < sqrt(1/2)]` is
+/// summed in integers (the comparison mask is -1 where it holds), which is exact as the
+/// kernel's float sums are.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn minus_log8(v: __m256) -> __m256 {
+    let bits = _mm256_castps_si256(v);
+    let one = _mm256_set1_ps(1.0);
+    let x = _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_andnot_si256(_mm256_set1_epi32(0x7f80_0000), bits),
+        _mm256_set1_epi32(0.5f32.to_bits() as i32),
+    ));
+    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(SQRT_HALF));
+    let exponent_plus_one =
+        _mm256_sub_epi32(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(0x7e));
+    let e = _mm256_cvtepi32_ps(_mm256_add_epi32(
+        exponent_plus_one,
+        _mm256_castps_si256(below),
+    ));
+    let x = _mm256_add_ps(_mm256_sub_ps(x, one), _mm256_and_ps(below, x));
+
+    let z = _mm256_mul_ps(x, x);
+    let mut y = _mm256_set1_ps(LOG_P[0]);
+    for &p in &LOG_P[1..] {
+        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(p));
+    }
+    y = _mm256_mul_ps(y, x);
+    y = _mm256_fmadd_ps(y, z, _mm256_mul_ps(e, _mm256_set1_ps(LOG_Q1)));
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
+    let x = _mm256_add_ps(x, y);
+    _mm256_fnmsub_ps(e, _mm256_set1_ps(LOG_Q2), x)
+}
+
+/// [`sincos16`] on 8 lanes with AVX2; returns the sine and cosine with their signs applied
+/// (a sign flip is an exact `xor`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn sincos8(v: __m256) -> (__m256, __m256) {
+    let mut x = v;
+    let mut j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(FOUR_OVER_PI)));
+    j = _mm256_and_si256(
+        _mm256_add_epi32(j, _mm256_set1_epi32(1)),
+        _mm256_set1_epi32(!1),
+    );
+    let y = _mm256_cvtepi32_ps(j);
+    // As in `sincos16`: the sine's sign bit is j & 4, the sine polynomial serves the sine
+    // where j & 2 is clear, and the cosine is negated where those two agree.
+    let sign_sin = _mm256_slli_epi32::<29>(_mm256_and_si256(j, _mm256_set1_epi32(4)));
+    let sin_poly_for_sin = _mm256_cmpeq_epi32(
+        _mm256_and_si256(j, _mm256_set1_epi32(2)),
+        _mm256_setzero_si256(),
+    );
+    let sign_cos = _mm256_andnot_si256(
+        _mm256_xor_si256(sin_poly_for_sin, sign_sin),
+        _mm256_set1_epi32(i32::MIN),
+    );
+
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP1), x);
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP2), x);
+    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP3), x);
+
+    let z = _mm256_mul_ps(x, x);
+    let mut yc = _mm256_fmadd_ps(_mm256_set1_ps(COS_P[0]), z, _mm256_set1_ps(COS_P[1]));
+    yc = _mm256_fmadd_ps(yc, z, _mm256_set1_ps(COS_P[2]));
+    yc = _mm256_mul_ps(yc, z);
+    yc = _mm256_fmsub_ps(yc, z, _mm256_mul_ps(z, _mm256_set1_ps(0.5)));
+    yc = _mm256_add_ps(yc, _mm256_set1_ps(1.0));
+
+    let mut ys = _mm256_fmadd_ps(_mm256_set1_ps(SIN_P[0]), z, _mm256_set1_ps(SIN_P[1]));
+    ys = _mm256_fmadd_ps(ys, z, _mm256_set1_ps(SIN_P[2]));
+    ys = _mm256_mul_ps(ys, z);
+    ys = _mm256_fmadd_ps(ys, x, x);
+
+    let select = _mm256_castsi256_ps(sin_poly_for_sin);
+    let sin = _mm256_blendv_ps(yc, ys, select);
+    let cos = _mm256_blendv_ps(ys, yc, select);
+    (
+        _mm256_xor_ps(sin, _mm256_castsi256_ps(sign_sin)),
+        _mm256_xor_ps(cos, _mm256_castsi256_ps(sign_cos)),
+    )
+}
+
+/// Converts the uniforms of `chunk` in place, [`STEP_AVX2`] at a time, with AVX2 and FMA;
+/// returns how many it converted (the caller converts the rest). Each block's first 8 values
+/// are one register, its last 8 another, as in PyTorch's kernel.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn convert_f32_avx2(chunk: &mut [f32]) -> usize {
+    let two_pi = _mm256_set1_ps((2.0 * std::f64::consts::PI) as f32);
+    let one = _mm256_set1_ps(1.0);
+    let zero = _mm256_setzero_ps();
+    let len = chunk.len();
+    let mut blocks = chunk.chunks_exact_mut(STEP_AVX2);
+    for block in &mut blocks {
+        let p = block.as_mut_ptr();
+        // SAFETY: `block` holds exactly 16 floats: two unaligned loads and stores of 8.
+        let (u1, u2) = unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) };
+        let minus_log = minus_log8(_mm256_sub_ps(one, u1));
+        let radius = _mm256_sqrt_ps(_mm256_add_ps(minus_log, minus_log));
+        let (sin, cos) = sincos8(_mm256_mul_ps(two_pi, u2));
+        // `r * trig` rounded once, plus zero: a zero comes out as +0, as in the kernel.
+        // SAFETY: as for the loads.
+        unsafe {
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(radius, cos, zero));
+            _mm256_storeu_ps(p.add(8), _mm256_fmadd_ps(radius, sin, zero));
+        }
+    }
+    len - blocks.into_remainder().len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::torch::box_muller_f32;
     use proptest::prelude::*;
+
+    /// A vector conversion: converts whole steps in place, returns how many values it did.
+    type Kernel = unsafe fn(&mut [f32]) -> usize;
+
+    /// The vector kernels this CPU can run, with their names and steps. Every x86-64 machine
+    /// the project's CI uses has both.
+    fn kernels() -> Vec<(&'static str, Kernel, usize)> {
+        let mut k: Vec<(&'static str, Kernel, usize)> = Vec::new();
+        if std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") {
+                k.push(("avx512", super::convert_f32_avx512, super::STEP));
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                k.push(("avx2", super::convert_f32_avx2, super::STEP_AVX2));
+            }
+        }
+        k
+    }
+
+    /// Runs `kernel` on `v`.
+    fn run(kernel: Kernel, v: &mut [f32]) -> usize {
+        // SAFETY: `kernels` lists only kernels whose target features the CPU has.
+        #[allow(unsafe_code)]
+        unsafe {
+            kernel(v)
+        }
+    }
 
     /// Every uniform the generator can produce is `k / 2^24`; draw the 24-bit numerators,
     /// with the extremes (0 and 2^24 - 1) forced into some lanes.
@@ -212,58 +356,57 @@ mod tests {
     /// `log` argument) and, in another order, as the second (the `sincos` argument).
     #[test]
     fn every_uniform_converts_as_the_lane_by_lane_code() {
-        if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")) {
-            return;
-        }
         const COUNT: u32 = 1 << 24;
-        let mut mismatches = 0usize;
-        let mut block = [0f32; 32];
-        for start in (0..COUNT).step_by(16) {
-            // Lanes 0..8 of each block of 16 take the first values, lanes 8..16 the second;
-            // the second values run through the numerators in an odd stride, a permutation.
-            for (j, k) in (start..start + 16).enumerate() {
-                let (b, lane) = (j / 8, j % 8);
-                block[16 * b + lane] = k as f32 / COUNT as f32;
-                block[16 * b + 8 + lane] =
-                    (k.wrapping_mul(0x9e37_79b1) % COUNT) as f32 / COUNT as f32;
+        for (name, kernel, _) in kernels() {
+            let mut mismatches = 0usize;
+            let mut block = [0f32; 32];
+            for start in (0..COUNT).step_by(16) {
+                // Lanes 0..8 of each block of 16 take the first values, lanes 8..16 the
+                // second; the second values run through the numerators in an odd stride, a
+                // permutation.
+                for (j, k) in (start..start + 16).enumerate() {
+                    let (b, lane) = (j / 8, j % 8);
+                    block[16 * b + lane] = k as f32 / COUNT as f32;
+                    block[16 * b + 8 + lane] =
+                        (k.wrapping_mul(0x9e37_79b1) % COUNT) as f32 / COUNT as f32;
+                }
+                let mut fast = block;
+                assert_eq!(run(kernel, &mut fast), 32, "{name}");
+                let mut slow = block;
+                for b in slow.chunks_exact_mut(16) {
+                    box_muller_f32(b);
+                }
+                mismatches += fast
+                    .iter()
+                    .zip(&slow)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
             }
-            let mut fast = block;
-            // SAFETY: the CPU supports AVX-512F and FMA, checked above.
-            #[allow(unsafe_code)]
-            let done = unsafe { super::convert_f32_avx512(&mut fast) };
-            assert_eq!(done, 32);
-            let mut slow = block;
-            for b in slow.chunks_exact_mut(16) {
-                box_muller_f32(b);
-            }
-            mismatches += fast
-                .iter()
-                .zip(&slow)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+            assert_eq!(
+                mismatches, 0,
+                "{name}: values differing from the lane-by-lane code"
+            );
         }
-        assert_eq!(mismatches, 0, "values differing from the lane-by-lane code");
     }
 
     proptest! {
         #[test]
         fn same_bits_as_the_lane_by_lane_code(u in uniforms()) {
-            if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")) {
-                return Ok(());
+            for (name, kernel, step) in kernels() {
+                let mut fast = u.clone();
+                let done = run(kernel, &mut fast);
+                // 80 values: the AVX-512 kernel does two steps of 32, the AVX2 one five of 16.
+                let whole = u.len() - u.len() % step;
+                prop_assert_eq!(done, whole, "{}", name);
+                let mut slow = u.clone();
+                for block in slow[..whole].chunks_exact_mut(16) {
+                    box_muller_f32(block);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                prop_assert_eq!(bits(&fast[..whole]), bits(&slow[..whole]), "{}", name);
+                // The values past the last whole step are left for the caller.
+                prop_assert_eq!(bits(&fast[whole..]), bits(&u[whole..]), "{}", name);
             }
-            let mut fast = u.clone();
-            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
-            #[allow(unsafe_code)]
-            let done = unsafe { super::convert_f32_avx512(&mut fast) };
-            prop_assert_eq!(done, 64);
-            let mut slow = u.clone();
-            for block in slow[..64].chunks_exact_mut(16) {
-                box_muller_f32(block);
-            }
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            prop_assert_eq!(bits(&fast[..64]), bits(&slow[..64]));
-            // The values past the last whole step are left for the caller.
-            prop_assert_eq!(bits(&fast[64..]), bits(&u[64..]));
         }
     }
 }

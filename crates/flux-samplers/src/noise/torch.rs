@@ -331,10 +331,17 @@ impl BoxMuller for f32 {
 
     fn convert_vectorised(chunk: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the function only requires the target features checked just above.
-            #[allow(unsafe_code)]
-            return unsafe { super::box_muller_x86::convert_f32_avx512(chunk) };
+        if std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the function only requires the target features checked above.
+                #[allow(unsafe_code)]
+                return unsafe { super::box_muller_x86::convert_f32_avx512(chunk) };
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the function only requires the target features checked above.
+                #[allow(unsafe_code)]
+                return unsafe { super::box_muller_x86::convert_f32_avx2(chunk) };
+            }
         }
         let _ = chunk;
         0
