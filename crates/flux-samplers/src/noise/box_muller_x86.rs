@@ -24,10 +24,61 @@ use std::arch::x86_64::*;
 /// Floats converted per step: two blocks of 16.
 pub(super) const STEP: usize = 32;
 
+/// The logarithm's rounded steps after the range reduction (`cephes::log` from `z = x * x`
+/// on), negated at the end, written once for both register widths: the last argument names
+/// the width's intrinsics `(set1, mul, add, fmadd, fnmadd, fnmsub)`.
+macro_rules! minus_log_polynomial {
+    (
+        $x:expr,
+        $e:expr,
+        ($set1:ident, $mul:ident, $add:ident, $fmadd:ident, $fnmadd:ident, $fnmsub:ident)
+    ) => {{
+        let (x, e) = ($x, $e);
+        let z = $mul(x, x);
+        let mut y = $set1(LOG_P[0]);
+        for &p in &LOG_P[1..] {
+            y = $fmadd(y, x, $set1(p));
+        }
+        y = $mul(y, x);
+        y = $fmadd(y, z, $mul(e, $set1(LOG_Q1)));
+        y = $fnmadd(z, $set1(0.5), y);
+        let x = $add(x, y);
+        // The kernel's last step, `fma(e, q2, x)`, negated: `-(e q2) - x` rounds to exactly
+        // the negated value (rounding to nearest is symmetric).
+        $fnmsub(e, $set1(LOG_Q2), x)
+    }};
+}
+
+/// The rounded steps of `cephes::sincos` after the octant `y` is known: the three-part
+/// reduction of `x` and both polynomials, as `(cosine polynomial, sine polynomial)`, written
+/// once for both register widths (`(set1, mul, add, fmadd, fmsub)` of the width).
+macro_rules! sincos_polynomials {
+    ($x:expr, $y:expr, ($set1:ident, $mul:ident, $add:ident, $fmadd:ident, $fmsub:ident)) => {{
+        let (mut x, y) = ($x, $y);
+        x = $fmadd(y, $set1(MINUS_DP1), x);
+        x = $fmadd(y, $set1(MINUS_DP2), x);
+        x = $fmadd(y, $set1(MINUS_DP3), x);
+
+        let z = $mul(x, x);
+        let mut yc = $fmadd($set1(COS_P[0]), z, $set1(COS_P[1]));
+        yc = $fmadd(yc, z, $set1(COS_P[2]));
+        yc = $mul(yc, z);
+        yc = $fmsub(yc, z, $mul(z, $set1(0.5)));
+        yc = $add(yc, $set1(1.0));
+
+        let mut ys = $fmadd($set1(SIN_P[0]), z, $set1(SIN_P[1]));
+        ys = $fmadd(ys, z, $set1(SIN_P[2]));
+        ys = $mul(ys, z);
+        ys = $fmadd(ys, x, x);
+        (yc, ys)
+    }};
+}
+
 /// `-log` of 16 lanes (`cephes::log`, negated) for the arguments Box-Muller passes it: `1 - u`
-/// for a uniform `u = k / 2^24`, so every lane is a normal number in `[2^-24, 1]` and the kernel's
-/// handling of zero, negative and subnormal arguments (a NaN, a clamp) never applies; it is
-/// left out. `every_uniform_converts_as_the_lane_by_lane_code` checks all 2^24 arguments.
+/// for a uniform `u = k / 2^24`, so every lane is a normal number in `[2^-24, 1]` and the
+/// kernel's handling of zero, negative and subnormal arguments (a NaN, a clamp) never
+/// applies; it is left out. `every_uniform_converts_as_the_lane_by_lane_code` checks all 2^24
+/// arguments.
 ///
 /// The exponent and mantissa come from `getexp`/`getmant` (exact for normal numbers, so the
 /// same values the kernel's integer shifts and masks give), and the kernel's conditional
@@ -47,18 +98,18 @@ fn minus_log16(v: __m512) -> __m512 {
     let x = _mm512_sub_ps(m, one);
     let x = _mm512_mask_add_ps(x, below, x, m);
 
-    let z = _mm512_mul_ps(x, x);
-    let mut y = _mm512_set1_ps(LOG_P[0]);
-    for &p in &LOG_P[1..] {
-        y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(p));
-    }
-    y = _mm512_mul_ps(y, x);
-    y = _mm512_fmadd_ps(y, z, _mm512_mul_ps(e, _mm512_set1_ps(LOG_Q1)));
-    y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
-    let x = _mm512_add_ps(x, y);
-    // The kernel's last step, `fma(e, q2, x)`, negated: `-(e q2) - x` rounds to exactly the
-    // negated value (rounding to nearest is symmetric).
-    _mm512_fnmsub_ps(e, _mm512_set1_ps(LOG_Q2), x)
+    minus_log_polynomial!(
+        x,
+        e,
+        (
+            _mm512_set1_ps,
+            _mm512_mul_ps,
+            _mm512_add_ps,
+            _mm512_fmadd_ps,
+            _mm512_fnmadd_ps,
+            _mm512_fnmsub_ps
+        )
+    )
 }
 
 /// Sine and cosine of 16 lanes (`cephes::sincos`) for the arguments Box-Muller passes it:
@@ -71,9 +122,7 @@ fn minus_log16(v: __m512) -> __m512 {
 /// sign of a zero may differ, which the caller's final `+ 0` erases.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-fn sincos16(v: __m512) -> (__m512, __m512, __mmask16, __mmask16) {
-    let mut x = v;
-
+fn sincos16(x: __m512) -> (__m512, __m512, __mmask16, __mmask16) {
     let mut j = _mm512_cvttps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(FOUR_OVER_PI)));
     j = _mm512_and_si512(
         _mm512_add_epi32(j, _mm512_set1_epi32(1)),
@@ -87,21 +136,17 @@ fn sincos16(v: __m512) -> (__m512, __m512, __mmask16, __mmask16) {
     let sin_poly_for_sin = _mm512_testn_epi32_mask(j, _mm512_set1_epi32(2));
     let negate_cos = !(sin_poly_for_sin ^ negate_sin);
 
-    x = _mm512_fmadd_ps(y, _mm512_set1_ps(MINUS_DP1), x);
-    x = _mm512_fmadd_ps(y, _mm512_set1_ps(MINUS_DP2), x);
-    x = _mm512_fmadd_ps(y, _mm512_set1_ps(MINUS_DP3), x);
-
-    let z = _mm512_mul_ps(x, x);
-    let mut yc = _mm512_fmadd_ps(_mm512_set1_ps(COS_P[0]), z, _mm512_set1_ps(COS_P[1]));
-    yc = _mm512_fmadd_ps(yc, z, _mm512_set1_ps(COS_P[2]));
-    yc = _mm512_mul_ps(yc, z);
-    yc = _mm512_fmsub_ps(yc, z, _mm512_mul_ps(z, _mm512_set1_ps(0.5)));
-    yc = _mm512_add_ps(yc, _mm512_set1_ps(1.0));
-
-    let mut ys = _mm512_fmadd_ps(_mm512_set1_ps(SIN_P[0]), z, _mm512_set1_ps(SIN_P[1]));
-    ys = _mm512_fmadd_ps(ys, z, _mm512_set1_ps(SIN_P[2]));
-    ys = _mm512_mul_ps(ys, z);
-    ys = _mm512_fmadd_ps(ys, x, x);
+    let (yc, ys) = sincos_polynomials!(
+        x,
+        y,
+        (
+            _mm512_set1_ps,
+            _mm512_mul_ps,
+            _mm512_add_ps,
+            _mm512_fmadd_ps,
+            _mm512_fmsub_ps
+        )
+    );
 
     (
         _mm512_mask_blend_ps(sin_poly_for_sin, yc, ys),
@@ -219,24 +264,25 @@ fn minus_log8(v: __m256) -> __m256 {
     ));
     let x = _mm256_add_ps(_mm256_sub_ps(x, one), _mm256_and_ps(below, x));
 
-    let z = _mm256_mul_ps(x, x);
-    let mut y = _mm256_set1_ps(LOG_P[0]);
-    for &p in &LOG_P[1..] {
-        y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(p));
-    }
-    y = _mm256_mul_ps(y, x);
-    y = _mm256_fmadd_ps(y, z, _mm256_mul_ps(e, _mm256_set1_ps(LOG_Q1)));
-    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
-    let x = _mm256_add_ps(x, y);
-    _mm256_fnmsub_ps(e, _mm256_set1_ps(LOG_Q2), x)
+    minus_log_polynomial!(
+        x,
+        e,
+        (
+            _mm256_set1_ps,
+            _mm256_mul_ps,
+            _mm256_add_ps,
+            _mm256_fmadd_ps,
+            _mm256_fnmadd_ps,
+            _mm256_fnmsub_ps
+        )
+    )
 }
 
 /// [`sincos16`] on 8 lanes with AVX2; returns the sine and cosine with their signs applied
 /// (a sign flip is an exact `xor`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn sincos8(v: __m256) -> (__m256, __m256) {
-    let mut x = v;
+fn sincos8(x: __m256) -> (__m256, __m256) {
     let mut j = _mm256_cvttps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(FOUR_OVER_PI)));
     j = _mm256_and_si256(
         _mm256_add_epi32(j, _mm256_set1_epi32(1)),
@@ -255,21 +301,17 @@ fn sincos8(v: __m256) -> (__m256, __m256) {
         _mm256_set1_epi32(i32::MIN),
     );
 
-    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP1), x);
-    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP2), x);
-    x = _mm256_fmadd_ps(y, _mm256_set1_ps(MINUS_DP3), x);
-
-    let z = _mm256_mul_ps(x, x);
-    let mut yc = _mm256_fmadd_ps(_mm256_set1_ps(COS_P[0]), z, _mm256_set1_ps(COS_P[1]));
-    yc = _mm256_fmadd_ps(yc, z, _mm256_set1_ps(COS_P[2]));
-    yc = _mm256_mul_ps(yc, z);
-    yc = _mm256_fmsub_ps(yc, z, _mm256_mul_ps(z, _mm256_set1_ps(0.5)));
-    yc = _mm256_add_ps(yc, _mm256_set1_ps(1.0));
-
-    let mut ys = _mm256_fmadd_ps(_mm256_set1_ps(SIN_P[0]), z, _mm256_set1_ps(SIN_P[1]));
-    ys = _mm256_fmadd_ps(ys, z, _mm256_set1_ps(SIN_P[2]));
-    ys = _mm256_mul_ps(ys, z);
-    ys = _mm256_fmadd_ps(ys, x, x);
+    let (yc, ys) = sincos_polynomials!(
+        x,
+        y,
+        (
+            _mm256_set1_ps,
+            _mm256_mul_ps,
+            _mm256_add_ps,
+            _mm256_fmadd_ps,
+            _mm256_fmsub_ps
+        )
+    );
 
     let select = _mm256_castsi256_ps(sin_poly_for_sin);
     let sin = _mm256_blendv_ps(yc, ys, select);
