@@ -332,16 +332,23 @@ impl BoxMuller for f32 {
     fn convert_vectorised(chunk: &mut [f32]) -> usize {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("fma") {
+            let mut done = 0;
             if std::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the function only requires the target features checked above.
                 #[allow(unsafe_code)]
-                return unsafe { super::box_muller_x86::convert_f32_avx512(chunk) };
+                {
+                    done = unsafe { super::box_muller_x86::convert_f32_avx512(chunk) };
+                }
             }
+            // AVX2 converts every block AVX-512 left (a last single block), or all of them.
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the function only requires the target features checked above.
                 #[allow(unsafe_code)]
-                return unsafe { super::box_muller_x86::convert_f32_avx2(chunk) };
+                {
+                    done += unsafe { super::box_muller_x86::convert_f32_avx2(&mut chunk[done..]) };
+                }
             }
+            return done;
         }
         let _ = chunk;
         0
