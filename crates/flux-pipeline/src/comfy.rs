@@ -270,6 +270,25 @@ impl<B: Backend> NoiseSource<B> for RecordingNoise<'_, B> {
         }
         Ok(t)
     }
+
+    /// A recorded run keeps every draw the reference makes, skipped ones included; otherwise
+    /// the inner source skips (drawn in float32, as [`Self::sample`] draws).
+    fn skip(
+        &mut self,
+        backend: &B,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> flux_samplers::Result<()> {
+        if self.record {
+            return self
+                .sample(backend, shape, dtype, sigma, sigma_next)
+                .map(drop);
+        }
+        self.inner
+            .skip(backend, shape, DType::F32, sigma, sigma_next)
+    }
 }
 
 /// `f(x)` elementwise, rounded to `dtype` (f32 maths for f32 runs).

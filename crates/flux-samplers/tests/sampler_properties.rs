@@ -164,6 +164,50 @@ proptest! {
     }
 }
 
+/// A torch-compatible source that draws even where the sampler only needs the generator to
+/// move on (it keeps the trait's default `skip`, which samples and drops the tensor).
+struct DrawEverything(DefaultNoise);
+
+impl NoiseSource<Cpu> for DrawEverything {
+    fn sample(
+        &mut self,
+        backend: &Cpu,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<Tensor<Cpu>> {
+        self.0.sample(backend, shape, dtype, sigma, sigma_next)
+    }
+}
+
+/// The samplers that skip draws their reference makes but multiplies by zero give, with the
+/// torch-compatible source, exactly what drawing them gives, and leave it at the same draw.
+#[test]
+fn skipped_draws_change_nothing() {
+    let model = ModelSampling::flux(1.15);
+    let sig = flow_schedule(0.05, 6);
+    // 40 elements: the torch generator's block path with a partial last block.
+    let x: Vec<f64> = (0..40).map(|i| (i as f64 * 0.37).sin() * 2.0).collect();
+    for sampler in [Sampler::ResMultistep, Sampler::ResMultistepCfgPp] {
+        let mut skipping = DefaultNoise::new(3);
+        let mut drawing = DrawEverything(DefaultNoise::new(3));
+        let mut den = MixtureDenoiser::reference(2.0, true);
+        let a = run(sampler, &model, &mut den, &mut skipping, &x, &sig).unwrap();
+        let mut den = MixtureDenoiser::reference(2.0, true);
+        let b = run(sampler, &model, &mut den, &mut drawing, &x, &sig).unwrap();
+        assert_eq!(a, b, "{sampler}");
+        assert_eq!(skipping.draws(), drawing.0.draws(), "{sampler}");
+        assert!(skipping.draws() > 0, "{sampler} made no draw to skip");
+        let cpu = Cpu::new();
+        let next = |n: &mut DefaultNoise| {
+            let t = n.sample(&cpu, &[40], DType::F64, 0.5, 0.2).unwrap();
+            cpu.download_f64(&t).unwrap()
+        };
+        assert_eq!(next(&mut skipping), next(&mut drawing.0), "{sampler}");
+    }
+}
+
 #[test]
 fn deterministic_samplers_draw_no_noise() {
     let x = [0.3, -1.2, 2.0, 0.0];

@@ -984,6 +984,20 @@ impl<B: Backend> NoiseSource<B> for BrownianTreeNoise {
         let values = self.draw_host(shape, dtype, sigma, sigma_next)?;
         Ok(values.into_tensor(backend, shape, dtype)?)
     }
+
+    /// Nothing to do: a query's values depend only on the queried interval (the tree is the
+    /// same whatever was asked before; only its cache differs), so an unused draw changes no
+    /// later one.
+    fn skip(
+        &mut self,
+        _backend: &B,
+        _shape: &[usize],
+        _dtype: DType,
+        _sigma: f64,
+        _sigma_next: f64,
+    ) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -992,6 +1006,22 @@ mod tests {
     use flux_kernels::{Cpu, SamplerOps};
 
     const N: usize = 1 << 16;
+
+    #[test]
+    fn a_skipped_query_changes_no_later_draw() {
+        let cpu = Cpu::new();
+        let shape = [2, 16];
+        let mut queried = BrownianTreeNoise::new(5, 0.01, 1.0).unwrap();
+        let mut skipped = BrownianTreeNoise::new(5, 0.01, 1.0).unwrap();
+        queried.draw(&shape, DType::F64, 0.9, 0.6).unwrap();
+        NoiseSource::<Cpu>::skip(&mut skipped, &cpu, &shape, DType::F64, 0.9, 0.6).unwrap();
+        for (a, b) in [(0.6, 0.3), (0.95, 0.7), (0.3, 0.02)] {
+            assert_eq!(
+                queried.draw(&shape, DType::F64, a, b).unwrap(),
+                skipped.draw(&shape, DType::F64, a, b).unwrap()
+            );
+        }
+    }
 
     fn mean_var(v: &[f64]) -> (f64, f64) {
         let n = v.len() as f64;

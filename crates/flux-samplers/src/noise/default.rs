@@ -53,6 +53,21 @@ impl<B: Backend> NoiseSource<B> for DefaultNoise {
         let values = self.next_host(shape, dtype)?;
         Ok(values.into_tensor(backend, shape, dtype)?)
     }
+
+    /// Moves the generator past the draw without converting it (see
+    /// [`TorchGenerator::skip_randn`]).
+    fn skip(
+        &mut self,
+        _backend: &B,
+        shape: &[usize],
+        dtype: DType,
+        _sigma: f64,
+        _sigma_next: f64,
+    ) -> Result<()> {
+        self.generator.skip_randn(shape, dtype)?;
+        self.draws += 1;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -70,5 +85,29 @@ mod tests {
         assert_eq!(cpu.download_f64(&a).unwrap(), g.randn_f64(32));
         assert_eq!(cpu.download_f64(&b).unwrap(), g.randn_f64(32));
         assert_eq!(n.draws(), 2);
+    }
+
+    #[test]
+    fn a_skipped_draw_leaves_the_stream_where_a_draw_does() {
+        let cpu = Cpu::new();
+        for (shape, dtype) in [
+            (vec![1, 16, 8, 9], DType::F32),
+            (vec![3, 5], DType::F32),
+            (vec![2, 16], DType::F64),
+            (vec![7], DType::F64),
+        ] {
+            let mut drawn = DefaultNoise::new(9);
+            let mut skipped = DefaultNoise::new(9);
+            drawn.sample(&cpu, &shape, dtype, 1.0, 0.5).unwrap();
+            skipped.skip(&cpu, &shape, dtype, 1.0, 0.5).unwrap();
+            assert_eq!(skipped.draws(), 1);
+            let a = drawn.sample(&cpu, &shape, dtype, 0.5, 0.2).unwrap();
+            let b = skipped.sample(&cpu, &shape, dtype, 0.5, 0.2).unwrap();
+            assert_eq!(
+                cpu.download_f64(&a).unwrap(),
+                cpu.download_f64(&b).unwrap(),
+                "{shape:?} {dtype}"
+            );
+        }
     }
 }

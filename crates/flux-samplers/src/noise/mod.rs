@@ -33,4 +33,21 @@ pub trait NoiseSource<B: Backend> {
         sigma: f64,
         sigma_next: f64,
     ) -> Result<Tensor<B>>;
+
+    /// Advances the source as [`NoiseSource::sample`] with the same arguments would, without
+    /// making the tensor: for draws a sampler makes only because the reference makes them
+    /// (their values are multiplied by zero), so that every later draw is still the
+    /// reference's. The default samples and drops the result; sources whose later values
+    /// depend on how much was drawn before override it with something cheaper.
+    fn skip(
+        &mut self,
+        backend: &B,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<()> {
+        self.sample(backend, shape, dtype, sigma, sigma_next)
+            .map(drop)
+    }
 }

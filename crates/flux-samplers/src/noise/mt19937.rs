@@ -216,6 +216,20 @@ impl Mt19937 {
         temper(y)
     }
 
+    /// Moves past the next `count` outputs without tempering them: the state regenerates as
+    /// often as drawing them would regenerate it, and nothing else is computed.
+    pub fn discard(&mut self, count: usize) {
+        let mut count = count;
+        while count > 0 {
+            if self.index >= N {
+                self.twist();
+            }
+            let k = count.min(N - self.index);
+            self.index += k;
+            count -= k;
+        }
+    }
+
     /// Fills `out` with the next `out.len()` outputs: the same values as that many calls of
     /// [`Mt19937::next_u32`], tempered a whole state at a time (a loop that vectorises).
     pub fn fill_u32(&mut self, out: &mut [u32]) {
@@ -285,6 +299,26 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn discarding_moves_to_the_same_place_as_drawing(
+            seed in any::<u32>(),
+            before in 0usize..700,
+            count in 0usize..3000,
+        ) {
+            let mut drawn = Mt19937::new(seed);
+            let mut discarded = Mt19937::new(seed);
+            for _ in 0..before {
+                drawn.next_u32();
+                discarded.next_u32();
+            }
+            for _ in 0..count {
+                drawn.next_u32();
+            }
+            discarded.discard(count);
+            let next = |e: &mut Mt19937| (0..700).map(|_| e.next_u32()).collect::<Vec<_>>();
+            prop_assert_eq!(next(&mut drawn), next(&mut discarded));
+        }
+
         #[test]
         fn vector_twist_matches_the_reference_loop(words in proptest::collection::vec(any::<u32>(), super::N)) {
             let mut a = [0u32; super::N];

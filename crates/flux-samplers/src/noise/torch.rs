@@ -249,6 +249,36 @@ impl TorchGenerator {
         data
     }
 
+    /// Leaves the generator exactly where [`TorchGenerator::randn`] of `shape` and `dtype`
+    /// would leave it, without making the normals. A draw of at least 16 elements consumes
+    /// one engine output per f32 element or two per f64 element, plus a redrawn block of 16
+    /// when the count is not a multiple of 16, and leaves the cached scalar normal alone; the
+    /// engine just moves past those outputs. A smaller draw takes the scalar path, whose
+    /// cached normal depends on the values, so it is drawn.
+    pub fn skip_randn(&mut self, shape: &[usize], dtype: DType) -> Result<()> {
+        let numel = numel_of(shape)?;
+        let words_per_value = match dtype {
+            DType::F32 => 1,
+            DType::F64 => 2,
+            other => {
+                return Err(SamplerError::Noise(format!(
+                    "randn supports f64 and f32, not {other}"
+                )));
+            }
+        };
+        if numel < BLOCK {
+            self.randn(shape, dtype)?;
+            return Ok(());
+        }
+        let redrawn = if numel.is_multiple_of(BLOCK) {
+            0
+        } else {
+            BLOCK
+        };
+        self.engine.discard(words_per_value * (numel + redrawn));
+        Ok(())
+    }
+
     /// `torch.randn(shape, dtype=dtype, generator=self)` for F64 or F32.
     pub fn randn(&mut self, shape: &[usize], dtype: DType) -> Result<HostNoise> {
         let numel = numel_of(shape)?;
@@ -453,6 +483,31 @@ pub(super) fn box_muller_f32(block: &mut [f32]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn skipping_a_draw_leaves_the_generator_where_drawing_does() {
+        // Sizes below, at and above a block, with and without a partial last block, and a
+        // large one that crosses many engine states; each after a scalar draw has left a
+        // cached normal, which a block draw keeps.
+        for numel in [1usize, 15, 16, 17, 40, 48, 2 * PAR_CHUNK + 5] {
+            for dtype in [DType::F32, DType::F64] {
+                let mut drawn = TorchGenerator::new(11);
+                drawn.randn_f64(3);
+                let mut skipped = drawn.clone();
+                drawn.randn(&[numel], dtype).unwrap();
+                skipped.skip_randn(&[numel], dtype).unwrap();
+                for n in [3usize, 33] {
+                    assert_eq!(
+                        drawn.randn_f64(n),
+                        skipped.randn_f64(n),
+                        "{numel} {dtype}, then {n}"
+                    );
+                }
+            }
+        }
+        let mut g = TorchGenerator::new(1);
+        assert!(g.skip_randn(&[4], DType::BF16).is_err());
+    }
 
     #[test]
     fn only_the_low_32_bits_of_the_seed_count() {

@@ -50,6 +50,18 @@ pub(crate) fn noise<B: Backend>(
         .sample(ctx.backend, like.shape(), like.dtype(), sigma, sigma_next)
 }
 
+/// Moves the noise source past a draw like [`noise`]'s whose values the sampler would only
+/// multiply by zero (the reference draws it; see [`crate::noise::NoiseSource::skip`]).
+pub(crate) fn skip_noise<B: Backend>(
+    ctx: &mut SampleContext<'_, B>,
+    like: &Tensor<B>,
+    sigma: f64,
+    sigma_next: f64,
+) -> Result<()> {
+    ctx.noise
+        .skip(ctx.backend, like.shape(), like.dtype(), sigma, sigma_next)
+}
+
 /// `(sigma_down, sigma_up)` of a variance-exploding ancestral step from `s0` to `s1`.
 pub(crate) fn ancestral_step(s0: f64, s1: f64, eta: f64) -> (f64, f64) {
     if eta == 0.0 {

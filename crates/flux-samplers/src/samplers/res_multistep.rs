@@ -2,8 +2,9 @@
 //! `res_multistep_cfg_pp`, `res_multistep_ancestral`, `res_multistep_ancestral_cfg_pp`.
 //!
 //! They work in `t = -ln(sigma)` for every model type (no flow branch). The non-ancestral
-//! variants run with `eta = 0` but still draw one noise tensor per step before the last (scaled
-//! by a zero `sigma_up`), as the reference does, so a shared generator stays in step.
+//! variants run with `eta = 0` but the reference still draws one noise tensor per step before
+//! the last (scaled by a zero `sigma_up`); they skip past it in the noise source
+//! ([`crate::noise::NoiseSource::skip`]), so a shared generator stays in step.
 //! The cfg++ variants step with the unconditional prediction and add the guidance difference.
 
 use super::common::{self, ancestral_step};
@@ -133,8 +134,12 @@ fn run<B: Backend>(
         }
         let noise;
         if s_next > 0.0 {
-            noise = common::noise(ctx, &x, s, s_next)?;
-            if sigma_up != 0.0 {
+            if sigma_up == 0.0 {
+                // The reference draws and adds `0 * noise`: only the generator's position
+                // matters.
+                common::skip_noise(ctx, &x, s, s_next)?;
+            } else {
+                noise = common::noise(ctx, &x, s, s_next)?;
                 terms.push((s_noise * sigma_up, &noise));
             }
         }
