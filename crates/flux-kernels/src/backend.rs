@@ -117,6 +117,30 @@ pub trait SamplerOps {
     where
         Self: Backend;
 
+    /// The step of the multistep samplers: `d = a x + b den` into a new tensor, then
+    /// `x = x + c d + sum_k c_k h_k` in place (at most `MAX_LINCOMB_TERMS - 2` history terms
+    /// `h_k`); returns `d`. Each element is computed exactly as [`Backend::lincomb`] followed
+    /// by [`SamplerOps::lincomb_inplace`] computes it (which is what the default does); a
+    /// backend may do both in one pass over memory.
+    fn derivative_step(
+        &self,
+        x: &mut Tensor<Self>,
+        (a, b): (f64, f64),
+        den: &Tensor<Self>,
+        c: f64,
+        history: &[(f64, &Tensor<Self>)],
+    ) -> Result<Tensor<Self>>
+    where
+        Self: Backend,
+    {
+        let d = self.lincomb(&[(a, x), (b, den)])?;
+        let mut terms = Vec::with_capacity(history.len() + 1);
+        terms.push((c, &d));
+        terms.extend_from_slice(history);
+        self.lincomb_inplace(x, 1.0, &terms)?;
+        Ok(d)
+    }
+
     /// A new tensor of `x`'s shape and dtype holding `f` applied to `x`'s values: `f` gets
     /// blocks of the values widened to f64 and overwrites each value with its result, which is
     /// rounded back to the dtype. Blocks may be of any length and are processed in any order,

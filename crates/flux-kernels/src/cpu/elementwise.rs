@@ -192,6 +192,86 @@ pub(crate) fn lincomb_new<T: Elem>(n: usize, terms: &[(T, &[T])]) -> Vec<T> {
     out
 }
 
+/// One chunk of the multistep step: `d = a x + b den`, then `x = 1 x + c d + sum c_k h_k`,
+/// with the operations of [`chunk_set`] and [`chunk_update`] in their order.
+#[inline]
+fn chunk_derivative_step<T: Elem, const N: usize>(
+    x: &mut [T],
+    d: &mut [MaybeUninit<T>],
+    (a, b, c): (T, T, T),
+    den: &[T],
+    ch: [T; N],
+    h: [&[T]; N],
+    start: usize,
+) {
+    let den = &den[start..start + x.len()];
+    let h: [&[T]; N] = std::array::from_fn(|k| &h[k][start..start + x.len()]);
+    let one = T::from_f64(1.0);
+    for (i, (xo, dout)) in x.iter_mut().zip(d.iter_mut()).enumerate() {
+        let dv = a * *xo + b * den[i];
+        dout.write(dv);
+        let mut acc = one * *xo;
+        acc = acc + c * dv;
+        for k in 0..N {
+            acc = acc + ch[k] * h[k][i];
+        }
+        *xo = acc;
+    }
+}
+
+fn run_derivative_step<T: Elem, const N: usize>(
+    x: &mut [T],
+    d: &mut [MaybeUninit<T>],
+    abc: (T, T, T),
+    den: &[T],
+    history: &[(T, &[T])],
+) {
+    let ch: [T; N] = std::array::from_fn(|k| history[k].0);
+    let h: [&[T]; N] = std::array::from_fn(|k| history[k].1);
+    if x.len() >= PAR_THRESHOLD {
+        x.par_chunks_mut(PAR_CHUNK)
+            .zip(d.par_chunks_mut(PAR_CHUNK))
+            .enumerate()
+            .for_each(|(j, (x, d))| {
+                chunk_derivative_step::<T, N>(x, d, abc, den, ch, h, j * PAR_CHUNK);
+            });
+    } else {
+        chunk_derivative_step::<T, N>(x, d, abc, den, ch, h, 0);
+    }
+}
+
+/// `d = a x + b den` into new memory and `x = x + c d + sum c_k h_k` in the same pass; each
+/// element as [`lincomb_new`] then [`lincomb`] compute it. At most 4 history terms; slices
+/// are pre-checked to have `x`'s length.
+pub(crate) fn derivative_step<T: Elem>(
+    x: &mut [T],
+    (a, b): (T, T),
+    den: &[T],
+    c: T,
+    history: &[(T, &[T])],
+) -> Vec<T> {
+    let n = x.len();
+    let mut d: Vec<T> = Vec::with_capacity(n);
+    {
+        let spare = &mut d.spare_capacity_mut()[..n];
+        let abc = (a, b, c);
+        match history.len() {
+            0 => run_derivative_step::<T, 0>(x, spare, abc, den, history),
+            1 => run_derivative_step::<T, 1>(x, spare, abc, den, history),
+            2 => run_derivative_step::<T, 2>(x, spare, abc, den, history),
+            3 => run_derivative_step::<T, 3>(x, spare, abc, den, history),
+            _ => run_derivative_step::<T, 4>(x, spare, abc, den, history),
+        }
+    }
+    // SAFETY: every chunk of the first `n` slots was handed to `chunk_derivative_step`, which
+    // writes each position of it, and `T` is a plain float.
+    #[allow(unsafe_code)]
+    unsafe {
+        d.set_len(n);
+    }
+    d
+}
+
 /// `f` applied to every element into a new vector, on the rayon pool for large inputs.
 pub(crate) fn map_new<S: Copy + Sync, T: Send>(v: &[S], f: impl Fn(S) -> T + Sync) -> Vec<T> {
     if v.len() >= PAR_THRESHOLD {
@@ -275,4 +355,96 @@ pub(crate) fn scaled_error_sq<T: Elem>(e: &[T], a: &[T], b: &[T], atol: T, rtol:
             r * r
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Backend, Cpu, DType, HostData, SamplerOps, Tensor};
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        // A small LCG: awkward, sign-mixed values without a dependency.
+        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn tensor(cpu: Cpu, v: &[f64], dtype: DType) -> Tensor<Cpu> {
+        cpu.upload(HostData::F64(v), &[v.len()], dtype).unwrap()
+    }
+
+    /// The fused step gives bit for bit what `lincomb` then `lincomb_inplace` give, on both
+    /// sides of the parallel threshold, for every history length.
+    #[test]
+    fn derivative_step_equals_the_two_passes_it_fuses() {
+        let cpu = Cpu::new();
+        for dtype in [DType::F32, DType::F64] {
+            for n in [1usize, 37, 65_536 + 4099] {
+                for hist in 0..=4 {
+                    let x0 = tensor(cpu, &values(n, 1), dtype);
+                    let den = tensor(cpu, &values(n, 2), dtype);
+                    let hs: Vec<Tensor<Cpu>> = (0..hist)
+                        .map(|k| tensor(cpu, &values(n, 10 + k as u64), dtype))
+                        .collect();
+                    let coeffs = [0.37, -1.3, 0.71, -0.05];
+                    let history: Vec<(f64, &Tensor<Cpu>)> =
+                        coeffs.iter().copied().zip(&hs).collect();
+                    let (a, b, c) = (1.0 / 0.83, -1.0 / 0.83, -0.117);
+
+                    let mut fused_x = cpu.copy(&x0).unwrap();
+                    let fused_d = cpu
+                        .derivative_step(&mut fused_x, (a, b), &den, c, &history)
+                        .unwrap();
+
+                    let mut x = cpu.copy(&x0).unwrap();
+                    let d = cpu.lincomb(&[(a, &x), (b, &den)]).unwrap();
+                    let mut terms = vec![(c, &d)];
+                    terms.extend_from_slice(&history);
+                    cpu.lincomb_inplace(&mut x, 1.0, &terms).unwrap();
+
+                    let bits = |t: &Tensor<Cpu>| {
+                        cpu.download_f64(t)
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    assert_eq!(bits(&fused_d), bits(&d), "d: {dtype} n={n} history={hist}");
+                    assert_eq!(bits(&fused_x), bits(&x), "x: {dtype} n={n} history={hist}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn derivative_step_refuses_bad_arguments() {
+        let cpu = Cpu::new();
+        let x = tensor(cpu, &values(8, 1), DType::F32);
+        let den = tensor(cpu, &values(8, 2), DType::F32);
+        let short = tensor(cpu, &values(7, 3), DType::F32);
+        let wide = tensor(cpu, &values(8, 4), DType::F64);
+        let mut y = cpu.copy(&x).unwrap();
+        assert!(
+            cpu.derivative_step(&mut y, (1.0, -1.0), &short, 0.5, &[])
+                .is_err()
+        );
+        assert!(
+            cpu.derivative_step(&mut y, (1.0, -1.0), &wide, 0.5, &[])
+                .is_err()
+        );
+        assert!(
+            cpu.derivative_step(&mut y, (1.0, -1.0), &den, 0.5, &[(1.0, &short)])
+                .is_err()
+        );
+        let five: Vec<(f64, &Tensor<Cpu>)> = (0..5).map(|_| (1.0, &den)).collect();
+        assert!(
+            cpu.derivative_step(&mut y, (1.0, -1.0), &den, 0.5, &five)
+                .is_err()
+        );
+    }
 }

@@ -298,6 +298,49 @@ impl SamplerOps for Cpu {
         Ok(())
     }
 
+    /// One pass: each element's `d` is written and used for its `x` while both are in
+    /// registers.
+    fn derivative_step(
+        &self,
+        x: &mut Tensor<Self>,
+        (a, b): (f64, f64),
+        den: &Tensor<Self>,
+        c: f64,
+        history: &[(f64, &Tensor<Self>)],
+    ) -> Result<Tensor<Self>> {
+        if history.len() > MAX_LINCOMB_TERMS - 2 {
+            return Err(KernelError::InvalidArgument {
+                op: "derivative_step",
+                message: format!(
+                    "{} history terms given, at most {} allowed",
+                    history.len(),
+                    MAX_LINCOMB_TERMS - 2
+                ),
+            });
+        }
+        shapes::lincomb_terms(x, &[(b, den)], true)?;
+        shapes::lincomb_terms(x, history, true)?;
+        let (shape, dtype) = (x.shape().to_vec(), x.dtype());
+        let storage = match x.storage_mut() {
+            CpuStorage::F64(o) => CpuStorage::F64(elementwise::derivative_step(
+                o,
+                (a, b),
+                slices::<f64>(&[(b, den)])?[0].1,
+                c,
+                &slices::<f64>(history)?,
+            )),
+            CpuStorage::F32(o) => CpuStorage::F32(elementwise::derivative_step(
+                o,
+                (a as f32, b as f32),
+                slices::<f32>(&[(b, den)])?[0].1,
+                c as f32,
+                &slices::<f32>(history)?,
+            )),
+            CpuStorage::Weight(w) => return Err(unsupported("derivative_step", w.dtype)),
+        };
+        Ok(Tensor::from_parts(storage, shape, dtype))
+    }
+
     fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
         Ok(match t.storage() {
             CpuStorage::F64(v) => elementwise::sum_squares(v),

@@ -82,22 +82,26 @@ pub(crate) fn lms<B: Backend>(
     for i in 0..sigmas.len() - 1 {
         let s = sigmas[i];
         let den = common::model(ctx, &x, s, false)?.denoised;
-        let d = ctx.backend.lincomb(&[(1.0 / s, &x), (-1.0 / s, &den)])?;
-        ds.push_back(d);
-        if ds.len() > order {
-            ds.pop_front();
-        }
         common::report(ctx, i, sigmas, &x, &den)?;
-        if sigmas[i + 1] == 0.0 {
+        let to_d = (1.0 / s, -1.0 / s);
+        let d = if sigmas[i + 1] == 0.0 {
+            let d = ctx.backend.lincomb(&[(to_d.0, &x), (to_d.1, &den)])?;
             x = den;
+            d
         } else {
             let cur_order = (i + 1).min(order);
             let coeffs: Vec<f64> = (0..cur_order)
                 .map(|j| linear_multistep_coeff(cur_order, sigmas, i, j))
                 .collect();
-            let terms: Vec<(f64, &Tensor<B>)> =
-                coeffs.iter().copied().zip(ds.iter().rev()).collect();
-            ctx.backend.lincomb_inplace(&mut x, 1.0, &terms)?;
+            // `d = (x - D) / s` and the step with it and the stored ones in one pass.
+            let history: Vec<(f64, &Tensor<B>)> =
+                coeffs[1..].iter().copied().zip(ds.iter().rev()).collect();
+            ctx.backend
+                .derivative_step(&mut x, to_d, &den, coeffs[0], &history)?
+        };
+        ds.push_back(d);
+        if ds.len() > order {
+            ds.pop_front();
         }
     }
     Ok(x)

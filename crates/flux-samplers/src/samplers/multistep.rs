@@ -38,18 +38,22 @@ fn run<B: Backend>(
         let t_cur = sigmas[i];
         let den = common::model(ctx, &x, t_cur, false)?.denoised;
         common::report(ctx, i, sigmas, &x, &den)?;
-        let d = ctx
-            .backend
-            .lincomb(&[(1.0 / t_cur, &x), (-1.0 / t_cur, &den)])?;
+        let coeffs = (1.0 / t_cur, -1.0 / t_cur);
         let order = max_order.min(i + 1);
-        match weights(i, order) {
-            None => x = den,
-            Some(w) => {
-                let mut terms: Vec<(f64, &Tensor<B>)> = vec![(w[0], &d)];
-                terms.extend(w[1..].iter().copied().zip(buffer.iter().rev()));
-                ctx.backend.lincomb_inplace(&mut x, 1.0, &terms)?;
+        // `d = (x - D) / t`, and the step `x + w_0 d + sum w_k d_k` in the same pass.
+        let d = match weights(i, order) {
+            None => {
+                let d = ctx.backend.lincomb(&[(coeffs.0, &x), (coeffs.1, &den)])?;
+                x = den;
+                d
             }
-        }
+            Some(w) => {
+                let history: Vec<(f64, &Tensor<B>)> =
+                    w[1..].iter().copied().zip(buffer.iter().rev()).collect();
+                ctx.backend
+                    .derivative_step(&mut x, coeffs, &den, w[0], &history)?
+            }
+        };
         if max_order > 1 {
             if buffer.len() == max_order - 1 {
                 buffer.pop_front();
