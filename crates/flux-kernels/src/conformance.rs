@@ -568,6 +568,35 @@ pub fn lincomb<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
             Ok(x)
         });
         c.check(&format!("{label} inplace"), got, want, tol.rel);
+        // The multistep step: d = a x + b t_1 into a new tensor and x = x + c d + the other
+        // terms (at most 4) in place.
+        if terms >= 2 {
+            let (b, step) = (c.rng.uniform(-1.0, 1.0), c.rng.uniform(-1.0, 1.0));
+            let history = 2..terms.min(6);
+            let got = be.copy(&got_t[0]).and_then(|mut x| {
+                let d =
+                    be.derivative_step(&mut x, (a, b), &got_t[1], step, &gt[history.clone()])?;
+                Ok((x, d))
+            });
+            let want = c.cpu.copy(&want_t[0]).and_then(|mut x| {
+                let d = c.cpu.derivative_step(
+                    &mut x,
+                    (a, b),
+                    &want_t[1],
+                    step,
+                    &wt[history.clone()],
+                )?;
+                Ok((x, d))
+            });
+            let case = format!("{label} derivative_step");
+            match (got, want) {
+                (Ok((got_x, got_d)), Ok((want_x, want_d))) => {
+                    c.check(&format!("{case} d"), Ok(got_d), Ok(want_d), tol.rel);
+                    c.check(&format!("{case} x"), Ok(got_x), Ok(want_x), tol.rel);
+                }
+                (got, want) => c.check(&case, got.map(|p| p.0), want.map(|p| p.0), tol.rel),
+            }
+        }
     }
     c.done()
 }
