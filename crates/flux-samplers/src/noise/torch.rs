@@ -275,7 +275,11 @@ impl TorchGenerator {
         } else {
             BLOCK
         };
-        self.engine.discard(words_per_value * (numel + redrawn));
+        let words = numel
+            .checked_add(redrawn)
+            .and_then(|n| n.checked_mul(words_per_value))
+            .ok_or_else(|| SamplerError::Noise(format!("shape {shape:?} has too many elements")))?;
+        self.engine.discard(words);
         Ok(())
     }
 
@@ -507,6 +511,7 @@ mod tests {
         }
         let mut g = TorchGenerator::new(1);
         assert!(g.skip_randn(&[4], DType::BF16).is_err());
+        assert!(g.skip_randn(&[usize::MAX / 2 + 1], DType::F64).is_err());
     }
 
     #[test]
