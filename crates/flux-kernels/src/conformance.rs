@@ -141,7 +141,7 @@ macro_rules! conformance_tests {
 }
 
 /// A small deterministic generator (SplitMix64): the suite must not depend on a crate's RNG.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next_u64(&mut self) -> u64 {
@@ -153,7 +153,7 @@ impl Rng {
     }
 
     /// Uniform in `[lo, hi)`, rounded to f32 (both sides get exactly these values).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+    pub(crate) fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
         let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
         f64::from((lo + (hi - lo) * u) as f32)
     }

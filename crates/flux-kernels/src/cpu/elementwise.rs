@@ -362,16 +362,8 @@ mod tests {
     use crate::{Backend, Cpu, DType, HostData, SamplerOps, Tensor};
 
     fn values(n: usize, seed: u64) -> Vec<f64> {
-        // A small LCG: awkward, sign-mixed values without a dependency.
-        let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0
-            })
-            .collect()
+        let mut rng = crate::conformance::Rng(seed);
+        (0..n).map(|_| rng.uniform(-2.0, 2.0)).collect()
     }
 
     fn tensor(cpu: Cpu, v: &[f64], dtype: DType) -> Tensor<Cpu> {
