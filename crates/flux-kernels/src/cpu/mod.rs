@@ -308,34 +308,40 @@ impl SamplerOps for Cpu {
         c: f64,
         history: &[(f64, &Tensor<Self>)],
     ) -> Result<Tensor<Self>> {
-        if history.len() > MAX_LINCOMB_TERMS - 2 {
-            return Err(KernelError::InvalidArgument {
-                op: "derivative_step",
-                message: format!(
-                    "{} history terms given, at most {} allowed",
-                    history.len(),
-                    MAX_LINCOMB_TERMS - 2
-                ),
-            });
-        }
-        shapes::lincomb_terms(x, &[(b, den)], true)?;
-        shapes::lincomb_terms(x, history, true)?;
+        // `den` and the history are the operands: at most `MAX_LINCOMB_TERMS - 1`, each of
+        // `x`'s shape and dtype.
+        let mut operands = Vec::with_capacity(history.len() + 1);
+        operands.push((b, den));
+        operands.extend_from_slice(history);
+        check_terms(
+            "derivative_step",
+            x.shape(),
+            x.dtype(),
+            &operands,
+            MAX_LINCOMB_TERMS - 1,
+        )?;
         let (shape, dtype) = (x.shape().to_vec(), x.dtype());
         let storage = match x.storage_mut() {
-            CpuStorage::F64(o) => CpuStorage::F64(elementwise::derivative_step(
-                o,
-                (a, b),
-                slices::<f64>(&[(b, den)])?[0].1,
-                c,
-                &slices::<f64>(history)?,
-            )),
-            CpuStorage::F32(o) => CpuStorage::F32(elementwise::derivative_step(
-                o,
-                (a as f32, b as f32),
-                slices::<f32>(&[(b, den)])?[0].1,
-                c as f32,
-                &slices::<f32>(history)?,
-            )),
+            CpuStorage::F64(o) => {
+                let ops = slices::<f64>(&operands)?;
+                CpuStorage::F64(elementwise::derivative_step(
+                    o,
+                    (a, b),
+                    ops[0].1,
+                    c,
+                    &ops[1..],
+                ))
+            }
+            CpuStorage::F32(o) => {
+                let ops = slices::<f32>(&operands)?;
+                CpuStorage::F32(elementwise::derivative_step(
+                    o,
+                    (a as f32, b as f32),
+                    ops[0].1,
+                    c as f32,
+                    &ops[1..],
+                ))
+            }
             CpuStorage::Weight(w) => return Err(unsupported("derivative_step", w.dtype)),
         };
         Ok(Tensor::from_parts(storage, shape, dtype))
