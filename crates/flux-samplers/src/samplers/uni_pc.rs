@@ -101,20 +101,23 @@ struct Runner<'c, 'a, B: Backend> {
 }
 
 impl<B: Backend> Runner<'_, '_, B> {
-    /// The data prediction at `(x_vp, t)`, through the eps form ComfyUI wraps the model in.
-    fn model_x0(&mut self, x_vp: &Tensor<B>, t: f64) -> Result<Tensor<B>> {
-        let x_ve = self
-            .ctx
-            .backend
-            .lincomb(&[(ve_scale(t, self.f32_mode), x_vp)])?;
-        let denoised = common::model(self.ctx, &x_ve, t, false)?.denoised;
+    /// The data prediction at time `t` of the VP point whose model input is `x_ve`
+    /// (`x_ve = x_vp * sqrt(1 + t^2)`), through the eps form ComfyUI wraps the model in:
+    /// `x0 = (x_vp - std (x_ve - D) / t) / alpha`.
+    ///
+    /// Written over `x_ve` and `D` alone, `x0 = c x_ve + k D` with `k = std / (t alpha)` and
+    /// `c = 1 / (alpha scale) - k`: one pass that overwrites the denoiser's output. In exact
+    /// arithmetic `c = 0` and `k = 1`; in f32 `std` cancels for small `t` and the reference's
+    /// result carries that, so the coefficients keep it.
+    fn model_x0(&mut self, x_ve: &Tensor<B>, t: f64) -> Result<Tensor<B>> {
+        let mut denoised = common::model(self.ctx, x_ve, t, false)?.denoised;
         let v = vp(t, self.f32_mode);
-        // x0 = (x_vp - std * (x_ve - D) / t) / alpha
         let k = v.std / (t * v.alpha);
-        Ok(self
-            .ctx
+        let c = 1.0 / (v.alpha * ve_scale(t, self.f32_mode)) - k;
+        self.ctx
             .backend
-            .lincomb(&[(1.0 / v.alpha, x_vp), (-k, &x_ve), (k, &denoised)])?)
+            .lincomb_inplace(&mut denoised, k, &[(c, x_ve)])?;
+        Ok(denoised)
     }
 
     /// One multistep UniPC update from the last entry of `ts` to `t`, with the corrector when
@@ -184,17 +187,22 @@ impl<B: Backend> Runner<'_, '_, B> {
                 terms[1].0 -= c;
             }
         }
-        let x_t = self.ctx.backend.lincomb(&terms)?;
         if !use_corrector {
-            return Ok((x_t, None));
+            return Ok((self.ctx.backend.lincomb(&terms)?, None));
         }
+        // The predicted point is only needed as the model's input: write it scaled to VE.
+        let to_ve = ve_scale(t, f32_mode);
+        for term in &mut terms {
+            term.0 *= to_ve;
+        }
+        let x_ve = self.ctx.backend.lincomb(&terms)?;
 
         let rhos_c = if order == 1 {
             vec![0.5]
         } else {
             common::solve_linear(r, b, order, "uni_pc")?
         };
-        let model_t = self.model_x0(&x_t, t)?;
+        let model_t = self.model_x0(&x_ve, t)?;
         let mut terms: Vec<(f64, &Tensor<B>)> = vec![(c_x, x), (c_m0, m0)];
         for k in 0..order - 1 {
             let c = scale * rhos_c[k] / rks[k];
@@ -233,26 +241,28 @@ fn run<B: Backend>(
         f32_mode,
         variant,
     };
-    let mut x = x;
-    runner
+    let x_ve = x;
+    let x = runner
         .ctx
         .backend
-        .lincomb_inplace(&mut x, 1.0 / ve_scale(timesteps[0], f32_mode), &[])?;
+        .lincomb(&[(1.0 / ve_scale(timesteps[0], f32_mode), &x_ve)])?;
     let mut models: Vec<Tensor<B>> = Vec::with_capacity(order.max(1));
     let mut ts: Vec<f64> = Vec::with_capacity(order.max(1));
+    // The first model input is the start latent itself (the VE form of `x`).
+    models.push(runner.model_x0(&x_ve, timesteps[0])?);
+    drop(x_ve);
+    ts.push(timesteps[0]);
+    let mut x = x;
     for step_index in 0..steps {
         if step_index == 0 {
-            models.push(runner.model_x0(&x, timesteps[0])?);
-            ts.push(timesteps[0]);
+            // The model value at the start was computed above.
         } else if step_index < order {
+            // The warm-up steps raise the order one at a time (`step_index < steps - 1`, so a
+            // corrector always follows).
             let t = timesteps[step_index];
             let (next, model) = runner.update(&x, &models, &ts, t, step_index, true)?;
             x = next;
-            let model = match model {
-                Some(m) => m,
-                None => runner.model_x0(&x, t)?,
-            };
-            models.push(model);
+            models.extend(model);
             ts.push(t);
         } else {
             let last = if step_index == steps - 1 {
@@ -263,6 +273,7 @@ fn run<B: Backend>(
             for step in step_index..=last {
                 let t = timesteps[step];
                 let step_order = order.min(steps + 1 - step);
+                // No corrector (and no model value) at the final time.
                 let use_corrector = step != steps;
                 let (next, model) =
                     runner.update(&x, &models, &ts, t, step_order, use_corrector)?;
@@ -271,11 +282,7 @@ fn run<B: Backend>(
                     ts.remove(0);
                 }
                 ts.push(t);
-                if step < steps {
-                    let model = match model {
-                        Some(m) => m,
-                        None => runner.model_x0(&x, t)?,
-                    };
+                if let Some(model) = model {
                     if models.len() == order {
                         models.remove(0);
                     }
