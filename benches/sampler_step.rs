@@ -142,6 +142,34 @@ fn lincomb_vs_copy(c: &mut Criterion) {
                 },
             );
         }
+        // A corrector feeding the next step's predictor (uni_pc): two new tensors over five
+        // operands in one pass, against the two separate combinations.
+        let five: Vec<Tensor<Cpu>> = (0..5).map(|i| latent(backend, &shape, 10 + i)).collect();
+        let first: Vec<(f64, &Tensor<Cpu>)> = five
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (0.5 + i as f64, x))
+            .collect();
+        let second = [0.0, 0.3, -0.2, 0.0, 1.1];
+        group.throughput(Throughput::Bytes((7 * numel * 4) as u64));
+        group.bench_function(BenchmarkId::new("pair5", &id_shape), |b| {
+            b.iter(|| {
+                black_box(
+                    backend
+                        .lincomb_pair(black_box(&first), 0.9, &second)
+                        .expect("lincomb_pair"),
+                )
+            });
+        });
+        group.bench_function(BenchmarkId::new("pair5_as_two_lincombs", &id_shape), |b| {
+            b.iter(|| {
+                let a = backend.lincomb(black_box(&first)).expect("lincomb");
+                let mut terms = vec![(0.9, &a)];
+                terms.extend(second.iter().copied().zip(&five).filter(|(c, _)| *c != 0.0));
+                let s = backend.lincomb(&terms).expect("lincomb");
+                black_box((a, s))
+            });
+        });
     }
     group.finish();
 }

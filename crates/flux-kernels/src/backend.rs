@@ -141,6 +141,30 @@ pub trait SamplerOps {
         Ok(d)
     }
 
+    /// Two combinations of the same operands: `first = sum_i a_i t_i` (the terms `(a_i, t_i)`),
+    /// then `second = link * first + sum_i b_i t_i` (`b` one coefficient per term, zeros
+    /// included), both new tensors; at most `MAX_LINCOMB_TERMS - 1` terms. Each element is
+    /// computed exactly as the two [`Backend::lincomb`] calls of the default compute it; a
+    /// backend may write both in one pass over the operands (a corrector whose result feeds
+    /// the next step's predictor).
+    fn lincomb_pair(
+        &self,
+        first: &[(f64, &Tensor<Self>)],
+        link: f64,
+        b: &[f64],
+    ) -> Result<(Tensor<Self>, Tensor<Self>)>
+    where
+        Self: Backend,
+    {
+        check_pair("lincomb_pair", first, b)?;
+        let first_out = self.lincomb(first)?;
+        let mut terms = Vec::with_capacity(first.len() + 1);
+        terms.push((link, &first_out));
+        terms.extend(b.iter().zip(first).map(|(&c, &(_, t))| (c, t)));
+        let second_out = self.lincomb(&terms)?;
+        Ok((first_out, second_out))
+    }
+
     /// A new tensor of `x`'s shape and dtype holding `f` applied to `x`'s values: `f` gets
     /// blocks of the values widened to f64 and overwrites each value with its result, which is
     /// rounded back to the dtype. Blocks may be of any length and are processed in any order,
@@ -200,6 +224,32 @@ pub trait Backend:
         let n = t.numel().max(1) as f64;
         Ok((self.sum_squares(t)? / n).sqrt())
     }
+}
+
+/// Checks the arguments of [`SamplerOps::lincomb_pair`]: 1 to `MAX_LINCOMB_TERMS - 1` terms of
+/// one shape and dtype, and one second-combination coefficient per term.
+pub fn check_pair<B: Backend>(
+    op: &'static str,
+    first: &[(f64, &Tensor<B>)],
+    b: &[f64],
+) -> Result<()> {
+    let Some(&(_, head)) = first.first() else {
+        return Err(KernelError::InvalidArgument {
+            op,
+            message: "needs at least one term".into(),
+        });
+    };
+    if b.len() != first.len() {
+        return Err(KernelError::InvalidArgument {
+            op,
+            message: format!(
+                "{} second coefficients given for {} terms",
+                b.len(),
+                first.len()
+            ),
+        });
+    }
+    check_terms(op, head.shape(), head.dtype(), first, MAX_LINCOMB_TERMS - 1)
 }
 
 /// Checks that every term matches `shape` and `dtype`; shared by backend implementations.

@@ -597,6 +597,33 @@ pub fn lincomb<B: Backend>(be: &B, tol: Tolerances) -> Vec<Failure> {
                 (got, want) => c.check(&case, got.map(|p| p.0), want.map(|p| p.0), tol.rel),
             }
         }
+        // The pair: first = sum a_i t_i, second = link first + sum b_i t_i (at most 5 terms,
+        // one of the second's coefficients zero).
+        let count = terms.min(5);
+        let link = c.rng.uniform(-1.0, 1.0);
+        let mut b: Vec<f64> = (0..count).map(|_| c.rng.uniform(-1.0, 1.0)).collect();
+        b[0] = 0.0;
+        let case = format!("{label} lincomb_pair");
+        match (
+            be.lincomb_pair(&gt[..count], link, &b),
+            c.cpu.lincomb_pair(&wt[..count], link, &b),
+        ) {
+            (Ok((got_first, got_second)), Ok((want_first, want_second))) => {
+                c.check(
+                    &format!("{case} first"),
+                    Ok(got_first),
+                    Ok(want_first),
+                    tol.rel,
+                );
+                c.check(
+                    &format!("{case} second"),
+                    Ok(got_second),
+                    Ok(want_second),
+                    tol.rel,
+                );
+            }
+            (got, want) => c.check(&case, got.map(|p| p.0), want.map(|p| p.0), tol.rel),
+        }
     }
     c.done()
 }

@@ -12,6 +12,35 @@ macro_rules! simd_dispatch {
     ($body:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $crate::simd_dispatch!($body, $avx512, $avx2, <>, ($($arg: $ty),*) -> $ret)
     };
+    // With generic parameters of any form, const ones included: `[T: Elem, const N: usize]`.
+    ($body:ident, $avx512:ident, $avx2:ident, [$($gen:tt)*],
+     ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn $avx512<$($gen)*>($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx2<$($gen)*>($($arg: $ty),*) -> $ret {
+            $body($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fma = std::arch::is_x86_feature_detected!("fma");
+            if fma && std::arch::is_x86_feature_detected!("avx512f") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
+                return unsafe { $avx512($($arg),*) };
+            }
+            if fma && std::arch::is_x86_feature_detected!("avx2") {
+                #[allow(unsafe_code)]
+                // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                return unsafe { $avx2($($arg),*) };
+            }
+        }
+        $body($($arg),*)
+    }};
     // With type parameters of the variants: `<T, F: Fn(u32) -> T>`.
     ($body:ident, $avx512:ident, $avx2:ident, <$($g:ident $(: $bound:path)?),*>,
      ($($arg:ident: $ty:ty),*) -> $ret:ty) => {{

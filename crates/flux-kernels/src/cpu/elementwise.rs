@@ -272,6 +272,100 @@ pub(crate) fn derivative_step<T: Elem>(
     d
 }
 
+/// One chunk of [`lincomb_pair`]: `first = sum a_k t_k`, then `second = link first + sum b_k
+/// t_k`, with the operations of [`chunk_set`] in its order for both, compiled for the widest
+/// vector unit the CPU has (separate multiplies and adds in every variant, so the values do
+/// not depend on which one runs).
+fn chunk_pair<T: Elem, const N: usize>(
+    out: (&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+    coefficients: ([T; N], T, [T; N]),
+    t: [&[T]; N],
+    start: usize,
+) {
+    crate::simd_dispatch!(chunk_pair_body, chunk_pair_avx512, chunk_pair_avx2,
+        [T: Elem, const N: usize],
+        (out: (&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]), coefficients: ([T; N], T, [T; N]),
+         t: [&[T]; N], start: usize) -> ());
+}
+
+#[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch above
+#[inline(always)]
+fn chunk_pair_body<T: Elem, const N: usize>(
+    (first, second): (&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+    (a, link, b): ([T; N], T, [T; N]),
+    t: [&[T]; N],
+    start: usize,
+) {
+    let n = first.len();
+    let second = &mut second[..n];
+    let t: [&[T]; N] = std::array::from_fn(|k| &t[k][start..start + n]);
+    for i in 0..n {
+        let mut acc = a[0] * t[0][i];
+        for k in 1..N {
+            acc = acc + a[k] * t[k][i];
+        }
+        first[i].write(acc);
+        let mut acc2 = link * acc;
+        for k in 0..N {
+            acc2 = acc2 + b[k] * t[k][i];
+        }
+        second[i].write(acc2);
+    }
+}
+
+fn run_pair<T: Elem, const N: usize>(
+    first: &mut [MaybeUninit<T>],
+    second: &mut [MaybeUninit<T>],
+    link: T,
+    terms: &[(T, &[T])],
+    b: &[T],
+) {
+    let a: [T; N] = std::array::from_fn(|k| terms[k].0);
+    let b: [T; N] = std::array::from_fn(|k| b[k]);
+    let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
+    if first.len() >= PAR_THRESHOLD {
+        first
+            .par_chunks_mut(PAR_CHUNK)
+            .zip(second.par_chunks_mut(PAR_CHUNK))
+            .enumerate()
+            .for_each(|(j, out)| chunk_pair::<T, N>(out, (a, link, b), t, j * PAR_CHUNK));
+    } else {
+        chunk_pair::<T, N>((first, second), (a, link, b), t, 0);
+    }
+}
+
+/// `first = sum a_k t_k` and `second = link first + sum b_k t_k` into new memory in one pass
+/// over the operands; each element as two [`lincomb_new`] calls compute it. 1 to 5 terms,
+/// pre-checked to be `n` long, and one `b` per term.
+pub(crate) fn lincomb_pair<T: Elem>(
+    n: usize,
+    terms: &[(T, &[T])],
+    link: T,
+    b: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let mut first: Vec<T> = Vec::with_capacity(n);
+    let mut second: Vec<T> = Vec::with_capacity(n);
+    {
+        let f = &mut first.spare_capacity_mut()[..n];
+        let s = &mut second.spare_capacity_mut()[..n];
+        match terms.len() {
+            1 => run_pair::<T, 1>(f, s, link, terms, b),
+            2 => run_pair::<T, 2>(f, s, link, terms, b),
+            3 => run_pair::<T, 3>(f, s, link, terms, b),
+            4 => run_pair::<T, 4>(f, s, link, terms, b),
+            _ => run_pair::<T, 5>(f, s, link, terms, b),
+        }
+    }
+    // SAFETY: every chunk of the first `n` slots of both vectors was handed to `chunk_pair`,
+    // which writes each position of it, and `T` is a plain float.
+    #[allow(unsafe_code)]
+    unsafe {
+        first.set_len(n);
+        second.set_len(n);
+    }
+    (first, second)
+}
+
 /// `f` applied to every element into a new vector, on the rayon pool for large inputs.
 pub(crate) fn map_new<S: Copy + Sync, T: Send>(v: &[S], f: impl Fn(S) -> T + Sync) -> Vec<T> {
     if v.len() >= PAR_THRESHOLD {
@@ -411,6 +505,67 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The one-pass pair gives bit for bit what two `lincomb` calls give, on both sides of
+    /// the parallel threshold, for every term count.
+    #[test]
+    fn lincomb_pair_equals_the_two_combinations_it_fuses() {
+        let cpu = Cpu::new();
+        let a = [0.81, -0.3, 1.7, -0.55, 0.02];
+        let b = [0.0, 1.25, -0.4, 0.0, 2.5];
+        let link = 0.93;
+        for dtype in [DType::F32, DType::F64] {
+            for n in [1usize, 37, 65_536 + 4099] {
+                let ts: Vec<Tensor<Cpu>> = (0..5)
+                    .map(|k| tensor(cpu, &values(n, 20 + k), dtype))
+                    .collect();
+                for count in 1..=5 {
+                    let first: Vec<(f64, &Tensor<Cpu>)> =
+                        a.iter().copied().zip(&ts).take(count).collect();
+                    let (got_first, got_second) =
+                        cpu.lincomb_pair(&first, link, &b[..count]).unwrap();
+
+                    let want_first = cpu.lincomb(&first).unwrap();
+                    let mut terms = vec![(link, &want_first)];
+                    terms.extend(b.iter().copied().zip(&ts).take(count));
+                    let want_second = cpu.lincomb(&terms).unwrap();
+
+                    let bits = |t: &Tensor<Cpu>| {
+                        cpu.download_f64(t)
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect::<Vec<_>>()
+                    };
+                    let case = format!("{dtype} n={n} terms={count}");
+                    assert_eq!(bits(&got_first), bits(&want_first), "first: {case}");
+                    assert_eq!(bits(&got_second), bits(&want_second), "second: {case}");
+                    assert_eq!(got_second.shape(), &[n]);
+                    assert_eq!(got_second.dtype(), dtype);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lincomb_pair_refuses_bad_arguments() {
+        let cpu = Cpu::new();
+        let x = tensor(cpu, &values(8, 1), DType::F32);
+        let short = tensor(cpu, &values(7, 3), DType::F32);
+        let wide = tensor(cpu, &values(8, 4), DType::F64);
+        assert!(cpu.lincomb_pair(&[], 1.0, &[]).is_err());
+        assert!(cpu.lincomb_pair(&[(1.0, &x)], 1.0, &[]).is_err());
+        assert!(
+            cpu.lincomb_pair(&[(1.0, &x), (1.0, &short)], 1.0, &[0.5, 0.5])
+                .is_err()
+        );
+        assert!(
+            cpu.lincomb_pair(&[(1.0, &x), (1.0, &wide)], 1.0, &[0.5, 0.5])
+                .is_err()
+        );
+        let six: Vec<(f64, &Tensor<Cpu>)> = (0..6).map(|_| (1.0, &x)).collect();
+        assert!(cpu.lincomb_pair(&six, 1.0, &[0.5; 6]).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod elementwise;
 pub mod gemm;
 mod model;
 
-use crate::backend::check_terms;
+use crate::backend::{check_pair, check_terms};
 use crate::shapes;
 use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
@@ -345,6 +345,35 @@ impl SamplerOps for Cpu {
             CpuStorage::Weight(w) => return Err(unsupported("derivative_step", w.dtype)),
         };
         Ok(Tensor::from_parts(storage, shape, dtype))
+    }
+
+    /// One pass: each element's first value is written and used for its second while in
+    /// registers.
+    fn lincomb_pair(
+        &self,
+        first: &[(f64, &Tensor<Self>)],
+        link: f64,
+        b: &[f64],
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        check_pair("lincomb_pair", first, b)?;
+        let head = first[0].1;
+        let (shape, dtype, n) = (head.shape().to_vec(), head.dtype(), head.numel());
+        let (a, s) = match head.storage() {
+            CpuStorage::F64(_) => {
+                let (a, s) = elementwise::lincomb_pair(n, &slices::<f64>(first)?, link, b);
+                (CpuStorage::F64(a), CpuStorage::F64(s))
+            }
+            CpuStorage::F32(_) => {
+                let b: Vec<f32> = b.iter().map(|&c| c as f32).collect();
+                let (a, s) = elementwise::lincomb_pair(n, &slices::<f32>(first)?, link as f32, &b);
+                (CpuStorage::F32(a), CpuStorage::F32(s))
+            }
+            CpuStorage::Weight(w) => return Err(unsupported("lincomb_pair", w.dtype)),
+        };
+        Ok((
+            Tensor::from_parts(a, shape.clone(), dtype),
+            Tensor::from_parts(s, shape, dtype),
+        ))
     }
 
     fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {

@@ -97,7 +97,6 @@ fn ve_scale(sigma: f64, f32_mode: bool) -> f64 {
 struct Runner<'c, 'a, B: Backend> {
     ctx: &'c mut SampleContext<'a, B>,
     f32_mode: bool,
-    variant: Variant,
 }
 
 impl<B: Backend> Runner<'_, '_, B> {
@@ -119,102 +118,107 @@ impl<B: Backend> Runner<'_, '_, B> {
             .lincomb_inplace(&mut denoised, k, &[(c, x_ve)])?;
         Ok(denoised)
     }
+}
 
-    /// One multistep UniPC update from the last entry of `ts` to `t`, with the corrector when
-    /// `use_corrector` (returning the model value at the new point).
-    fn update(
-        &mut self,
-        x: &Tensor<B>,
-        models: &[Tensor<B>],
-        ts: &[f64],
-        t: f64,
-        order: usize,
-        use_corrector: bool,
-    ) -> Result<(Tensor<B>, Option<Tensor<B>>)> {
-        let f32_mode = self.f32_mode;
-        let last = ts.len() - 1;
-        let prev_0 = vp(ts[last], f32_mode);
-        let now = vp(t, f32_mode);
-        let m0 = &models[models.len() - 1];
-        let h = now.lambda - prev_0.lambda;
+/// The coefficients of one UniPC update from the last entry of `ts` to `t` at order `order`,
+/// over `x` and the model values newest first (`m_0, m_1, ...`, `m_0` at the last entry of
+/// `ts`).
+struct Coefficients {
+    /// Predictor: `[c_x, c_m0, ..., c_m(order-1)]`.
+    predictor: Vec<f64>,
+    /// Corrector: `[c_x, c_m0, ..., c_m(order-1), c_t]`, `c_t` for the model value at `t`.
+    corrector: Vec<f64>,
+}
 
-        let mut rks = Vec::with_capacity(order);
-        for i in 1..order {
-            let lambda_i = vp(ts[last - i], f32_mode).lambda;
-            rks.push((lambda_i - prev_0.lambda) / h);
+fn coefficients(
+    ts: &[f64],
+    t: f64,
+    order: usize,
+    variant: Variant,
+    f32_mode: bool,
+) -> Result<Coefficients> {
+    let last = ts.len() - 1;
+    let prev_0 = vp(ts[last], f32_mode);
+    let now = vp(t, f32_mode);
+    let h = now.lambda - prev_0.lambda;
+
+    let mut rks = Vec::with_capacity(order);
+    for i in 1..order {
+        let lambda_i = vp(ts[last - i], f32_mode).lambda;
+        rks.push((lambda_i - prev_0.lambda) / h);
+    }
+    rks.push(1.0);
+
+    let hh = -h;
+    let h_phi_1 = hh.exp_m1();
+    let mut h_phi_k = h_phi_1 / hh - 1.0;
+    let mut factorial_i = 1.0;
+    let b_h = match variant {
+        Variant::Bh1 => hh,
+        Variant::Bh2 => hh.exp_m1(),
+    };
+    let mut r = vec![0.0; order * order];
+    let mut b = Vec::with_capacity(order);
+    for i in 1..=order {
+        for (k, &rk) in rks.iter().enumerate() {
+            r[(i - 1) * order + k] = rk.powi(i as i32 - 1);
         }
-        rks.push(1.0);
+        b.push(h_phi_k * factorial_i / b_h);
+        factorial_i *= (i + 1) as f64;
+        h_phi_k = h_phi_k / hh - 1.0 / factorial_i;
+    }
 
-        let hh = -h;
-        let h_phi_1 = hh.exp_m1();
-        let mut h_phi_k = h_phi_1 / hh - 1.0;
-        let mut factorial_i = 1.0;
-        let b_h = match self.variant {
-            Variant::Bh1 => hh,
-            Variant::Bh2 => hh.exp_m1(),
-        };
-        let mut r = vec![0.0; order * order];
-        let mut b = Vec::with_capacity(order);
-        for i in 1..=order {
-            for (k, &rk) in rks.iter().enumerate() {
-                r[(i - 1) * order + k] = rk.powi(i as i32 - 1);
-            }
-            b.push(h_phi_k * factorial_i / b_h);
-            factorial_i *= (i + 1) as f64;
-            h_phi_k = h_phi_k / hh - 1.0 / factorial_i;
-        }
+    let c_x = now.std / prev_0.std;
+    let c_m0 = -now.alpha * h_phi_1;
+    let scale = -now.alpha * b_h;
 
-        let c_x = now.std / prev_0.std;
-        let c_m0 = -now.alpha * h_phi_1;
-        let scale = -now.alpha * b_h;
-
-        // Predictor: x_t_ - alpha_t B(h) sum_k rho_k (m_k - m0) / r_k.
-        let mut terms: Vec<(f64, &Tensor<B>)> = vec![(c_x, x), (c_m0, m0)];
-        if order >= 2 {
-            let rhos_p = if order == 2 {
-                vec![0.5]
-            } else {
-                let n = order - 1;
-                let mut sub = vec![0.0; n * n];
-                for row in 0..n {
-                    sub[row * n..(row + 1) * n].copy_from_slice(&r[row * order..row * order + n]);
-                }
-                common::solve_linear(sub, b[..n].to_vec(), n, "uni_pc")?
-            };
-            for k in 0..order - 1 {
-                let c = scale * rhos_p[k] / rks[k];
-                terms.push((c, &models[models.len() - 2 - k]));
-                terms[1].0 -= c;
-            }
-        }
-        if !use_corrector {
-            return Ok((self.ctx.backend.lincomb(&terms)?, None));
-        }
-        // The predicted point is only needed as the model's input: write it scaled to VE.
-        let to_ve = ve_scale(t, f32_mode);
-        for term in &mut terms {
-            term.0 *= to_ve;
-        }
-        let x_ve = self.ctx.backend.lincomb(&terms)?;
-
-        let rhos_c = if order == 1 {
+    // Predictor: x_t_ - alpha_t B(h) sum_k rho_k (m_k - m0) / r_k.
+    let mut predictor = vec![c_x, c_m0];
+    if order >= 2 {
+        let rhos_p = if order == 2 {
             vec![0.5]
         } else {
-            common::solve_linear(r, b, order, "uni_pc")?
+            let n = order - 1;
+            let mut sub = vec![0.0; n * n];
+            for row in 0..n {
+                sub[row * n..(row + 1) * n].copy_from_slice(&r[row * order..row * order + n]);
+            }
+            common::solve_linear(sub, b[..n].to_vec(), n, "uni_pc")?
         };
-        let model_t = self.model_x0(&x_ve, t)?;
-        let mut terms: Vec<(f64, &Tensor<B>)> = vec![(c_x, x), (c_m0, m0)];
         for k in 0..order - 1 {
-            let c = scale * rhos_c[k] / rks[k];
-            terms.push((c, &models[models.len() - 2 - k]));
-            terms[1].0 -= c;
+            let c = scale * rhos_p[k] / rks[k];
+            predictor.push(c);
+            predictor[1] -= c;
         }
-        let c_t = scale * rhos_c[order - 1];
-        terms.push((c_t, &model_t));
-        terms[1].0 -= c_t;
-        let x_t = self.ctx.backend.lincomb(&terms)?;
-        Ok((x_t, Some(model_t)))
     }
+
+    // Corrector: the same with the model value at `t` as the newest point.
+    let rhos_c = if order == 1 {
+        vec![0.5]
+    } else {
+        common::solve_linear(r, b, order, "uni_pc")?
+    };
+    let mut corrector = vec![c_x, c_m0];
+    for k in 0..order - 1 {
+        let c = scale * rhos_c[k] / rks[k];
+        corrector.push(c);
+        corrector[1] -= c;
+    }
+    let c_t = scale * rhos_c[order - 1];
+    corrector.push(c_t);
+    corrector[1] -= c_t;
+    Ok(Coefficients {
+        predictor,
+        corrector,
+    })
+}
+
+/// Appends `v` to a history of at most `cap` entries, dropping the oldest.
+fn push_bounded<T>(history: &mut Vec<T>, v: T, cap: usize) {
+    if history.len() == cap {
+        history.remove(0);
+    }
+    history.push(v);
 }
 
 fn run<B: Backend>(
@@ -236,63 +240,101 @@ fn run<B: Backend>(
     }
     let steps = n - 1;
     let order = 3.min(n - 2);
-    let mut runner = Runner {
-        ctx,
-        f32_mode,
-        variant,
-    };
+    // Update `s` (to `timesteps[s]`, 1 <= s <= steps) runs at this order: rising by one from
+    // the start, falling to one at the end; every update but the last has a corrector.
+    let order_at = |s: usize| s.min(order).min(steps + 1 - s);
+    let mut runner = Runner { ctx, f32_mode };
     let x_ve = x;
-    let x = runner
+    let mut x = runner
         .ctx
         .backend
         .lincomb(&[(1.0 / ve_scale(timesteps[0], f32_mode), &x_ve)])?;
-    let mut models: Vec<Tensor<B>> = Vec::with_capacity(order.max(1));
-    let mut ts: Vec<f64> = Vec::with_capacity(order.max(1));
     // The first model input is the start latent itself (the VE form of `x`).
-    models.push(runner.model_x0(&x_ve, timesteps[0])?);
+    let mut models: Vec<Tensor<B>> = vec![runner.model_x0(&x_ve, timesteps[0])?];
     drop(x_ve);
-    ts.push(timesteps[0]);
-    let mut x = x;
-    for step_index in 0..steps {
-        if step_index == 0 {
-            // The model value at the start was computed above.
-        } else if step_index < order {
-            // The warm-up steps raise the order one at a time (`step_index < steps - 1`, so a
-            // corrector always follows).
-            let t = timesteps[step_index];
-            let (next, model) = runner.update(&x, &models, &ts, t, step_index, true)?;
-            x = next;
-            models.extend(model);
-            ts.push(t);
+    let mut ts: Vec<f64> = vec![timesteps[0]];
+    common::report(runner.ctx, 0, sigmas, &x, &models[0])?;
+
+    // The predicted point of the next update: VE (the model's input) when a corrector
+    // follows, VP at the final time. Each corrector writes the next prediction in the same
+    // pass (`lincomb_pair`): the prediction reads the corrected point and a subset of the
+    // corrector's operands.
+    let mut predicted: Option<Tensor<B>> = None;
+    let mut co = if steps > 1 {
+        Some(coefficients(
+            &ts,
+            timesteps[1],
+            order_at(1),
+            variant,
+            f32_mode,
+        )?)
+    } else {
+        None
+    };
+    for s in 1..=steps {
+        let Some(now) = co.take() else { break };
+        let t = timesteps[s];
+        let k = order_at(s);
+        let corrector = s != steps;
+        let predicted_now = if let Some(p) = predicted.take() {
+            p
         } else {
-            let last = if step_index == steps - 1 {
-                steps
+            let to_ve = if corrector {
+                ve_scale(t, f32_mode)
             } else {
-                step_index
+                1.0
             };
-            for step in step_index..=last {
-                let t = timesteps[step];
-                let step_order = order.min(steps + 1 - step);
-                // No corrector (and no model value) at the final time.
-                let use_corrector = step != steps;
-                let (next, model) =
-                    runner.update(&x, &models, &ts, t, step_order, use_corrector)?;
-                x = next;
-                if ts.len() == order {
-                    ts.remove(0);
-                }
-                ts.push(t);
-                if let Some(model) = model {
-                    if models.len() == order {
-                        models.remove(0);
-                    }
-                    models.push(model);
-                }
+            let mut terms = vec![(to_ve * now.predictor[0], &x)];
+            for (j, &c) in now.predictor[1..].iter().enumerate() {
+                terms.push((to_ve * c, &models[models.len() - 1 - j]));
             }
+            runner.ctx.backend.lincomb(&terms)?
+        };
+        if !corrector {
+            x = predicted_now;
+            push_bounded(&mut ts, t, order);
+            break;
         }
-        if let Some(last) = models.last() {
-            common::report(runner.ctx, step_index, sigmas, &x, last)?;
+        let model_t = runner.model_x0(&predicted_now, t)?;
+        drop(predicted_now);
+        // Corrector operands: x, m_0 .. m_(k-1), the model value at t.
+        let mut first: Vec<(f64, &Tensor<B>)> = vec![(now.corrector[0], &x)];
+        for j in 0..k {
+            first.push((now.corrector[1 + j], &models[models.len() - 1 - j]));
         }
+        first.push((now.corrector[k + 1], &model_t));
+        push_bounded(&mut ts, t, order);
+        let next_s = s + 1;
+        let next = coefficients(&ts, timesteps[next_s], order_at(next_s), variant, f32_mode)?;
+        // The next prediction over the corrected point (the pair's link), the model value at
+        // t (its newest model value) and m_0 .. (its older ones); no x.
+        let to_ve = if next_s == steps {
+            1.0
+        } else {
+            ve_scale(timesteps[next_s], f32_mode)
+        };
+        let mut second = vec![0.0; first.len()];
+        second[k + 1] = to_ve * next.predictor[1];
+        for (j, &c) in next.predictor[2..].iter().enumerate() {
+            second[1 + j] = to_ve * c;
+        }
+        let (corrected, next_predicted) =
+            runner
+                .ctx
+                .backend
+                .lincomb_pair(&first, to_ve * next.predictor[0], &second)?;
+        drop(first);
+        x = corrected;
+        push_bounded(&mut models, model_t, order);
+        predicted = Some(next_predicted);
+        co = Some(next);
+        // The second-to-last update is reported with the last one, as the reference does.
+        if s + 1 < steps {
+            common::report(runner.ctx, s, sigmas, &x, &models[models.len() - 1])?;
+        }
+    }
+    if steps > 1 {
+        common::report(runner.ctx, steps - 1, sigmas, &x, &models[models.len() - 1])?;
     }
     let alpha_last = vp(timesteps[n - 1], f32_mode).alpha;
     Ok(runner.ctx.backend.lincomb(&[(1.0 / alpha_last, &x)])?)
