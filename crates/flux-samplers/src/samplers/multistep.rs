@@ -5,6 +5,7 @@
 use super::common;
 use crate::{Result, SampleContext, SamplerError, SamplerOptions};
 use flux_kernels::{Backend, Tensor};
+use rayon::prelude::*;
 use std::collections::VecDeque;
 
 fn max_order(opts: &SamplerOptions, default: usize) -> Result<usize> {
@@ -241,21 +242,32 @@ const DEIS_LANES: usize = 8;
 /// at the end. Against the plain point-by-point loop with `f64::exp` this moves each term by
 /// about an ulp and the sums by about 1e-16 relative; the reference itself sums in float32.
 fn deis_tab_sums(taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64> {
+    // The node count is a compile-time constant of the loop, so the basis products unroll
+    // into straight vector code with no per-lane branch.
+    match prev.len() {
+        0 => Vec::new(),
+        1 => deis_tab_sums_of::<1>(taus, prev, db, b0),
+        2 => deis_tab_sums_of::<2>(taus, prev, db, b0),
+        3 => deis_tab_sums_of::<3>(taus, prev, db, b0),
+        _ => deis_tab_sums_of::<4>(taus, &prev[..4], db, b0),
+    }
+}
+
+/// [`deis_tab_sums`] for `O` nodes (`prev.len() == O`).
+fn deis_tab_sums_of<const O: usize>(taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64> {
     #[allow(clippy::inline_always)] // compiled once per instruction set below
     #[inline(always)]
-    fn body(taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64> {
-        const MAX: usize = 4;
-        let order = prev.len().min(MAX);
+    fn body<const O: usize>(taus: &[f32], prev: &[f64; O], db: f64, b0: f64) -> Vec<f64> {
         // inv[j][k] = 1 / (prev[j] - prev[k]) for k != j; 1 on the diagonal, which is skipped.
-        let mut inv = [[1.0f64; MAX]; MAX];
-        for j in 0..order {
-            for k in 0..order {
+        let mut inv = [[1.0f64; O]; O];
+        for j in 0..O {
+            for k in 0..O {
                 if k != j {
                     inv[j][k] = 1.0 / (prev[j] - prev[k]);
                 }
             }
         }
-        let mut lanes = [[0.0f64; DEIS_LANES]; MAX];
+        let mut lanes = [[0.0f64; DEIS_LANES]; O];
         // `DEIS_LANES` points at a time (a short last block is padded with zero weights); the
         // loop body is written out here, not in a closure, so that it is compiled with the
         // caller's instruction set.
@@ -273,10 +285,10 @@ fn deis_tab_sums(taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64> {
             for w in &mut weight[block.len()..] {
                 *w = 0.0;
             }
-            for (j, lane_sums) in lanes.iter_mut().enumerate().take(order) {
+            for (j, lane_sums) in lanes.iter_mut().enumerate() {
                 for l in 0..DEIS_LANES {
                     let mut basis = 1.0;
-                    for k in 0..order {
+                    for k in 0..O {
                         if k != j {
                             basis *= (tau[l] - prev[k]) * inv[j][k];
                         }
@@ -285,9 +297,11 @@ fn deis_tab_sums(taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64> {
                 }
             }
         }
-        lanes[..order].iter().map(|l| l.iter().sum()).collect()
+        lanes.iter().map(|l| l.iter().sum()).collect()
     }
-    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, (taus: &[f32], prev: &[f64], db: f64, b0: f64) -> Vec<f64>)
+    let prev: &[f64; O] = &std::array::from_fn(|k| prev[k]);
+    flux_kernels::simd_dispatch!(body, body_avx512, body_avx2, [const O: usize],
+        (taus: &[f32], prev: &[f64; O], db: f64, b0: f64) -> Vec<f64>)
 }
 
 /// `exp(x)` for `x` in [-700, 700] (the DEIS weight's arguments lie in [-11, 0]), in
@@ -353,18 +367,22 @@ pub(crate) fn deis_coefficients(sigmas: &[f64], max_order: usize, mode: DeisMode
             let beta_1 = beta_d + beta_min;
             let db = f64::from(beta_1 - beta_0);
             let b0 = f64::from(beta_0);
-            for i in 0..n - 1 {
-                let order = (i + 1).min(max_order);
-                if order == 1 {
-                    out.push(Vec::new());
-                    continue;
-                }
-                let taus = linspace_f32_blocks(t[i], t[i + 1], DEIS_POINTS);
-                let dtau = (t[i + 1] - t[i]) / DEIS_POINTS as f64;
-                let prev: Vec<f64> = (0..order).map(|k| t[i - k]).collect();
-                let sums = deis_tab_sums(&taus, &prev, db, b0);
-                out.push(sums.iter().map(|s| s * dtau).collect());
-            }
+            // Each step's sums are independent: they are spread over the pool.
+            let steps: Vec<Vec<f64>> = (0..n - 1)
+                .into_par_iter()
+                .map(|i| {
+                    let order = (i + 1).min(max_order);
+                    if order == 1 {
+                        return Vec::new();
+                    }
+                    let taus = linspace_f32_blocks(t[i], t[i + 1], DEIS_POINTS);
+                    let dtau = (t[i + 1] - t[i]) / DEIS_POINTS as f64;
+                    let prev: Vec<f64> = (0..order).map(|k| t[i - k]).collect();
+                    let sums = deis_tab_sums(&taus, &prev, db, b0);
+                    sums.iter().map(|s| s * dtau).collect()
+                })
+                .collect();
+            out.extend(steps);
         }
         DeisMode::Rhoab => {
             let int2 = |a: f64, b: f64, start: f64, end: f64, c: f64| {
@@ -464,6 +482,8 @@ mod tests {
                 let prev = &nodes[..order];
                 let fast = deis_tab_sums(&taus, prev, db, b0);
                 let slow = tab_sums_point_by_point(&taus, prev, db, b0);
+                assert_eq!(fast.len(), order);
+                assert_eq!(slow.len(), order);
                 for (a, b) in fast.iter().zip(&slow) {
                     assert!(
                         (a - b).abs() <= 1e-12 * b.abs().max(1.0),
