@@ -189,7 +189,12 @@ fn skipped_draws_change_nothing() {
     let sig = flow_schedule(0.05, 6);
     // 40 elements: the torch generator's block path with a partial last block.
     let x: Vec<f64> = (0..40).map(|i| (i as f64 * 0.37).sin() * 2.0).collect();
-    for sampler in [Sampler::ResMultistep, Sampler::ResMultistepCfgPp] {
+    for sampler in [
+        Sampler::ResMultistep,
+        Sampler::ResMultistepCfgPp,
+        Sampler::DpmFast,
+        Sampler::DpmAdaptive,
+    ] {
         let mut skipping = DefaultNoise::new(3);
         let mut drawing = DrawEverything(DefaultNoise::new(3));
         let mut den = MixtureDenoiser::reference(2.0, true);

@@ -375,11 +375,18 @@ pub(crate) fn dpm_fast<B: Backend>(
             2 => solver.step_2(&x, t, t_next_, 0.5)?,
             _ => solver.step_3(&x, t, t_next_)?,
         };
-        let noise = common::noise(solver.ctx, &x, p.sigma(t), p.sigma(t_next))?;
-        x = solver
-            .ctx
-            .backend
-            .lincomb(&[(1.0, &stepped), (su * s_noise, &noise)])?;
+        x = if su * s_noise == 0.0 {
+            // The reference draws and adds `0 * noise` (eta 0, the default): only the
+            // generator's position matters.
+            common::skip_noise(solver.ctx, &x, p.sigma(t), p.sigma(t_next))?;
+            stepped
+        } else {
+            let noise = common::noise(solver.ctx, &x, p.sigma(t), p.sigma(t_next))?;
+            solver
+                .ctx
+                .backend
+                .lincomb(&[(1.0, &stepped), (su * s_noise, &noise)])?
+        };
     }
     Ok(x)
 }
@@ -514,11 +521,17 @@ pub(crate) fn dpm_adaptive<B: Backend>(
         let accept = pid.propose(error);
         let s_before = s;
         if accept {
-            let noise = common::noise(solver.ctx, &x, p.sigma(s), p.sigma(t))?;
-            x = solver
-                .ctx
-                .backend
-                .lincomb(&[(1.0, &x_high), (su * s_noise, &noise)])?;
+            x = if su * s_noise == 0.0 {
+                // As in `dpm_fast`: a draw multiplied by zero only moves the generator.
+                common::skip_noise(solver.ctx, &x, p.sigma(s), p.sigma(t))?;
+                x_high
+            } else {
+                let noise = common::noise(solver.ctx, &x, p.sigma(s), p.sigma(t))?;
+                solver
+                    .ctx
+                    .backend
+                    .lincomb(&[(1.0, &x_high), (su * s_noise, &noise)])?
+            };
             x_prev = Some(x_low);
             s = t;
         }
