@@ -136,6 +136,23 @@ fn split<O: Send>(out: &mut [O], f: impl Fn(&mut [O], usize) + Sync) {
     }
 }
 
+/// [`split`] for two outputs of one length, cut at the same places.
+#[inline]
+fn split2<A: Send, C: Send>(
+    a: &mut [A],
+    c: &mut [C],
+    f: impl Fn(&mut [A], &mut [C], usize) + Sync,
+) {
+    if a.len() >= PAR_THRESHOLD {
+        a.par_chunks_mut(PAR_CHUNK)
+            .zip(c.par_chunks_mut(PAR_CHUNK))
+            .enumerate()
+            .for_each(|(j, (a, c))| f(a, c, j * PAR_CHUNK));
+    } else {
+        f(a, c, 0);
+    }
+}
+
 fn run_set<T: Elem, O: Put<T>, const N: usize>(out: &mut [O], terms: &[(T, &[T])]) {
     let c: [T; N] = std::array::from_fn(|k| terms[k].0);
     let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
@@ -228,16 +245,9 @@ fn run_derivative_step<T: Elem, const N: usize>(
 ) {
     let ch: [T; N] = std::array::from_fn(|k| history[k].0);
     let h: [&[T]; N] = std::array::from_fn(|k| history[k].1);
-    if x.len() >= PAR_THRESHOLD {
-        x.par_chunks_mut(PAR_CHUNK)
-            .zip(d.par_chunks_mut(PAR_CHUNK))
-            .enumerate()
-            .for_each(|(j, (x, d))| {
-                chunk_derivative_step::<T, N>(x, d, abc, den, ch, h, j * PAR_CHUNK);
-            });
-    } else {
-        chunk_derivative_step::<T, N>(x, d, abc, den, ch, h, 0);
-    }
+    split2(x, d, |x, d, start| {
+        chunk_derivative_step::<T, N>(x, d, abc, den, ch, h, start);
+    });
 }
 
 /// `d = a x + b den` into new memory and `x = x + c d + sum c_k h_k` in the same pass; each
@@ -323,15 +333,9 @@ fn run_pair<T: Elem, const N: usize>(
     let a: [T; N] = std::array::from_fn(|k| terms[k].0);
     let b: [T; N] = std::array::from_fn(|k| b[k]);
     let t: [&[T]; N] = std::array::from_fn(|k| terms[k].1);
-    if first.len() >= PAR_THRESHOLD {
-        first
-            .par_chunks_mut(PAR_CHUNK)
-            .zip(second.par_chunks_mut(PAR_CHUNK))
-            .enumerate()
-            .for_each(|(j, out)| chunk_pair::<T, N>(out, (a, link, b), t, j * PAR_CHUNK));
-    } else {
-        chunk_pair::<T, N>((first, second), (a, link, b), t, 0);
-    }
+    split2(first, second, |f, s, start| {
+        chunk_pair::<T, N>((f, s), (a, link, b), t, start);
+    });
 }
 
 /// `first = sum a_k t_k` and `second = link first + sum b_k t_k` into new memory in one pass

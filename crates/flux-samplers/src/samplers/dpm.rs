@@ -286,6 +286,24 @@ impl<B: Backend> Dpm<'_, '_, B> {
     }
 }
 
+/// `x + scale * noise(sigma, sigma_next)`. The reference draws even when `scale` is 0 (eta 0,
+/// the default): then only the generator's position matters, so the draw is skipped and `x`
+/// kept as it is.
+fn add_noise<B: Backend>(
+    ctx: &mut SampleContext<'_, B>,
+    x: Tensor<B>,
+    scale: f64,
+    sigma: f64,
+    sigma_next: f64,
+) -> Result<Tensor<B>> {
+    if scale == 0.0 {
+        common::skip_noise(ctx, &x, sigma, sigma_next)?;
+        return Ok(x);
+    }
+    let noise = common::noise(ctx, &x, sigma, sigma_next)?;
+    Ok(ctx.backend.lincomb(&[(1.0, &x), (scale, &noise)])?)
+}
+
 fn missing() -> SamplerError {
     SamplerError::Denoiser("internal: DPM-Solver step without its first evaluation".into())
 }
@@ -375,18 +393,13 @@ pub(crate) fn dpm_fast<B: Backend>(
             2 => solver.step_2(&x, t, t_next_, 0.5)?,
             _ => solver.step_3(&x, t, t_next_)?,
         };
-        x = if su * s_noise == 0.0 {
-            // The reference draws and adds `0 * noise` (eta 0, the default): only the
-            // generator's position matters.
-            common::skip_noise(solver.ctx, &x, p.sigma(t), p.sigma(t_next))?;
-            stepped
-        } else {
-            let noise = common::noise(solver.ctx, &x, p.sigma(t), p.sigma(t_next))?;
-            solver
-                .ctx
-                .backend
-                .lincomb(&[(1.0, &stepped), (su * s_noise, &noise)])?
-        };
+        x = add_noise(
+            solver.ctx,
+            stepped,
+            su * s_noise,
+            p.sigma(t),
+            p.sigma(t_next),
+        )?;
     }
     Ok(x)
 }
@@ -521,17 +534,7 @@ pub(crate) fn dpm_adaptive<B: Backend>(
         let accept = pid.propose(error);
         let s_before = s;
         if accept {
-            x = if su * s_noise == 0.0 {
-                // As in `dpm_fast`: a draw multiplied by zero only moves the generator.
-                common::skip_noise(solver.ctx, &x, p.sigma(s), p.sigma(t))?;
-                x_high
-            } else {
-                let noise = common::noise(solver.ctx, &x, p.sigma(s), p.sigma(t))?;
-                solver
-                    .ctx
-                    .backend
-                    .lincomb(&[(1.0, &x_high), (su * s_noise, &noise)])?
-            };
+            x = add_noise(solver.ctx, x_high, su * s_noise, p.sigma(s), p.sigma(t))?;
             x_prev = Some(x_low);
             s = t;
         }
