@@ -44,6 +44,51 @@ fn lincomb(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     out[i] = acc;
 }
 
+// Two combinations of the same operands (a corrector and the next step's predictor):
+// out = sum a_k t_k, then out2 = link * out + sum b_k t_k, both written by one thread.
+struct PairParams {
+    n: u32,
+    link: f32,
+    a0: f32,
+    a1: f32,
+    a2: f32,
+    a3: f32,
+    a4: f32,
+    b0: f32,
+    b1: f32,
+    b2: f32,
+    b3: f32,
+    b4: f32,
+}
+
+@group(0) @binding(9) var<storage, read_write> out2: array<f32>;
+@group(0) @binding(10) var<uniform> pp: PairParams;
+
+@compute @workgroup_size(256)
+fn lincomb_pair(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= pp.n) {
+        return;
+    }
+    let x0 = t0[i];
+    var x1 = 0.0;
+    var x2 = 0.0;
+    var x3 = 0.0;
+    var x4 = 0.0;
+    var acc = pp.a0 * x0;
+    if (N_TERMS > 1u) { x1 = t1[i]; acc = acc + pp.a1 * x1; }
+    if (N_TERMS > 2u) { x2 = t2[i]; acc = acc + pp.a2 * x2; }
+    if (N_TERMS > 3u) { x3 = t3[i]; acc = acc + pp.a3 * x3; }
+    if (N_TERMS > 4u) { x4 = t4[i]; acc = acc + pp.a4 * x4; }
+    out[i] = acc;
+    var acc2 = pp.link * acc + pp.b0 * x0;
+    if (N_TERMS > 1u) { acc2 = acc2 + pp.b1 * x1; }
+    if (N_TERMS > 2u) { acc2 = acc2 + pp.b2 * x2; }
+    if (N_TERMS > 3u) { acc2 = acc2 + pp.b3 * x3; }
+    if (N_TERMS > 4u) { acc2 = acc2 + pp.b4 * x4; }
+    out2[i] = acc2;
+}
+
 struct MapParams {
     n: u32,
     nb: u32,

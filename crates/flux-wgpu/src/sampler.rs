@@ -216,6 +216,45 @@ impl SamplerOps for Wgpu {
         self.lincomb_kernel(Self::out_buf(x), x.numel(), Some(a), terms)
     }
 
+    /// One dispatch: each thread writes both results of its element.
+    fn lincomb_pair(
+        &self,
+        first: &[(f64, &Tensor<Self>)],
+        link: f64,
+        b: &[f64],
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
+        let head = first[0].1;
+        require_f32("lincomb_pair", head.dtype())?;
+        let n = head.numel();
+        let ops: Vec<Operand> = first
+            .iter()
+            .map(|(_, t)| self.operand("lincomb_pair", t))
+            .collect::<Result<_>>()?;
+        let (out, out2) = (self.empty(head.shape())?, self.empty(head.shape())?);
+        let mut words = vec![u32_of("lincomb_pair", n)?, (link as f32).to_bits()];
+        let coefficient = |k: usize, of: &dyn Fn(usize) -> f64| {
+            if k < first.len() { of(k) as f32 } else { 0.0 }.to_bits()
+        };
+        words.extend((0..5).map(|k| coefficient(k, &|k| first[k].0)));
+        words.extend((0..5).map(|k| coefficient(k, &|k| b[k])));
+        let mut binds = vec![bind(0, Self::out_buf(&out)), bind(9, Self::out_buf(&out2))];
+        for k in 0..5 {
+            let buf = ops.get(k).map_or(self.ctx.dummy(), Operand::buffer);
+            binds.push(bind(k as u32 + 1, buf));
+        }
+        self.ctx.dispatch(
+            "lincomb_pair",
+            &shaders::ELEMENTWISE,
+            "lincomb_pair",
+            &[("N_TERMS", first.len() as f64)],
+            &binds,
+            (10, &words),
+            grid(n as u64, 256),
+        )?;
+        Ok((out, out2))
+    }
+
     fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
         let x = self.operand("sum_squares", t)?;
         self.reduce(Reduce::SumSquares, &x, None, t.numel(), 0.0, 0.0)
