@@ -25,6 +25,30 @@ __device__ void lincomb(T* out, const T* t0, const T* t1, const T* t2, const T* 
     }
 }
 
+// Two combinations of the same operands (a corrector and the next step's predictor):
+// first = sum_k a_k * t_k, then second = link * first + sum_k b_k * t_k, one thread writing both
+// values of its element. 1 to 5 terms; unused pointers may alias anything.
+template <typename T>
+__device__ void lincomb_pair(T* first, T* second, const T* t0, const T* t1, const T* t2,
+                             const T* t3, const T* t4, double a0, double a1, double a2,
+                             double a3, double a4, double link, double b0, double b1, double b2,
+                             double b3, double b4, int terms, u64 n) {
+    const T a[5] = {(T)a0, (T)a1, (T)a2, (T)a3, (T)a4};
+    const T b[5] = {(T)b0, (T)b1, (T)b2, (T)b3, (T)b4};
+    const T* t[5] = {t0, t1, t2, t3, t4};
+    const T lk = (T)link;
+    FOR_EACH(i, n) {
+        T v[5];
+        for (int k = 0; k < terms; ++k) v[k] = t[k][i];
+        T acc = a[0] * v[0];
+        for (int k = 1; k < terms; ++k) acc = acc + a[k] * v[k];
+        first[i] = acc;
+        T acc2 = lk * acc;
+        for (int k = 0; k < terms; ++k) acc2 = acc2 + b[k] * v[k];
+        second[i] = acc2;
+    }
+}
+
 template <typename T>
 __device__ void affine(T* out, const T* x, double mul, double add, u64 n) {
     const T m = (T)mul, a = (T)add;
@@ -46,6 +70,13 @@ __device__ void binary(T* out, const T* a, const T* b, u64 n, u64 nb, int op) {
                                            double c1, double c2, double c3, double c4,         \
                                            double c5, int terms, int has_a, double a, u64 n) { \
         lincomb<T>(out, t0, t1, t2, t3, t4, t5, c0, c1, c2, c3, c4, c5, terms, has_a, a, n);   \
+    }                                                                                         \
+    extern "C" __global__ void lincomb_pair_##S(                                              \
+        T* first, T* second, const T* t0, const T* t1, const T* t2, const T* t3, const T* t4,  \
+        double a0, double a1, double a2, double a3, double a4, double link, double b0,         \
+        double b1, double b2, double b3, double b4, int terms, u64 n) {                        \
+        lincomb_pair<T>(first, second, t0, t1, t2, t3, t4, a0, a1, a2, a3, a4, link, b0, b1,   \
+                        b2, b3, b4, terms, n);                                                 \
     }                                                                                         \
     extern "C" __global__ void affine_##S(T* out, const T* x, double mul, double add, u64 n) { \
         affine<T>(out, x, mul, add, n);                                                       \

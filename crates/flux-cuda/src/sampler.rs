@@ -211,6 +211,37 @@ impl SamplerOps for Cuda {
         self.lincomb_launch(x, Some(a), terms)
     }
 
+    /// One launch: each thread writes both results of its element.
+    fn lincomb_pair(
+        &self,
+        first: &[(f64, &Tensor<Self>)],
+        link: f64,
+        b: &[f64],
+    ) -> Result<(Tensor<Self>, Tensor<Self>)> {
+        flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
+        let head = first[0].1;
+        let s = suffix("lincomb_pair", head.dtype())?;
+        let n = head.numel();
+        let out = self.empty(head.shape(), head.dtype())?;
+        let out2 = self.empty(head.shape(), head.dtype())?;
+        let (o1, o2) = (&out.storage().buf, &out2.storage().buf);
+        let mut args = vec![Arg::Buf(o1), Arg::Buf(o2)];
+        for k in 0..MAX_LINCOMB_TERMS - 1 {
+            args.push(Arg::Buf(first.get(k).map_or(o1, |t| &t.1.storage().buf)));
+        }
+        for k in 0..MAX_LINCOMB_TERMS - 1 {
+            args.push(Arg::F64(first.get(k).map_or(0.0, |t| t.0)));
+        }
+        args.push(Arg::F64(link));
+        for k in 0..MAX_LINCOMB_TERMS - 1 {
+            args.push(Arg::F64(b.get(k).copied().unwrap_or(0.0)));
+        }
+        args.push(Arg::I32(first.len() as i32));
+        args.push(u(n));
+        self.launch(&format!("lincomb_pair_{s}"), self.cfg_elems(n), &args)?;
+        Ok((out, out2))
+    }
+
     fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
         let x = self.compute_operand(t, DType::F64)?;
         let x = x.as_ref();
