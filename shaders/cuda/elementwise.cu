@@ -49,6 +49,26 @@ __device__ void lincomb_pair(T* first, T* second, const T* t0, const T* t1, cons
     }
 }
 
+// The multistep samplers' step: d = a x + b den into `d`, then x = x + c d + sum_k c_k h_k in
+// place (0 to 4 history terms), one thread per element. Unused pointers may alias anything.
+template <typename T>
+__device__ void derivative_step(T* x, T* d, const T* den, const T* h0, const T* h1, const T* h2,
+                                const T* h3, double a, double b, double c, double c0, double c1,
+                                double c2, double c3, int history, u64 n) {
+    const T ch[4] = {(T)c0, (T)c1, (T)c2, (T)c3};
+    const T* h[4] = {h0, h1, h2, h3};
+    const T av = (T)a, bv = (T)b, cv = (T)c;
+    FOR_EACH(i, n) {
+        const T xv = x[i];
+        const T dv = av * xv + bv * den[i];
+        d[i] = dv;
+        T acc = (T)1 * xv;
+        acc = acc + cv * dv;
+        for (int k = 0; k < history; ++k) acc = acc + ch[k] * h[k][i];
+        x[i] = acc;
+    }
+}
+
 template <typename T>
 __device__ void affine(T* out, const T* x, double mul, double add, u64 n) {
     const T m = (T)mul, a = (T)add;
@@ -77,6 +97,11 @@ __device__ void binary(T* out, const T* a, const T* b, u64 n, u64 nb, int op) {
         double b1, double b2, double b3, double b4, int terms, u64 n) {                        \
         lincomb_pair<T>(first, second, t0, t1, t2, t3, t4, a0, a1, a2, a3, a4, link, b0, b1,   \
                         b2, b3, b4, terms, n);                                                 \
+    }                                                                                         \
+    extern "C" __global__ void derivative_step_##S(                                           \
+        T* x, T* d, const T* den, const T* h0, const T* h1, const T* h2, const T* h3, double a, \
+        double b, double c, double c0, double c1, double c2, double c3, int history, u64 n) {  \
+        derivative_step<T>(x, d, den, h0, h1, h2, h3, a, b, c, c0, c1, c2, c3, history, n);    \
     }                                                                                         \
     extern "C" __global__ void affine_##S(T* out, const T* x, double mul, double add, u64 n) { \
         affine<T>(out, x, mul, add, n);                                                       \

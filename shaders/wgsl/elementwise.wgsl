@@ -89,6 +89,38 @@ fn lincomb_pair(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     out2[i] = acc2;
 }
 
+// The multistep samplers' step: d = a x + b den into out2, then x = x + c d + sum h_k terms in
+// place (out is x; t0 is den, t1..t4 the history), one thread per element.
+struct DerivParams {
+    n: u32,
+    a: f32,
+    b: f32,
+    c: f32,
+    h0: f32,
+    h1: f32,
+    h2: f32,
+    h3: f32,
+}
+
+@group(0) @binding(11) var<uniform> dp: DerivParams;
+
+@compute @workgroup_size(256)
+fn derivative_step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i >= dp.n) {
+        return;
+    }
+    let x = out[i];
+    let d = dp.a * x + dp.b * t0[i];
+    out2[i] = d;
+    var acc = x + dp.c * d;
+    if (N_TERMS > 0u) { acc = acc + dp.h0 * t1[i]; }
+    if (N_TERMS > 1u) { acc = acc + dp.h1 * t2[i]; }
+    if (N_TERMS > 2u) { acc = acc + dp.h2 * t3[i]; }
+    if (N_TERMS > 3u) { acc = acc + dp.h3 * t4[i]; }
+    out[i] = acc;
+}
+
 struct MapParams {
     n: u32,
     nb: u32,

@@ -211,6 +211,43 @@ impl SamplerOps for Cuda {
         self.lincomb_launch(x, Some(a), terms)
     }
 
+    /// One launch: each thread writes its element's `d` and updates its `x`.
+    fn derivative_step(
+        &self,
+        x: &mut Tensor<Self>,
+        (a, b): (f64, f64),
+        den: &Tensor<Self>,
+        c: f64,
+        history: &[(f64, &Tensor<Self>)],
+    ) -> Result<Tensor<Self>> {
+        let mut operands = Vec::with_capacity(history.len() + 1);
+        operands.push((b, den));
+        operands.extend_from_slice(history);
+        flux_kernels::backend::check_terms(
+            "derivative_step",
+            x.shape(),
+            x.dtype(),
+            &operands,
+            MAX_LINCOMB_TERMS - 1,
+        )?;
+        let s = suffix("derivative_step", x.dtype())?;
+        let n = x.numel();
+        let d = self.empty(x.shape(), x.dtype())?;
+        let (xb, db) = (&x.storage().buf, &d.storage().buf);
+        let mut args = vec![Arg::Buf(xb), Arg::Buf(db), Arg::Buf(&den.storage().buf)];
+        for k in 0..4 {
+            args.push(Arg::Buf(history.get(k).map_or(xb, |h| &h.1.storage().buf)));
+        }
+        args.extend([Arg::F64(a), Arg::F64(b), Arg::F64(c)]);
+        for k in 0..4 {
+            args.push(Arg::F64(history.get(k).map_or(0.0, |h| h.0)));
+        }
+        args.push(Arg::I32(history.len() as i32));
+        args.push(u(n));
+        self.launch(&format!("derivative_step_{s}"), self.cfg_elems(n), &args)?;
+        Ok(d)
+    }
+
     /// One launch: each thread writes both results of its element.
     fn lincomb_pair(
         &self,

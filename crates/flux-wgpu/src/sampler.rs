@@ -3,7 +3,7 @@
 use crate::context::{bind, grid};
 use crate::{Chunk, Operand, Wgpu, WgpuStorage, shaders, u32_of, unsupported};
 use flux_kernels::shapes;
-use flux_kernels::{DType, HostData, Result, SamplerOps, Tensor};
+use flux_kernels::{DType, HostData, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
 
 fn host_f32(data: HostData<'_>) -> Vec<f32> {
     match data {
@@ -214,6 +214,55 @@ impl SamplerOps for Wgpu {
             return Err(unsupported("lincomb_inplace", x.storage().dtype));
         }
         self.lincomb_kernel(Self::out_buf(x), x.numel(), Some(a), terms)
+    }
+
+    /// One dispatch: each thread writes its element's `d` and updates its `x`.
+    fn derivative_step(
+        &self,
+        x: &mut Tensor<Self>,
+        (a, b): (f64, f64),
+        den: &Tensor<Self>,
+        c: f64,
+        history: &[(f64, &Tensor<Self>)],
+    ) -> Result<Tensor<Self>> {
+        let mut operands = Vec::with_capacity(history.len() + 1);
+        operands.push((b, den));
+        operands.extend_from_slice(history);
+        flux_kernels::backend::check_terms(
+            "derivative_step",
+            x.shape(),
+            x.dtype(),
+            &operands,
+            MAX_LINCOMB_TERMS - 1,
+        )?;
+        require_f32("derivative_step", x.dtype())?;
+        if !x.storage().is_plain() {
+            return Err(unsupported("derivative_step", x.storage().dtype));
+        }
+        let n = x.numel();
+        let ops: Vec<Operand> = operands
+            .iter()
+            .map(|(_, t)| self.operand("derivative_step", t))
+            .collect::<Result<_>>()?;
+        let d = self.empty(x.shape())?;
+        let mut words = vec![u32_of("derivative_step", n)?];
+        words.extend([a, b, c].iter().map(|&v| (v as f32).to_bits()));
+        words.extend((0..4).map(|k| history.get(k).map_or(0.0f32, |h| h.0 as f32).to_bits()));
+        let mut binds = vec![bind(0, Self::out_buf(x)), bind(9, Self::out_buf(&d))];
+        for k in 0..5 {
+            let buf = ops.get(k).map_or(self.ctx.dummy(), Operand::buffer);
+            binds.push(bind(k as u32 + 1, buf));
+        }
+        self.ctx.dispatch(
+            "derivative_step",
+            &shaders::ELEMENTWISE,
+            "derivative_step",
+            &[("N_TERMS", history.len() as f64)],
+            &binds,
+            (11, &words),
+            grid(n as u64, 256),
+        )?;
+        Ok(d)
     }
 
     /// One dispatch: each thread writes both results of its element.
