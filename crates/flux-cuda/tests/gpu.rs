@@ -6,11 +6,9 @@
 
 use flux_cuda::Cuda;
 use flux_kernels::conformance::Tolerances;
-use flux_kernels::{Cpu, DType, HostData, SamplerOps, Tensor};
-use flux_samplers::noise::reference_noise;
-use flux_samplers::toy::MixtureDenoiser;
-use flux_samplers::{SampleContext, Sampler, SamplerOptions, sample};
-use flux_schedulers::ModelSampling;
+use flux_kernels::{Cpu, DType, HostData, SamplerOps};
+use flux_samplers::Sampler;
+use flux_samplers::toy::backend_check_run;
 
 fn cuda() -> Cuda {
     Cuda::new().unwrap_or_else(|e| panic!("the CUDA backend could not be created: {e}"))
@@ -67,32 +65,6 @@ conformance!(
     bad_input,
 );
 
-/// Runs `sampler` on the analytic toy model from the same start and noise on both backends.
-fn run_sampler<B: flux_kernels::Backend>(be: &B, sampler: Sampler) -> Vec<f64> {
-    let model = ModelSampling::flux(1.15);
-    let sigmas: Vec<f64> = (0..=8).map(|i| 1.0 - f64::from(i) / 8.0).collect();
-    let shape = [1usize, 4, 9, 7];
-    let n: usize = shape.iter().product();
-    let start: Vec<f32> = (0..n)
-        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-        .collect();
-    let x: Tensor<B> = be
-        .upload(HostData::F32(&start), &shape, DType::F32)
-        .expect("upload");
-    let mut denoiser = MixtureDenoiser::reference(1.0, true);
-    let mut noise = reference_noise::<B>(sampler, 42, &sigmas).expect("noise source");
-    let mut ctx = SampleContext {
-        backend: be,
-        model: &model,
-        denoiser: &mut denoiser,
-        noise: noise.as_mut(),
-        callback: None,
-    };
-    let out = sample(sampler, &mut ctx, x, &sigmas, &SamplerOptions::default())
-        .unwrap_or_else(|e| panic!("{} failed: {e}", sampler.name()));
-    be.download_f64(&out).expect("download")
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn every_sampler_matches_the_cpu_on_the_device() {
@@ -100,8 +72,10 @@ fn every_sampler_matches_the_cpu_on_the_device() {
     let mut checked = 0;
     let mut failures = Vec::new();
     for &s in Sampler::ALL.iter().filter(|s| s.is_implemented()) {
-        let want = run_sampler(&Cpu, s);
-        let got = run_sampler(&gpu, s);
+        let want = backend_check_run(&Cpu, s)
+            .unwrap_or_else(|e| panic!("{} failed on the CPU: {e}", s.name()));
+        let got = backend_check_run(&gpu, s)
+            .unwrap_or_else(|e| panic!("{} failed on {}: {e}", s.name(), gpu.name()));
         let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
         let worst = got
             .iter()

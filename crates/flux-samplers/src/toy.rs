@@ -487,6 +487,38 @@ impl<B: Backend> Denoiser<B> for MixtureDenoiser {
     }
 }
 
+/// Runs `sampler` with its default options on `backend` over a fixed small case: an 8-step
+/// flow schedule (Flux's shift 1.15), a [1,4,9,7] f32 start latent with a fixed pattern, the
+/// reference mixture denoiser and the sampler's reference noise (seed 42). Returns the result
+/// widened to f64. Backends compare their run with the CPU's: every sampler, every op it uses.
+pub fn backend_check_run<B: Backend>(backend: &B, sampler: crate::Sampler) -> Result<Vec<f64>> {
+    let model = flux_schedulers::ModelSampling::flux(1.15);
+    let sigmas: Vec<f64> = (0..=8).map(|i| 1.0 - f64::from(i) / 8.0).collect();
+    let shape = [1usize, 4, 9, 7];
+    let n: usize = shape.iter().product();
+    let start: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let x = backend.upload(HostData::F32(&start), &shape, flux_kernels::DType::F32)?;
+    let mut denoiser = MixtureDenoiser::reference(1.0, true);
+    let mut noise = crate::noise::reference_noise::<B>(sampler, 42, &sigmas)?;
+    let mut ctx = crate::SampleContext {
+        backend,
+        model: &model,
+        denoiser: &mut denoiser,
+        noise: noise.as_mut(),
+        callback: None,
+    };
+    let out = crate::sample(
+        sampler,
+        &mut ctx,
+        x,
+        &sigmas,
+        &crate::SamplerOptions::default(),
+    )?;
+    Ok(backend.download_f64(&out)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
