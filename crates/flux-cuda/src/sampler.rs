@@ -220,16 +220,7 @@ impl SamplerOps for Cuda {
         c: f64,
         history: &[(f64, &Tensor<Self>)],
     ) -> Result<Tensor<Self>> {
-        let mut operands = Vec::with_capacity(history.len() + 1);
-        operands.push((b, den));
-        operands.extend_from_slice(history);
-        flux_kernels::backend::check_terms(
-            "derivative_step",
-            x.shape(),
-            x.dtype(),
-            &operands,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        flux_kernels::backend::derivative_step_operands(x, b, den, history)?;
         let s = suffix("derivative_step", x.dtype())?;
         let n = x.numel();
         let d = self.empty(x.shape(), x.dtype())?;

@@ -7,8 +7,7 @@
 use flux_cuda::Cuda;
 use flux_kernels::conformance::Tolerances;
 use flux_kernels::{Cpu, DType, HostData, SamplerOps};
-use flux_samplers::Sampler;
-use flux_samplers::toy::backend_check_run;
+use flux_samplers::toy::every_sampler_against_cpu;
 
 fn cuda() -> Cuda {
     Cuda::new().unwrap_or_else(|e| panic!("the CUDA backend could not be created: {e}"))
@@ -69,25 +68,8 @@ conformance!(
 #[ignore = "needs a CUDA GPU"]
 fn every_sampler_matches_the_cpu_on_the_device() {
     let gpu = cuda();
-    let mut checked = 0;
-    let mut failures = Vec::new();
-    for &s in Sampler::ALL.iter().filter(|s| s.is_implemented()) {
-        let want = backend_check_run(&Cpu, s)
-            .unwrap_or_else(|e| panic!("{} failed on the CPU: {e}", s.name()));
-        let got = backend_check_run(&gpu, s)
-            .unwrap_or_else(|e| panic!("{} failed on {}: {e}", s.name(), gpu.name()));
-        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| (g - w).abs() / scale)
-            .fold(0.0f64, f64::max);
-        checked += 1;
-        // f32 on both sides; the update order is the same, only FMA contraction differs.
-        if worst > 1e-4 || got.iter().any(|v| !v.is_finite()) {
-            failures.push(format!("{}: worst relative error {worst:.3e}", s.name()));
-        }
-    }
+    // f32 on both sides; the update order is the same, only FMA contraction differs.
+    let (checked, failures) = every_sampler_against_cpu(&gpu, 1e-4);
     assert!(checked > 0, "no sampler was run");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -226,6 +226,28 @@ pub trait Backend:
     }
 }
 
+/// Checks the arguments of [`SamplerOps::derivative_step`] and returns its operands: `den`
+/// (with coefficient `b`) then the history, at most `MAX_LINCOMB_TERMS - 1` in all, each of
+/// `x`'s shape and dtype.
+pub fn derivative_step_operands<'t, B: Backend>(
+    x: &Tensor<B>,
+    b: f64,
+    den: &'t Tensor<B>,
+    history: &[(f64, &'t Tensor<B>)],
+) -> Result<Vec<(f64, &'t Tensor<B>)>> {
+    let mut operands = Vec::with_capacity(history.len() + 1);
+    operands.push((b, den));
+    operands.extend_from_slice(history);
+    check_terms(
+        "derivative_step",
+        x.shape(),
+        x.dtype(),
+        &operands,
+        MAX_LINCOMB_TERMS - 1,
+    )?;
+    Ok(operands)
+}
+
 /// Checks the arguments of [`SamplerOps::lincomb_pair`]: 1 to `MAX_LINCOMB_TERMS - 1` terms of
 /// one shape and dtype, and one second-combination coefficient per term.
 pub fn check_pair<B: Backend>(

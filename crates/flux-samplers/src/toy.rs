@@ -519,9 +519,61 @@ pub fn backend_check_run<B: Backend>(backend: &B, sampler: crate::Sampler) -> Re
     Ok(backend.download_f64(&out)?)
 }
 
+/// Runs every implemented sampler through [`backend_check_run`] on `backend` and on the CPU
+/// and returns how many ran and a line for each that failed on `backend` or differs from the
+/// CPU by more than `tolerance` of the CPU result's largest magnitude (or is not finite).
+/// The CPU run failing is a panic: that is a bug of the sampler, not of the backend.
+pub fn every_sampler_against_cpu<B: Backend>(backend: &B, tolerance: f64) -> (usize, Vec<String>) {
+    let mut checked = 0;
+    let mut failures = Vec::new();
+    for &s in crate::Sampler::ALL.iter().filter(|s| s.is_implemented()) {
+        let want = match backend_check_run(&flux_kernels::Cpu, s) {
+            Ok(v) => v,
+            Err(e) => panic!("{} failed on the CPU: {e}", s.name()),
+        };
+        let got = match backend_check_run(backend, s) {
+            Ok(v) => v,
+            Err(e) => {
+                failures.push(format!("{}: {e}", s.name()));
+                continue;
+            }
+        };
+        checked += 1;
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-6);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| (g - w).abs() / scale)
+            .fold(0.0f64, f64::max);
+        if got.len() != want.len() || worst > tolerance || got.iter().any(|v| !v.is_finite()) {
+            failures.push(format!(
+                "{}: worst relative error {worst:.3e} ({} values, {} expected)",
+                s.name(),
+                got.len(),
+                want.len()
+            ));
+        }
+    }
+    (checked, failures)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CPU against itself: every implemented sampler runs and repeats its result exactly
+    /// (the check that backends are held to, with no tolerance).
+    #[test]
+    fn every_sampler_check_run_repeats_on_the_cpu() {
+        let (checked, failures) = super::every_sampler_against_cpu(&flux_kernels::Cpu, 0.0);
+        let implemented = crate::Sampler::ALL
+            .iter()
+            .filter(|s| s.is_implemented())
+            .count();
+        assert_eq!(checked, implemented);
+        assert!(checked >= 44, "{checked}");
+        assert!(failures.is_empty(), "{failures:?}");
+    }
 
     #[test]
     fn single_gaussian_posterior_is_linear() {

@@ -3,7 +3,7 @@
 use crate::context::{bind, grid};
 use crate::{Chunk, Operand, Wgpu, WgpuStorage, shaders, u32_of, unsupported};
 use flux_kernels::shapes;
-use flux_kernels::{DType, HostData, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
+use flux_kernels::{DType, HostData, Result, SamplerOps, Tensor};
 
 fn host_f32(data: HostData<'_>) -> Vec<f32> {
     match data {
@@ -225,16 +225,7 @@ impl SamplerOps for Wgpu {
         c: f64,
         history: &[(f64, &Tensor<Self>)],
     ) -> Result<Tensor<Self>> {
-        let mut operands = Vec::with_capacity(history.len() + 1);
-        operands.push((b, den));
-        operands.extend_from_slice(history);
-        flux_kernels::backend::check_terms(
-            "derivative_step",
-            x.shape(),
-            x.dtype(),
-            &operands,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        let operands = flux_kernels::backend::derivative_step_operands(x, b, den, history)?;
         require_f32("derivative_step", x.dtype())?;
         if !x.storage().is_plain() {
             return Err(unsupported("derivative_step", x.storage().dtype));

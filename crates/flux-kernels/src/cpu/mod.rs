@@ -8,7 +8,7 @@ mod elementwise;
 pub mod gemm;
 mod model;
 
-use crate::backend::{check_pair, check_terms};
+use crate::backend::{check_pair, check_terms, derivative_step_operands};
 use crate::shapes;
 use crate::{Backend, DType, HostData, KernelError, MAX_LINCOMB_TERMS, Result, SamplerOps, Tensor};
 use rayon::prelude::*;
@@ -308,18 +308,7 @@ impl SamplerOps for Cpu {
         c: f64,
         history: &[(f64, &Tensor<Self>)],
     ) -> Result<Tensor<Self>> {
-        // `den` and the history are the operands: at most `MAX_LINCOMB_TERMS - 1`, each of
-        // `x`'s shape and dtype.
-        let mut operands = Vec::with_capacity(history.len() + 1);
-        operands.push((b, den));
-        operands.extend_from_slice(history);
-        check_terms(
-            "derivative_step",
-            x.shape(),
-            x.dtype(),
-            &operands,
-            MAX_LINCOMB_TERMS - 1,
-        )?;
+        let operands = derivative_step_operands(x, b, den, history)?;
         let (shape, dtype) = (x.shape().to_vec(), x.dtype());
         let storage = match x.storage_mut() {
             CpuStorage::F64(o) => {
