@@ -488,7 +488,7 @@ impl<B: Backend> Denoiser<B> for MixtureDenoiser {
 }
 
 /// Runs `sampler` with its default options on `backend` over a fixed small case: an 8-step
-/// flow schedule (Flux's shift 1.15), a [1,4,9,7] f32 start latent with a fixed pattern, the
+/// flow schedule (Flux's shift 1.15), a `[1,4,9,7]` f32 start latent with a fixed pattern, the
 /// reference mixture denoiser and the sampler's reference noise (seed 42). Returns the result
 /// widened to f64. Backends compare their run with the CPU's: every sampler, every op it uses.
 pub fn backend_check_run<B: Backend>(backend: &B, sampler: crate::Sampler) -> Result<Vec<f64>> {
