@@ -273,11 +273,12 @@ impl SamplerOps for Wgpu {
             .collect::<Result<_>>()?;
         let (out, out2) = (self.empty(head.shape())?, self.empty(head.shape())?);
         let mut words = vec![u32_of("lincomb_pair", n)?, (link as f32).to_bits()];
-        let coefficient = |k: usize, of: &dyn Fn(usize) -> f64| {
-            if k < first.len() { of(k) as f32 } else { 0.0 }.to_bits()
-        };
-        words.extend((0..5).map(|k| coefficient(k, &|k| first[k].0)));
-        words.extend((0..5).map(|k| coefficient(k, &|k| b[k])));
+        let a: Vec<f64> = first.iter().map(|t| t.0).collect();
+        for coefficients in [&a[..], b] {
+            words.extend(
+                (0..5).map(|k| (coefficients.get(k).copied().unwrap_or(0.0) as f32).to_bits()),
+            );
+        }
         let mut binds = vec![bind(0, Self::out_buf(&out)), bind(9, Self::out_buf(&out2))];
         for k in 0..5 {
             let buf = ops.get(k).map_or(self.ctx.dummy(), Operand::buffer);
