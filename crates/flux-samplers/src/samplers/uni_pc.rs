@@ -100,30 +100,27 @@ fn ve_scale(sigma: f64, f32_mode: bool) -> f64 {
     }
 }
 
-struct Runner<'c, 'a, B: Backend> {
-    ctx: &'c mut SampleContext<'a, B>,
+/// The data prediction at time `t` of the VP point whose model input is `x_ve`
+/// (`x_ve = x_vp * sqrt(1 + t^2)`), through the eps form ComfyUI wraps the model in:
+/// `x0 = (x_vp - std (x_ve - D) / t) / alpha`.
+///
+/// Written over `x_ve` and `D` alone, `x0 = c x_ve + k D` with `k = std / (t alpha)` and
+/// `c = 1 / (alpha sqrt(1 + t^2)) - k`: one pass that overwrites the denoiser's output. In exact
+/// arithmetic `c = 0` and `k = 1`; in f32 `std` cancels for small `t` and the reference's
+/// result carries that, so the coefficients keep it.
+fn model_x0<B: Backend>(
+    ctx: &mut SampleContext<'_, B>,
+    x_ve: &Tensor<B>,
+    t: f64,
     f32_mode: bool,
-}
-
-impl<B: Backend> Runner<'_, '_, B> {
-    /// The data prediction at time `t` of the VP point whose model input is `x_ve`
-    /// (`x_ve = x_vp * sqrt(1 + t^2)`), through the eps form ComfyUI wraps the model in:
-    /// `x0 = (x_vp - std (x_ve - D) / t) / alpha`.
-    ///
-    /// Written over `x_ve` and `D` alone, `x0 = c x_ve + k D` with `k = std / (t alpha)` and
-    /// `c = 1 / (alpha sqrt(1 + t^2)) - k`: one pass that overwrites the denoiser's output. In exact
-    /// arithmetic `c = 0` and `k = 1`; in f32 `std` cancels for small `t` and the reference's
-    /// result carries that, so the coefficients keep it.
-    fn model_x0(&mut self, x_ve: &Tensor<B>, t: f64) -> Result<Tensor<B>> {
-        let mut denoised = common::model(self.ctx, x_ve, t, false)?.denoised;
-        let v = vp(t, self.f32_mode);
-        let k = v.std / (t * v.alpha);
-        let c = 1.0 / (v.alpha * ve_scale(t, self.f32_mode)) - k;
-        self.ctx
-            .backend
-            .lincomb_inplace(&mut denoised, k, &[(c, x_ve)])?;
-        Ok(denoised)
-    }
+) -> Result<Tensor<B>> {
+    let mut denoised = common::model(ctx, x_ve, t, false)?.denoised;
+    let v = vp(t, f32_mode);
+    let k = v.std / (t * v.alpha);
+    let c = 1.0 / (v.alpha * ve_scale(t, f32_mode)) - k;
+    ctx.backend
+        .lincomb_inplace(&mut denoised, k, &[(c, x_ve)])?;
+    Ok(denoised)
 }
 
 /// The coefficients of one UniPC update from the last entry of `ts` to `t` at order `order`,
@@ -249,99 +246,73 @@ fn run<B: Backend>(
     // Update `s` (to `timesteps[s]`, 1 <= s <= steps) runs at this order: rising by one from
     // the start, falling to one at the end; every update but the last has a corrector.
     let order_at = |s: usize| s.min(order).min(steps + 1 - s);
-    let mut runner = Runner { ctx, f32_mode };
     let x_ve = x;
-    let mut x = runner
-        .ctx
+    let mut x = ctx
         .backend
         .lincomb(&[(1.0 / ve_scale(timesteps[0], f32_mode), &x_ve)])?;
     // The first model input is the start latent itself (the VE form of `x`).
-    let mut models: Vec<Tensor<B>> = vec![runner.model_x0(&x_ve, timesteps[0])?];
+    let mut models: Vec<Tensor<B>> = vec![model_x0(ctx, &x_ve, timesteps[0], f32_mode)?];
     drop(x_ve);
     let mut ts: Vec<f64> = vec![timesteps[0]];
-    common::report(runner.ctx, 0, sigmas, &x, &models[0])?;
+    common::report(ctx, 0, sigmas, &x, &models[0])?;
 
-    // The predicted point of the next update: VE (the model's input) when a corrector
-    // follows, VP at the final time. Each corrector writes the next prediction in the same
-    // pass (`lincomb_pair`): the prediction reads the corrected point and a subset of the
-    // corrector's operands.
-    let mut predicted: Option<Tensor<B>> = None;
-    let mut co = if steps > 1 {
-        Some(coefficients(
-            &ts,
-            timesteps[1],
-            order_at(1),
-            variant,
-            f32_mode,
-        )?)
-    } else {
-        None
-    };
-    for s in 1..=steps {
-        let Some(now) = co.take() else { break };
-        let t = timesteps[s];
-        let k = order_at(s);
-        let corrector = s != steps;
-        let predicted_now = if let Some(p) = predicted.take() {
-            p
-        } else {
-            let to_ve = if corrector {
-                ve_scale(t, f32_mode)
-            } else {
-                1.0
-            };
-            let mut terms = vec![(to_ve * now.predictor[0], &x)];
-            for (j, &c) in now.predictor[1..].iter().enumerate() {
-                terms.push((to_ve * c, &models[models.len() - 1 - j]));
-            }
-            runner.ctx.backend.lincomb(&terms)?
-        };
-        if !corrector {
-            x = predicted_now;
-            push_bounded(&mut ts, t, order);
-            break;
-        }
-        let model_t = runner.model_x0(&predicted_now, t)?;
-        drop(predicted_now);
-        // Corrector operands: x, m_0 .. m_(k-1), the model value at t.
-        let mut first: Vec<(f64, &Tensor<B>)> = vec![(now.corrector[0], &x)];
-        for j in 0..k {
-            first.push((now.corrector[1 + j], &models[models.len() - 1 - j]));
-        }
-        first.push((now.corrector[k + 1], &model_t));
-        push_bounded(&mut ts, t, order);
-        let next_s = s + 1;
-        let next = coefficients(&ts, timesteps[next_s], order_at(next_s), variant, f32_mode)?;
-        // The next prediction over the corrected point (the pair's link), the model value at
-        // t (its newest model value) and m_0 .. (its older ones); no x.
-        let to_ve = if next_s == steps {
-            1.0
-        } else {
-            ve_scale(timesteps[next_s], f32_mode)
-        };
-        let mut second = vec![0.0; first.len()];
-        second[k + 1] = to_ve * next.predictor[1];
-        for (j, &c) in next.predictor[2..].iter().enumerate() {
-            second[1 + j] = to_ve * c;
-        }
-        let (corrected, next_predicted) =
-            runner
-                .ctx
-                .backend
-                .lincomb_pair(&first, to_ve * next.predictor[0], &second)?;
-        drop(first);
-        x = corrected;
-        push_bounded(&mut models, model_t, order);
-        predicted = Some(next_predicted);
-        co = Some(next);
-        // The second-to-last update is reported with the last one, as the reference does.
-        if s + 1 < steps {
-            common::report(runner.ctx, s, sigmas, &x, &models[models.len() - 1])?;
-        }
-    }
     if steps > 1 {
-        common::report(runner.ctx, steps - 1, sigmas, &x, &models[models.len() - 1])?;
+        // The predicted point of update `s` is written in VE form (the model's input) when a
+        // corrector follows, in VP form for the final update.
+        let to_ve = |s: usize| {
+            if s == steps {
+                1.0
+            } else {
+                ve_scale(timesteps[s], f32_mode)
+            }
+        };
+        let mut now = coefficients(&ts, timesteps[1], order_at(1), variant, f32_mode)?;
+        // Update 1 runs at order 1: its prediction reads x and m_0 only.
+        let mut predicted = ctx.backend.lincomb(&[
+            (to_ve(1) * now.predictor[0], &x),
+            (to_ve(1) * now.predictor[1], &models[0]),
+        ])?;
+        for s in 1..=steps {
+            let t = timesteps[s];
+            if s == steps {
+                // No corrector (and no model value) at the final time.
+                x = predicted;
+                break;
+            }
+            let k = order_at(s);
+            let model_t = model_x0(ctx, &predicted, t, f32_mode)?;
+            // Corrector operands: x, m_0 .. m_(k-1), the model value at t.
+            let mut first: Vec<(f64, &Tensor<B>)> = vec![(now.corrector[0], &x)];
+            for j in 0..k {
+                first.push((now.corrector[1 + j], &models[models.len() - 1 - j]));
+            }
+            first.push((now.corrector[k + 1], &model_t));
+            push_bounded(&mut ts, t, order);
+            let next = coefficients(&ts, timesteps[s + 1], order_at(s + 1), variant, f32_mode)?;
+            // The corrector writes the next prediction in the same pass (`lincomb_pair`): it
+            // reads the corrected point (the pair's link), the model value at t (its newest
+            // model value) and m_0 .. (its older ones), no x.
+            let scale = to_ve(s + 1);
+            let mut second = vec![0.0; first.len()];
+            second[k + 1] = scale * next.predictor[1];
+            for (j, &c) in next.predictor[2..].iter().enumerate() {
+                second[1 + j] = scale * c;
+            }
+            let (corrected, next_predicted) =
+                ctx.backend
+                    .lincomb_pair(&first, scale * next.predictor[0], &second)?;
+            drop(first);
+            x = corrected;
+            push_bounded(&mut models, model_t, order);
+            predicted = next_predicted;
+            now = next;
+            // The second-to-last update is reported with the last one, as the reference does.
+            if s + 1 < steps {
+                common::report(ctx, s, sigmas, &x, &models[models.len() - 1])?;
+            }
+        }
+        common::report(ctx, steps - 1, sigmas, &x, &models[models.len() - 1])?;
     }
     let alpha_last = vp(timesteps[n - 1], f32_mode).alpha;
-    Ok(runner.ctx.backend.lincomb(&[(1.0 / alpha_last, &x)])?)
+    Ok(ctx.backend.lincomb(&[(1.0 / alpha_last, &x)])?)
 }
