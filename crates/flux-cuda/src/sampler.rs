@@ -246,8 +246,7 @@ impl SamplerOps for Cuda {
         link: f64,
         b: &[f64],
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
-        flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
-        let head = first[0].1;
+        let head = flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
         let s = suffix("lincomb_pair", head.dtype())?;
         let n = head.numel();
         let out = self.empty(head.shape(), head.dtype())?;

@@ -249,12 +249,13 @@ pub fn derivative_step_operands<'t, B: Backend>(
 }
 
 /// Checks the arguments of [`SamplerOps::lincomb_pair`]: 1 to `MAX_LINCOMB_TERMS - 1` terms of
-/// one shape and dtype, and one second-combination coefficient per term.
-pub fn check_pair<B: Backend>(
+/// one shape and dtype, and one second-combination coefficient per term. Returns the first
+/// term's tensor, whose shape and dtype the results take.
+pub fn check_pair<'t, B: Backend>(
     op: &'static str,
-    first: &[(f64, &Tensor<B>)],
+    first: &[(f64, &'t Tensor<B>)],
     b: &[f64],
-) -> Result<()> {
+) -> Result<&'t Tensor<B>> {
     let Some(&(_, head)) = first.first() else {
         return Err(KernelError::InvalidArgument {
             op,
@@ -271,7 +272,8 @@ pub fn check_pair<B: Backend>(
             ),
         });
     }
-    check_terms(op, head.shape(), head.dtype(), first, MAX_LINCOMB_TERMS - 1)
+    check_terms(op, head.shape(), head.dtype(), first, MAX_LINCOMB_TERMS - 1)?;
+    Ok(head)
 }
 
 /// Checks that every term matches `shape` and `dtype`; shared by backend implementations.

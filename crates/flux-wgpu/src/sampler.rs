@@ -263,8 +263,7 @@ impl SamplerOps for Wgpu {
         link: f64,
         b: &[f64],
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
-        flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
-        let head = first[0].1;
+        let head = flux_kernels::backend::check_pair("lincomb_pair", first, b)?;
         require_f32("lincomb_pair", head.dtype())?;
         let n = head.numel();
         let ops: Vec<Operand> = first

@@ -194,19 +194,54 @@ pub(crate) fn lincomb<T: Elem>(out: &mut [T], a: Option<T>, terms: &[(T, &[T])])
     }
 }
 
-/// `sum c_k t_k` (each slice `n` long) into new memory, which is written once and never
-/// zero-filled (a sampler step allocates its result every step; clearing it first would be one
-/// more pass over memory).
-pub(crate) fn lincomb_new<T: Elem>(n: usize, terms: &[(T, &[T])]) -> Vec<T> {
+/// A new vector of `n` elements handed to `fill` unwritten, then returned as written: new
+/// results are written once and never zero-filled first (a sampler step allocates its result
+/// every step; clearing it would be one more pass over memory).
+///
+/// # Safety
+/// `fill` must write every element of the slice (the kernels here hand every chunk to a loop
+/// that stores each position of it); `T` is a plain float.
+#[allow(unsafe_code)]
+unsafe fn written<T: Elem>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out: Vec<T> = Vec::with_capacity(n);
-    set(&mut out.spare_capacity_mut()[..n], terms);
-    // SAFETY: `set` wrote each of the first `n` elements (every chunk of the slice is handed
-    // to a kernel that stores every position of it), and `T` is a plain float.
-    #[allow(unsafe_code)]
+    fill(&mut out.spare_capacity_mut()[..n]);
+    // SAFETY: the caller's `fill` wrote the first `n` elements.
     unsafe {
         out.set_len(n);
     }
     out
+}
+
+/// [`written`] for two vectors filled together.
+///
+/// # Safety
+/// `fill` must write every element of both slices.
+#[allow(unsafe_code)]
+unsafe fn written_pair<T: Elem>(
+    n: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<T>], &mut [MaybeUninit<T>]),
+) -> (Vec<T>, Vec<T>) {
+    let mut first: Vec<T> = Vec::with_capacity(n);
+    let mut second: Vec<T> = Vec::with_capacity(n);
+    fill(
+        &mut first.spare_capacity_mut()[..n],
+        &mut second.spare_capacity_mut()[..n],
+    );
+    // SAFETY: the caller's `fill` wrote the first `n` elements of both.
+    unsafe {
+        first.set_len(n);
+        second.set_len(n);
+    }
+    (first, second)
+}
+
+/// `sum c_k t_k` (each slice `n` long) into new memory.
+pub(crate) fn lincomb_new<T: Elem>(n: usize, terms: &[(T, &[T])]) -> Vec<T> {
+    // SAFETY: `set` hands every chunk of the slice to a kernel that stores every position.
+    #[allow(unsafe_code)]
+    unsafe {
+        written(n, |out| set(out, terms))
+    }
 }
 
 /// One chunk of the multistep step: `d = a x + b den`, then `x = 1 x + c d + sum c_k h_k`,
@@ -261,25 +296,19 @@ pub(crate) fn derivative_step<T: Elem>(
     history: &[(T, &[T])],
 ) -> Vec<T> {
     let n = x.len();
-    let mut d: Vec<T> = Vec::with_capacity(n);
-    {
-        let spare = &mut d.spare_capacity_mut()[..n];
-        let abc = (a, b, c);
-        match history.len() {
-            0 => run_derivative_step::<T, 0>(x, spare, abc, den, history),
-            1 => run_derivative_step::<T, 1>(x, spare, abc, den, history),
-            2 => run_derivative_step::<T, 2>(x, spare, abc, den, history),
-            3 => run_derivative_step::<T, 3>(x, spare, abc, den, history),
-            _ => run_derivative_step::<T, 4>(x, spare, abc, den, history),
-        }
-    }
-    // SAFETY: every chunk of the first `n` slots was handed to `chunk_derivative_step`, which
-    // writes each position of it, and `T` is a plain float.
+    let abc = (a, b, c);
+    // SAFETY: every chunk of `d` is handed to `chunk_derivative_step`, which writes each
+    // position of it.
     #[allow(unsafe_code)]
     unsafe {
-        d.set_len(n);
+        written(n, |d| match history.len() {
+            0 => run_derivative_step::<T, 0>(x, d, abc, den, history),
+            1 => run_derivative_step::<T, 1>(x, d, abc, den, history),
+            2 => run_derivative_step::<T, 2>(x, d, abc, den, history),
+            3 => run_derivative_step::<T, 3>(x, d, abc, den, history),
+            _ => run_derivative_step::<T, 4>(x, d, abc, den, history),
+        })
     }
-    d
 }
 
 /// One chunk of [`lincomb_pair`]: `first = sum a_k t_k`, then `second = link first + sum b_k
@@ -347,27 +376,18 @@ pub(crate) fn lincomb_pair<T: Elem>(
     link: T,
     b: &[T],
 ) -> (Vec<T>, Vec<T>) {
-    let mut first: Vec<T> = Vec::with_capacity(n);
-    let mut second: Vec<T> = Vec::with_capacity(n);
-    {
-        let f = &mut first.spare_capacity_mut()[..n];
-        let s = &mut second.spare_capacity_mut()[..n];
-        match terms.len() {
+    // SAFETY: every chunk of both outputs is handed to `chunk_pair`, which writes each
+    // position of it.
+    #[allow(unsafe_code)]
+    unsafe {
+        written_pair(n, |f, s| match terms.len() {
             1 => run_pair::<T, 1>(f, s, link, terms, b),
             2 => run_pair::<T, 2>(f, s, link, terms, b),
             3 => run_pair::<T, 3>(f, s, link, terms, b),
             4 => run_pair::<T, 4>(f, s, link, terms, b),
             _ => run_pair::<T, 5>(f, s, link, terms, b),
-        }
+        })
     }
-    // SAFETY: every chunk of the first `n` slots of both vectors was handed to `chunk_pair`,
-    // which writes each position of it, and `T` is a plain float.
-    #[allow(unsafe_code)]
-    unsafe {
-        first.set_len(n);
-        second.set_len(n);
-    }
-    (first, second)
 }
 
 /// `f` applied to every element into a new vector, on the rayon pool for large inputs.
@@ -386,29 +406,35 @@ const MAP_BLOCK: usize = 1024;
 /// `f` applied to `v` widened to f64, block by block, into new memory (never zero-filled),
 /// on the rayon pool for large inputs.
 pub(crate) fn map_f64_new<T: Elem>(v: &[T], f: &(dyn Fn(&mut [f64]) + Sync)) -> Vec<T> {
-    let n = v.len();
-    let mut out: Vec<T> = Vec::with_capacity(n);
-    split(&mut out.spare_capacity_mut()[..n], |o, start| {
-        let mut buf = [0.0f64; MAP_BLOCK];
-        for (j, ob) in o.chunks_mut(MAP_BLOCK).enumerate() {
-            let at = start + j * MAP_BLOCK;
-            let b = &mut buf[..ob.len()];
-            for (d, s) in b.iter_mut().zip(&v[at..at + ob.len()]) {
-                *d = s.to_f64();
-            }
-            f(b);
-            for (d, &s) in ob.iter_mut().zip(b.iter()) {
-                d.put(T::from_f64(s));
-            }
-        }
-    });
-    // SAFETY: `split` hands every chunk of the first `n` slots to the closure, which writes
-    // each position of it, and `T` is a plain float.
+    // SAFETY: `split` hands every chunk of the slots to `map_f64_chunk`, which writes each
+    // position of it.
     #[allow(unsafe_code)]
     unsafe {
-        out.set_len(n);
+        written(v.len(), |out| {
+            split(out, |o, start| map_f64_chunk(o, start, v, f));
+        })
     }
-    out
+}
+
+/// One chunk of [`map_f64_new`] (starting at `start` of `v`), block by block.
+fn map_f64_chunk<T: Elem>(
+    o: &mut [MaybeUninit<T>],
+    start: usize,
+    v: &[T],
+    f: &(dyn Fn(&mut [f64]) + Sync),
+) {
+    let mut buf = [0.0f64; MAP_BLOCK];
+    for (j, ob) in o.chunks_mut(MAP_BLOCK).enumerate() {
+        let at = start + j * MAP_BLOCK;
+        let b = &mut buf[..ob.len()];
+        for (d, s) in b.iter_mut().zip(&v[at..at + ob.len()]) {
+            *d = s.to_f64();
+        }
+        f(b);
+        for (d, &s) in ob.iter_mut().zip(b.iter()) {
+            d.put(T::from_f64(s));
+        }
+    }
 }
 
 fn sum_sq_chunk<T: Elem>(v: &[T]) -> f64 {

@@ -344,8 +344,7 @@ impl SamplerOps for Cpu {
         link: f64,
         b: &[f64],
     ) -> Result<(Tensor<Self>, Tensor<Self>)> {
-        check_pair("lincomb_pair", first, b)?;
-        let head = first[0].1;
+        let head = check_pair("lincomb_pair", first, b)?;
         let (shape, dtype, n) = (head.shape().to_vec(), head.dtype(), head.numel());
         let (a, s) = match head.storage() {
             CpuStorage::F64(_) => {
