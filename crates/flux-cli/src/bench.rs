@@ -1,5 +1,6 @@
 //! `flux bench ...`: whole-loop measurements that print exactly one `key=value` line.
 
+mod copy;
 mod sampler;
 mod transformer;
 
@@ -19,6 +20,8 @@ pub struct BenchArgs {
 enum BenchKind {
     /// A whole sampler loop with the analytic denoiser (flux-dev schedule, scheduler `simple`).
     Sampler(sampler::SamplerBenchArgs),
+    /// One read and write of a latent (the unit of the samplers' overhead target).
+    Copy(copy::CopyBenchArgs),
     /// One forward pass of a random-weight Flux transformer of the given shape (dev style).
     Transformer(transformer::TransformerBenchArgs),
 }
@@ -28,6 +31,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode> {
     match &args.kind {
         BenchKind::Sampler(a) => sampler::run(a),
         BenchKind::Transformer(a) => transformer::run(a),
+        BenchKind::Copy(a) => copy::run(a),
     }
 }
 
