@@ -86,9 +86,23 @@ impl<T: Elem> Put<T> for MaybeUninit<T> {
     }
 }
 
-/// One chunk of `out = sum c_k t_k`, with the term count fixed at compile time.
-#[inline]
+/// One chunk of `out = sum c_k t_k`, with the term count fixed at compile time, compiled for
+/// the widest vector unit the CPU has (the same separate multiplies and adds in every
+/// variant: the values do not depend on which one runs).
 fn chunk_set<T: Elem, O: Put<T>, const N: usize>(
+    out: &mut [O],
+    c: [T; N],
+    t: [&[T]; N],
+    start: usize,
+) {
+    crate::simd_dispatch!(chunk_set_body, chunk_set_avx512, chunk_set_avx2,
+        [T: Elem, O: Put<T>, const N: usize],
+        (out: &mut [O], c: [T; N], t: [&[T]; N], start: usize) -> ());
+}
+
+#[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch above
+#[inline(always)]
+fn chunk_set_body<T: Elem, O: Put<T>, const N: usize>(
     out: &mut [O],
     c: [T; N],
     t: [&[T]; N],
@@ -104,9 +118,22 @@ fn chunk_set<T: Elem, O: Put<T>, const N: usize>(
     }
 }
 
-/// One chunk of `out = a*out + sum c_k t_k`.
-#[inline]
+/// One chunk of `out = a*out + sum c_k t_k`, dispatched like [`chunk_set`].
 fn chunk_update<T: Elem, const N: usize>(
+    out: &mut [T],
+    a: T,
+    c: [T; N],
+    t: [&[T]; N],
+    start: usize,
+) {
+    crate::simd_dispatch!(chunk_update_body, chunk_update_avx512, chunk_update_avx2,
+        [T: Elem, const N: usize],
+        (out: &mut [T], a: T, c: [T; N], t: [&[T]; N], start: usize) -> ());
+}
+
+#[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch above
+#[inline(always)]
+fn chunk_update_body<T: Elem, const N: usize>(
     out: &mut [T],
     a: T,
     c: [T; N],
@@ -245,9 +272,26 @@ pub(crate) fn lincomb_new<T: Elem>(n: usize, terms: &[(T, &[T])]) -> Vec<T> {
 }
 
 /// One chunk of the multistep step: `d = a x + b den`, then `x = 1 x + c d + sum c_k h_k`,
-/// with the operations of [`chunk_set`] and [`chunk_update`] in their order.
-#[inline]
+/// with the operations of [`chunk_set`] and [`chunk_update`] in their order, dispatched like
+/// them.
 fn chunk_derivative_step<T: Elem, const N: usize>(
+    x: &mut [T],
+    d: &mut [MaybeUninit<T>],
+    abc: (T, T, T),
+    den: &[T],
+    ch: [T; N],
+    h: [&[T]; N],
+    start: usize,
+) {
+    crate::simd_dispatch!(chunk_derivative_body, chunk_derivative_avx512,
+        chunk_derivative_avx2, [T: Elem, const N: usize],
+        (x: &mut [T], d: &mut [MaybeUninit<T>], abc: (T, T, T), den: &[T], ch: [T; N],
+         h: [&[T]; N], start: usize) -> ());
+}
+
+#[allow(clippy::inline_always)] // compiled once per instruction set by the dispatch above
+#[inline(always)]
+fn chunk_derivative_body<T: Elem, const N: usize>(
     x: &mut [T],
     d: &mut [MaybeUninit<T>],
     (a, b, c): (T, T, T),
@@ -492,6 +536,69 @@ mod tests {
 
     fn tensor(cpu: Cpu, v: &[f64], dtype: DType) -> Tensor<Cpu> {
         cpu.upload(HostData::F64(v), &[v.len()], dtype).unwrap()
+    }
+
+    /// The combinations run in vector registers where the CPU has them; every element must
+    /// still be the one the plain left-to-right evaluation in the element type gives (a
+    /// contracted multiply-add or a reordered sum would change the last bits), for every term
+    /// count, on both sides of the parallel threshold.
+    #[test]
+    fn vector_combinations_equal_the_scalar_evaluation() {
+        let cpu = Cpu::new();
+        let coeffs = [0.37, -1.3, 0.71, -0.05, 1.9, -0.6];
+        for n in [1usize, 37, 65_536 + 4099] {
+            let data: Vec<Vec<f64>> = (0..7).map(|k| values(n, 40 + k)).collect();
+            for terms in 1..=6 {
+                let ts: Vec<Tensor<Cpu>> = data[..terms]
+                    .iter()
+                    .map(|v| tensor(cpu, v, DType::F32))
+                    .collect();
+                let list: Vec<(f64, &Tensor<Cpu>)> = coeffs.iter().copied().zip(&ts).collect();
+                let c32: Vec<f32> = coeffs.iter().map(|&c| c as f32).collect();
+                let t32: Vec<Vec<f32>> = data
+                    .iter()
+                    .map(|v| v.iter().map(|&x| x as f32).collect())
+                    .collect();
+
+                let set = cpu.lincomb(&list).unwrap();
+                let want: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let mut acc = c32[0] * t32[0][i];
+                        for k in 1..terms {
+                            acc += c32[k] * t32[k][i];
+                        }
+                        acc
+                    })
+                    .collect();
+                assert_eq!(
+                    cpu.download_f32(&set).unwrap(),
+                    want,
+                    "lincomb, {terms} terms, {n} elements"
+                );
+
+                // In place, `out` itself is one of the at most six operands.
+                if terms == 6 {
+                    continue;
+                }
+                let a = 0.83f64;
+                let mut out = tensor(cpu, &data[6], DType::F32);
+                cpu.lincomb_inplace(&mut out, a, &list).unwrap();
+                let want: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let mut acc = a as f32 * t32[6][i];
+                        for k in 0..terms {
+                            acc += c32[k] * t32[k][i];
+                        }
+                        acc
+                    })
+                    .collect();
+                assert_eq!(
+                    cpu.download_f32(&out).unwrap(),
+                    want,
+                    "lincomb_inplace, {terms} terms, {n} elements"
+                );
+            }
+        }
     }
 
     /// The fused step gives bit for bit what `lincomb` then `lincomb_inplace` give, on both
