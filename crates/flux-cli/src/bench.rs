@@ -6,6 +6,7 @@ mod transformer;
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use flux_kernels::DType;
 use std::process::ExitCode;
 
 /// Arguments of `flux bench`.
@@ -60,6 +61,26 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     } else {
         0.5 * (v[n / 2 - 1] + v[n / 2])
     }
+}
+
+/// Parses `--dtype` for a latent: f32 or f64.
+pub(crate) fn parse_latent_dtype(s: &str) -> Result<DType> {
+    let dtype: DType = s
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
+    if !dtype.is_compute() {
+        anyhow::bail!("--dtype '{s}': expected f32 or f64");
+    }
+    Ok(dtype)
+}
+
+/// A shape as the `shape=` value of a bench line: `B,C,H,W`.
+pub(crate) fn shape_text(shape: &[usize]) -> String {
+    shape
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Parses `B,C,H,W` (or any comma-separated list of positive sizes).

@@ -6,10 +6,9 @@
 //! between two passes of a sampler step, split into the same pieces the CPU backend's
 //! elementwise passes use.
 
-use super::{median, parse_shape, set_threads};
+use super::{median, parse_latent_dtype, parse_shape, set_threads, shape_text};
 use anyhow::Result;
 use clap::Args;
-use flux_kernels::DType;
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -57,13 +56,7 @@ fn time_copies(dst: &mut [u8], src: &[u8], elem: usize, reps: usize) -> f64 {
 /// Runs the measurement and prints its one line.
 pub fn run(args: &CopyBenchArgs) -> Result<ExitCode> {
     let shape = parse_shape(&args.shape)?;
-    let dtype: DType = args
-        .dtype
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
-    if !dtype.is_compute() {
-        anyhow::bail!("--dtype '{}': expected f32 or f64", args.dtype);
-    }
+    let dtype = parse_latent_dtype(&args.dtype)?;
     if args.reps == 0 {
         anyhow::bail!("--reps must be at least 1");
     }
@@ -81,11 +74,7 @@ pub fn run(args: &CopyBenchArgs) -> Result<ExitCode> {
     let per_copy = median((0..5).map(|_| once()).collect());
     println!(
         "bench=copy shape={} dtype={dtype} bytes={bytes} copy_s={per_copy:.6e} three_copies_s={:.6e}",
-        shape
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        shape_text(&shape),
         3.0 * per_copy
     );
     Ok(ExitCode::SUCCESS)

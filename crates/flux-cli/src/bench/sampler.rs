@@ -1,9 +1,9 @@
 //! `flux bench sampler`: the whole sampler loop, denoiser time measured separately.
 
-use super::{median, parse_shape, set_threads};
+use super::{median, parse_latent_dtype, parse_shape, set_threads, shape_text};
 use anyhow::{Context, Result};
 use clap::Args;
-use flux_kernels::{Backend, Cpu, DType, SamplerOps, Tensor};
+use flux_kernels::{Backend, Cpu, SamplerOps, Tensor};
 use flux_samplers::noise::{randn, reference_noise};
 use flux_samplers::toy::MixtureDenoiser;
 use flux_samplers::{Denoised, Denoiser, SampleContext, Sampler, SamplerOptions, sample};
@@ -90,13 +90,7 @@ fn run_once(
 pub fn run(args: &SamplerBenchArgs) -> Result<ExitCode> {
     let sampler: Sampler = args.sampler.parse()?;
     let shape = parse_shape(&args.shape)?;
-    let dtype: DType = args
-        .dtype
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
-    if !dtype.is_compute() {
-        anyhow::bail!("--dtype '{}': expected f32 or f64", args.dtype);
-    }
+    let dtype = parse_latent_dtype(&args.dtype)?;
     if args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
@@ -131,11 +125,7 @@ pub fn run(args: &SamplerBenchArgs) -> Result<ExitCode> {
     }
     println!(
         "sampler={sampler} shape={} steps={} total_s={:.6e} overhead_per_step_s={:.6e}",
-        shape
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        shape_text(&shape),
         args.steps,
         median(totals),
         median(overheads)
