@@ -63,15 +63,38 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Parses `--dtype` for a latent: f32 or f64.
-pub(crate) fn parse_latent_dtype(s: &str) -> Result<DType> {
-    let dtype: DType = s
-        .parse()
-        .map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
-    if !dtype.is_compute() {
-        anyhow::bail!("--dtype '{s}': expected f32 or f64");
+/// The latent a bench works on, and the pool it runs on (shared by the latent benches).
+#[derive(Args, Debug)]
+pub(crate) struct LatentArgs {
+    /// Latent shape B,C,H,W.
+    #[arg(long, default_value = "1,16,128,128")]
+    shape: String,
+    /// Latent element type: f32 or f64.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+impl LatentArgs {
+    /// The shape and element type, checked (f32 or f64 only).
+    pub(crate) fn parse(&self) -> Result<(Vec<usize>, DType)> {
+        let shape = parse_shape(&self.shape)?;
+        let dtype: DType = self
+            .dtype
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--dtype: {e}"))?;
+        if !dtype.is_compute() {
+            anyhow::bail!("--dtype '{}': expected f32 or f64", self.dtype);
+        }
+        Ok((shape, dtype))
     }
-    Ok(dtype)
+
+    /// Sizes the global pool to `--threads` (once per process).
+    pub(crate) fn set_threads(&self) -> Result<()> {
+        set_threads(self.threads)
+    }
 }
 
 /// A shape as the `shape=` value of a bench line: `B,C,H,W`.

@@ -6,7 +6,7 @@
 //! between two passes of a sampler step, split into the same pieces the CPU backend's
 //! elementwise passes use.
 
-use super::{median, parse_latent_dtype, parse_shape, set_threads, shape_text};
+use super::{LatentArgs, median, shape_text};
 use anyhow::Result;
 use clap::Args;
 use rayon::prelude::*;
@@ -22,15 +22,8 @@ const PARALLEL_FROM: usize = 1 << 16;
 /// Arguments of `flux bench copy`.
 #[derive(Args, Debug)]
 pub struct CopyBenchArgs {
-    /// Latent shape B,C,H,W.
-    #[arg(long, default_value = "1,16,128,128")]
-    shape: String,
-    /// Latent element type: f32 or f64.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    latent: LatentArgs,
     /// Copies per timed run (each run's time is divided by this).
     #[arg(long, default_value_t = 200)]
     reps: usize,
@@ -55,16 +48,15 @@ fn time_copies(dst: &mut [u8], src: &[u8], elem: usize, reps: usize) -> f64 {
 
 /// Runs the measurement and prints its one line.
 pub fn run(args: &CopyBenchArgs) -> Result<ExitCode> {
-    let shape = parse_shape(&args.shape)?;
-    let dtype = parse_latent_dtype(&args.dtype)?;
+    let (shape, dtype) = args.latent.parse()?;
     if args.reps == 0 {
         anyhow::bail!("--reps must be at least 1");
     }
     let bytes = shape
         .iter()
         .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| anyhow::anyhow!("--shape '{}': too many elements", args.shape))?;
-    set_threads(args.threads)?;
+        .ok_or_else(|| anyhow::anyhow!("--shape {}: too many elements", shape_text(&shape)))?;
+    args.latent.set_threads()?;
     let src: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
     let mut dst = vec![0u8; bytes];
     // On a pool worker, as `flux bench sampler` runs its loop.

@@ -1,6 +1,6 @@
 //! `flux bench sampler`: the whole sampler loop, denoiser time measured separately.
 
-use super::{median, parse_latent_dtype, parse_shape, set_threads, shape_text};
+use super::{LatentArgs, median, shape_text};
 use anyhow::{Context, Result};
 use clap::Args;
 use flux_kernels::{Backend, Cpu, SamplerOps, Tensor};
@@ -20,15 +20,8 @@ pub struct SamplerBenchArgs {
     /// Number of steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
-    /// Latent shape B,C,H,W.
-    #[arg(long, default_value = "1,16,128,128")]
-    shape: String,
-    /// Latent element type: f32 or f64.
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
+    #[command(flatten)]
+    latent: LatentArgs,
     /// Seed of the initial and sampler noise.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -89,12 +82,11 @@ fn run_once(
 /// Runs the measurement and prints its one line.
 pub fn run(args: &SamplerBenchArgs) -> Result<ExitCode> {
     let sampler: Sampler = args.sampler.parse()?;
-    let shape = parse_shape(&args.shape)?;
-    let dtype = parse_latent_dtype(&args.dtype)?;
+    let (shape, dtype) = args.latent.parse()?;
     if args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
-    set_threads(args.threads)?;
+    args.latent.set_threads()?;
     let model = ModelSampling::flux_dev();
     let sigmas: Vec<f64> = ksampler_sigmas(
         Scheduler::Simple,
