@@ -76,12 +76,25 @@ impl JobParams {
             .parse::<Sampler>()
             .map_err(|e| format!("sampler_name: {e}"))?;
         req.format = self.format();
-        req.size = SizeRule {
-            target: None,
-            max_megapixels: Some(MAX_MEGAPIXELS),
-        };
+        req.size = output_rule();
         Ok(req)
     }
+}
+
+/// How input images are sized for a job: scaled down to at most [`MAX_MEGAPIXELS`].
+pub fn output_rule() -> SizeRule {
+    SizeRule {
+        target: None,
+        max_megapixels: Some(MAX_MEGAPIXELS),
+    }
+}
+
+/// Checks encoded image bytes before a job is queued: a PNG, JPEG or WebP of a sane size that
+/// [`output_rule`] can fit (not too elongated for the cap); `input` names them in errors.
+pub fn check_image(bytes: &[u8], input: &str) -> Result<(), image_io::ImageError> {
+    let (w, h) = image_io::probe(bytes, input)?;
+    output_rule().output_size(w, h)?;
+    Ok(())
 }
 
 /// A request that passed validation.
@@ -226,7 +239,7 @@ fn image_field(obj: &Map<String, Value>) -> Result<ImageInput, ApiError> {
         ),
         _ => ApiError::image(&e),
     })?;
-    image_io::probe(&bytes, &source.describe()).map_err(|e| ApiError::image(&e))?;
+    check_image(&bytes, &source.describe()).map_err(|e| ApiError::image(&e))?;
     Ok(ImageInput::Bytes(bytes))
 }
 

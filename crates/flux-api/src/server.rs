@@ -441,7 +441,7 @@ impl App {
                 let policy = self.fetch.clone();
                 tokio::task::spawn_blocking(move || {
                     let bytes = image_io::fetch_url(&url, &policy)?;
-                    image_io::probe(&bytes, &url)?;
+                    crate::request::check_image(&bytes, &url)?;
                     Ok(bytes)
                 })
                 .await

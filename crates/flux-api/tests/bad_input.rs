@@ -47,6 +47,12 @@ fn bad_inputs_get_400_naming_the_field_and_the_server_keeps_serving() {
         serde_json::to_vec(&v).unwrap()
     };
     let not_image = to_base64(b"this is plain text, long enough to look like base64 data......");
+    // 70000x1: with its short side raised to 16 pixels it cannot fit the megapixel cap.
+    let mut elongated = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::new(70000, 1))
+        .write_to(&mut elongated, image::ImageFormat::Png)
+        .unwrap();
+    let elongated = to_base64(elongated.get_ref());
     let cases: Vec<(&str, Vec<u8>, u16, Vec<&str>)> = vec![
         (
             "prompt missing",
@@ -95,6 +101,12 @@ fn bad_inputs_get_400_naming_the_field_and_the_server_keeps_serving() {
             with("image", json!(not_image)),
             400,
             vec!["image", "PNG, JPEG or WebP"],
+        ),
+        (
+            "image too elongated",
+            with("image", json!(elongated)),
+            400,
+            vec!["image", "70000x1", "elongated"],
         ),
         (
             "image ftp url",

@@ -50,6 +50,35 @@ pub enum TokenizerError {
     Encode(String),
 }
 
+/// Parses a `tokenizer.json` file. The JSON syntax is checked first: the tokenizer library
+/// panics instead of returning an error on some malformed files (a syntax error inside the
+/// `decoder` object), so a file reaches it only once it is known to be well-formed JSON, and
+/// any panic left in the library on odd content is turned into the same error.
+fn tokenizer_from_json(path: &Path) -> Result<Tokenizer, TokenizerError> {
+    let load_error = |message: String| TokenizerError::Load {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| load_error(e.to_string()))?;
+    serde_json::from_str::<serde_json::Value>(&text).map_err(|e| load_error(e.to_string()))?;
+    match std::panic::catch_unwind(|| text.parse::<Tokenizer>()) {
+        Ok(parsed) => parsed.map_err(|e| load_error(e.to_string())),
+        Err(panic) => Err(load_error(format!(
+            "the tokenizer library failed on this file ({})",
+            panic_message(&*panic)
+        ))),
+    }
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
 /// Which encoder a tokenizer feeds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenizerKind {
@@ -211,10 +240,7 @@ impl PromptTokenizer {
                 ),
             });
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let inner = tokenizer_from_json(path)?;
         Self::with_tokenizer(inner, path, kind, len)
     }
 
@@ -298,9 +324,16 @@ impl PromptTokenizer {
 
     /// The ids of `prompt`: special tokens added, truncated and padded to [`PromptTokenizer::len`].
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode(prompt, true)
+        // The tokenizer library panics on some post-processor templates a file can hold
+        // (a special token it lists but does not define); that is an error of the file here.
+        let enc = std::panic::catch_unwind(|| self.inner.encode(prompt, true))
+            .map_err(|panic| {
+                TokenizerError::Encode(format!(
+                    "the tokenizer from {} failed ({})",
+                    self.path.display(),
+                    panic_message(&*panic)
+                ))
+            })?
             .map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
@@ -460,6 +493,27 @@ mod tests {
         // T5 has no such fallback: the missing tokenizer.json is named.
         let err = PromptTokenizer::from_file(&dir, TokenizerKind::T5, 10).unwrap_err();
         assert!(err.to_string().contains("tokenizer"), "{err}");
+    }
+
+    /// Files on which the tokenizer library itself panics give errors here instead.
+    #[test]
+    fn files_the_library_panics_on_give_errors() {
+        let meta = r#""decoder":{"type":"Metaspace","#;
+        let broken = t5_json().replace(meta, r#""decoder":{"type":"Metaspace" "#);
+        assert_ne!(broken, t5_json());
+        let p = write("t5-broken-decoder", &broken);
+        let err = PromptTokenizer::from_file(&p.file, TokenizerKind::T5, 8).unwrap_err();
+        assert!(matches!(err, TokenizerError::Load { .. }), "{err}");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
+        let undefined =
+            t5_json().replace(r#""special_tokens":{"</s>":"#, r#""special_tokens":{"<":"#);
+        assert_ne!(undefined, t5_json());
+        let p = write("t5-undefined-special", &undefined);
+        // It loads (the library checks the template only when encoding) but cannot encode.
+        let t = PromptTokenizer::from_file(&p.file, TokenizerKind::T5, 8).unwrap();
+        let err = t.encode("ab").unwrap_err();
+        assert!(matches!(err, TokenizerError::Encode(_)), "{err}");
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 
     #[test]

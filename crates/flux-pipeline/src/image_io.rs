@@ -529,6 +529,15 @@ impl SizeRule {
             && f64::from(ow) * f64::from(oh) > c
         {
             (ow, oh) = (down(s * w), down(s * h));
+            // Only the 16-pixel floor of the short side can still break the cap: the image is
+            // too elongated to fit it at all.
+            if f64::from(ow) * f64::from(oh) > c {
+                return Err(ImageError::Size(format!(
+                    "input is {width}x{height}: too elongated for the {} megapixel cap (with \
+                     both sides at least 16 pixels it would be {ow}x{oh})",
+                    c / 1e6
+                )));
+            }
         }
         if u64::from(ow) * u64::from(oh) > MAX_INPUT_PIXELS {
             return Err(ImageError::Size(format!(
@@ -836,6 +845,38 @@ mod tests {
         // 4:3 kept within one tile of rounding.
         assert!((f64::from(w) / f64::from(h) - 4.0 / 3.0).abs() < 0.03);
         assert!("12x".parse::<SizeRule>().is_err());
+    }
+
+    #[test]
+    fn the_megapixel_cap_holds_for_any_aspect_ratio() {
+        let capped = SizeRule {
+            target: None,
+            max_megapixels: Some(0.25),
+        };
+        // Very elongated inputs: the 16-pixel floor of the short side cannot fit the cap.
+        for (w, h) in [(65317, 23), (23, 65317), (65000, 1)] {
+            let err = capped.output_size(w, h).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{w}x{h}")) && err.contains("cap"),
+                "{err}"
+            );
+        }
+        // Every other ratio gets an output within the cap, sides multiples of 16.
+        for (w, h) in [
+            (600, 1),
+            (15000, 16),
+            (4000, 3000),
+            (1, 1),
+            (9999, 37),
+            (37, 9999),
+        ] {
+            let (ow, oh) = capped.output_size(w, h).unwrap();
+            assert!(
+                u64::from(ow) * u64::from(oh) <= 250_000,
+                "{w}x{h} -> {ow}x{oh}"
+            );
+            assert_eq!((ow % 16, oh % 16), (0, 0));
+        }
     }
 
     #[test]
