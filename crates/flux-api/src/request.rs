@@ -310,6 +310,11 @@ pub fn parse_request(body: &[u8]) -> Result<ValidatedRequest, ApiError> {
             .parse::<Sampler>()
             .map_err(|e| ApiError::field("sampler_name", e))?,
     };
+    if let Some((field, message)) =
+        flux_pipeline::schedule_problem(scheduler, sampler, steps as usize, denoise)
+    {
+        return Err(ApiError::field(field, message));
+    }
     let base64 = match get(&obj, "base64") {
         None => false,
         Some(Value::Bool(b)) => *b,

@@ -109,6 +109,18 @@ fn bad_inputs_get_400_naming_the_field_and_the_server_keeps_serving() {
             vec!["image", "70000x1", "elongated"],
         ),
         (
+            "denoise too small for the steps",
+            body(&json!({ "steps": 50, "denoise": 0.00001 })),
+            400,
+            vec!["denoise", "5000000", "at most 1000000"],
+        ),
+        (
+            "kl_optimal over one step",
+            body(&json!({ "steps": 1, "scheduler": "kl_optimal" })),
+            400,
+            vec!["steps", "kl_optimal", "at least 2"],
+        ),
+        (
             "image ftp url",
             with("image", json!("ftp://example.com/a.png")),
             400,

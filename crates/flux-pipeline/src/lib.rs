@@ -18,6 +18,8 @@ pub mod model;
 pub mod model_files;
 pub mod pipeline;
 
-pub use pipeline::{Img2Img, Img2ImgRequest, ModelFiles, Output, Pipeline, Progress};
+pub use pipeline::{
+    Img2Img, Img2ImgRequest, ModelFiles, Output, Pipeline, Progress, schedule_problem,
+};
 
 pub use error::{PipelineError, Result};

@@ -76,8 +76,47 @@ impl Img2ImgRequest {
         {
             return bad("guidance", format!("{g} is outside [0, 100]"));
         }
+        if let Some((field, message)) =
+            schedule_problem(self.scheduler, self.sampler, self.steps, self.denoise)
+        {
+            return bad(field, message);
+        }
         Ok(())
     }
+}
+
+/// What is wrong, if anything, with the schedule a run of these parameters needs, as the
+/// request field to blame and a message: a denoise so small that the scaled schedule exceeds
+/// [`flux_schedulers::MAX_STEPS`], or `kl_optimal` over a single step (a NaN sigma in the
+/// reference). Cheap (nothing is computed); the job API checks it before queueing.
+pub fn schedule_problem(
+    scheduler: Scheduler,
+    sampler: Sampler,
+    steps: usize,
+    denoise: f64,
+) -> Option<(&'static str, String)> {
+    use flux_schedulers::ScheduleError;
+    let err = flux_schedulers::ksampler_check(
+        scheduler,
+        steps,
+        denoise,
+        sampler.discards_penultimate_sigma(),
+    )
+    .err()?;
+    Some(match err {
+        ScheduleError::TooManySteps { steps: n, max } => (
+            "denoise",
+            format!(
+                "{denoise} with {steps} steps needs a schedule of {n} steps (steps / denoise), at most {max}: use a denoise of at least {:e}, or 0",
+                steps as f64 / max as f64
+            ),
+        ),
+        ScheduleError::UndefinedSchedule { .. } => (
+            "steps",
+            format!("{err}: use at least 2 steps with {scheduler}, or another scheduler"),
+        ),
+        other => ("denoise", other.to_string()),
+    })
 }
 
 /// Progress of a request, handed to the callback.

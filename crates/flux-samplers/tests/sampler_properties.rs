@@ -278,3 +278,34 @@ fn the_callback_sees_every_step_and_can_cancel() {
     );
     assert_eq!(steps, [(0, 6), (1, 6), (2, 6)]);
 }
+
+/// A one-step schedule (what a request for one step gets: `[1, 0]`, or `[0.00063, 0]` from
+/// `ddim_uniform`) runs on every sampler, the SDE ones with their Brownian tree built over its
+/// single positive sigma as the reference builds it; `dpm_adaptive`, whose smallest and
+/// largest sigma are then the same, returns its input unchanged, as the reference does.
+#[test]
+fn every_sampler_takes_a_one_step_schedule() {
+    let model = ModelSampling::flux_dev();
+    let x = [0.3, -1.2, 0.8, 2.0, -0.1, 0.05];
+    for sigmas in [vec![1.0, 0.0], vec![0.000_631_366_041_488_945_5, 0.0]] {
+        for &sampler in Sampler::ALL.iter().filter(|s| s.is_implemented()) {
+            let mut denoiser = gaussian_denoiser(0.2, 0.7, true);
+            let mut tree;
+            let mut default;
+            let noise: &mut dyn NoiseSource<Cpu> = if sampler.uses_brownian_tree() {
+                tree = flux_samplers::noise::BrownianTreeNoise::new(7, sigmas[0], sigmas[0])
+                    .expect("a tree over one point");
+                &mut tree
+            } else {
+                default = DefaultNoise::new(7);
+                &mut default
+            };
+            let out = run(sampler, &model, &mut denoiser, noise, &x, &sigmas)
+                .unwrap_or_else(|e| panic!("{sampler} on {sigmas:?}: {e}"));
+            assert!(out.iter().all(|v| v.is_finite()), "{sampler}: {out:?}");
+            if sampler == Sampler::DpmAdaptive {
+                assert_eq!(out, x, "dpm_adaptive on {sigmas:?}");
+            }
+        }
+    }
+}

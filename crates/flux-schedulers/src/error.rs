@@ -42,4 +42,14 @@ pub enum ScheduleError {
         /// The largest supported step count.
         max: u64,
     },
+    /// A schedule the reference computes as NaN: `kl_optimal` for a single step (0/0).
+    #[error(
+        "scheduler {scheduler} is undefined for a {steps}-step schedule (its first sigma is 0/0); it needs at least 2"
+    )]
+    UndefinedSchedule {
+        /// The scheduler name.
+        scheduler: &'static str,
+        /// The step count it would be computed for (after denoise scaling).
+        steps: u64,
+    },
 }

@@ -27,4 +27,4 @@ pub use error::ScheduleError;
 pub use model_sampling::{
     MODEL_NAMES, ModelSampling, Parameterization, flux_shift_for_size, flux_shift_for_tokens,
 };
-pub use scheduler::{MAX_STEPS, Scheduler, calculate_sigmas, ksampler_sigmas};
+pub use scheduler::{MAX_STEPS, Scheduler, calculate_sigmas, ksampler_check, ksampler_sigmas};

@@ -150,6 +150,54 @@ pub fn calculate_sigmas(
     })
 }
 
+/// Checks, without computing it, that the schedule [`ksampler_sigmas`] gives for these
+/// arguments is defined: a denoise that is a number, a scaled step count of at most
+/// [`MAX_STEPS`], and no NaN sigma (`kl_optimal` over a single step, which ComfyUI computes as
+/// `[NaN, 0]` and samples into a black image). For request validation: a request that passes
+/// gets a finite schedule.
+pub fn ksampler_check(
+    scheduler: Scheduler,
+    steps: usize,
+    denoise: f64,
+    discard_penultimate: bool,
+) -> Result<(), ScheduleError> {
+    if denoise.is_nan() {
+        return Err(ScheduleError::InvalidDenoise(denoise));
+    }
+    let n = if denoise > 0.9999 {
+        steps
+    } else if denoise <= 0.0 {
+        return Ok(());
+    } else {
+        let scaled = steps as f64 / denoise;
+        if scaled.is_nan() || scaled > MAX_STEPS as f64 {
+            return Err(ScheduleError::TooManySteps {
+                steps: if scaled.is_finite() {
+                    scaled as u64
+                } else {
+                    u64::MAX
+                },
+                max: MAX_STEPS as u64,
+            });
+        }
+        scaled as usize
+    };
+    let computed = n + usize::from(discard_penultimate);
+    if computed > MAX_STEPS {
+        return Err(ScheduleError::TooManySteps {
+            steps: computed as u64,
+            max: MAX_STEPS as u64,
+        });
+    }
+    if scheduler == Scheduler::KlOptimal && computed == 1 {
+        return Err(ScheduleError::UndefinedSchedule {
+            scheduler: scheduler.name(),
+            steps: 1,
+        });
+    }
+    Ok(())
+}
+
 /// The schedule a ComfyUI `KSampler` runs for `steps` steps at `denoise` strength
 /// (`KSampler.set_steps` and `KSampler.calculate_sigmas`).
 ///

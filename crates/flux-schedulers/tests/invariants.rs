@@ -11,7 +11,9 @@
 //! - `normal`: `steps + 1` as well, because no table here has `sigma(sigma_min) ~ 0` (otherwise
 //!   it computes one more point and omits the appended 0, which is again `steps + 1` values).
 
-use flux_schedulers::{ModelSampling, Scheduler, calculate_sigmas, ksampler_sigmas};
+use flux_schedulers::{
+    ModelSampling, Scheduler, calculate_sigmas, ksampler_check, ksampler_sigmas,
+};
 use proptest::prelude::*;
 use std::sync::OnceLock;
 
@@ -187,4 +189,59 @@ fn models_by_name() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("flux-schnell"), "{err}");
+}
+
+/// `ksampler_check` passes exactly the arguments whose schedule computes and is finite, for
+/// every scheduler, the request range of steps (1 to 50) and denoise values from 0 to 1
+/// (including the tiny ones whose scaled step count is too large), with and without the
+/// penultimate-sigma discard.
+#[test]
+fn ksampler_check_passes_exactly_the_finite_schedules() {
+    let model = &models()[0];
+    let denoises = [
+        0.0, 1e-9, 1e-6, 0.05, 0.3, 0.5, 0.5001, 0.6, 0.75, 0.9999, 0.99995, 1.0,
+    ];
+    let (mut passed, mut refused) = (0, 0);
+    for s in Scheduler::ALL {
+        for steps in 1..=50 {
+            for &denoise in &denoises {
+                for discard in [false, true] {
+                    let check = ksampler_check(s, steps, denoise, discard);
+                    let sigmas = ksampler_sigmas(s, model, steps, denoise, discard);
+                    let finite = sigmas
+                        .as_ref()
+                        .is_ok_and(|v| v.iter().all(|x| x.is_finite()));
+                    assert_eq!(
+                        check.is_ok(),
+                        finite,
+                        "{s} {steps} steps denoise {denoise} discard {discard}: check {check:?}"
+                    );
+                    if check.is_ok() {
+                        passed += 1;
+                    } else {
+                        refused += 1;
+                    }
+                }
+            }
+        }
+    }
+    // Both outcomes occur: tiny denoise values and one-step kl_optimal are refused.
+    assert!(
+        passed > 0 && refused > 0,
+        "{passed} passed, {refused} refused"
+    );
+    // At the largest scaled step count, whichever side of the limit the division lands on,
+    // the check and the computation agree.
+    for steps in [1, 7, 50] {
+        let denoise = steps as f64 / flux_schedulers::MAX_STEPS as f64;
+        for discard in [false, true] {
+            let check = ksampler_check(Scheduler::Simple, steps, denoise, discard);
+            let sigmas = ksampler_sigmas(Scheduler::Simple, model, steps, denoise, discard);
+            assert_eq!(
+                check.is_ok(),
+                sigmas.is_ok(),
+                "{steps} steps, discard {discard}"
+            );
+        }
+    }
 }

@@ -875,10 +875,12 @@ pub struct BrownianTreeNoise {
 impl BrownianTreeNoise {
     /// A source over `[sigma_min, sigma_max]` (the sampler's smallest positive and largest
     /// sigma) with entropy `seed`. The tree is built for the shape and dtype of the first draw.
+    /// As in torchsde, the interval may be a single point (`sigma_min == sigma_max`: a one-step
+    /// schedule, whose step to 0 draws nothing); draws need two different sigmas.
     pub fn new(seed: u64, sigma_min: f64, sigma_max: f64) -> Result<Self> {
-        if !(sigma_min.is_finite() && sigma_max.is_finite() && sigma_min < sigma_max) {
+        if !(sigma_min.is_finite() && sigma_max.is_finite() && sigma_min <= sigma_max) {
             return Err(SamplerError::Noise(format!(
-                "Brownian tree needs finite sigma_min < sigma_max, got [{sigma_min}, {sigma_max}]"
+                "Brownian tree needs finite sigma_min <= sigma_max, got [{sigma_min}, {sigma_max}]"
             )));
         }
         Ok(Self {
@@ -1209,6 +1211,10 @@ mod tests {
     fn bad_requests_are_errors() {
         assert!(BrownianTreeNoise::new(0, 1.0, 0.5).is_err());
         assert!(BrownianTreeNoise::new(0, f64::NAN, 1.0).is_err());
+        // A single point (a one-step schedule) is a valid interval, as in torchsde; it cannot
+        // be drawn from.
+        let mut point = BrownianTreeNoise::new(0, 0.5, 0.5).unwrap();
+        assert!(point.draw(&[4], DType::F64, 0.5, 0.5).is_err());
         let mut src = BrownianTreeNoise::new(0, 0.1, 1.0).unwrap();
         assert!(src.draw(&[4], DType::F64, 0.5, 0.5).is_err());
         src.draw(&[4], DType::F64, 1.0, 0.5).unwrap();

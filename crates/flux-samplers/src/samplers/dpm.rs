@@ -464,9 +464,12 @@ pub(crate) fn dpm_adaptive<B: Backend>(
     let accept_safety = finite("accept_safety", opts.accept_safety, 0.81)?;
     let (sigma_min, sigma_max) = sigma_range(sigmas)?;
     let (t_start, t_end) = (-sigma_max.ln(), -sigma_min.ln());
-    if t_end <= t_start {
+    // The reference integrates backwards when t_end < t_start (an increasing schedule), which
+    // is not supported here; when the two are within its 1e-5 tolerance (a one-step schedule,
+    // whose sigma_min is its only positive sigma) its loop does not run and it returns x.
+    if t_end < t_start - 1e-5 {
         return Err(SamplerError::InvalidSigmas(
-            "dpm_adaptive needs a decreasing schedule".into(),
+            "dpm_adaptive needs a decreasing schedule (reverse sampling is not supported)".into(),
         ));
     }
     let pid_order = if eta > 0.0 { 1.5 } else { order as f64 };
