@@ -150,6 +150,33 @@ pub fn calculate_sigmas(
     })
 }
 
+/// The step count KSampler computes its schedule for (before the penultimate discard):
+/// `steps` at full denoise (`> 0.9999`), `int(steps / denoise)` below, `None` (an empty
+/// schedule) at `denoise <= 0`.
+fn ksampler_len(steps: usize, denoise: f64) -> Result<Option<usize>, ScheduleError> {
+    if denoise.is_nan() {
+        return Err(ScheduleError::InvalidDenoise(denoise));
+    }
+    if denoise > 0.9999 {
+        return Ok(Some(steps));
+    }
+    if denoise <= 0.0 {
+        return Ok(None);
+    }
+    let scaled = steps as f64 / denoise;
+    if scaled.is_nan() || scaled > MAX_STEPS as f64 {
+        return Err(ScheduleError::TooManySteps {
+            steps: if scaled.is_finite() {
+                scaled as u64
+            } else {
+                u64::MAX
+            },
+            max: MAX_STEPS as u64,
+        });
+    }
+    Ok(Some(scaled as usize))
+}
+
 /// Checks, without computing it, that the schedule [`ksampler_sigmas`] gives for these
 /// arguments is defined: a denoise that is a number, a scaled step count of at most
 /// [`MAX_STEPS`], and no NaN sigma (`kl_optimal` over a single step, which ComfyUI computes as
@@ -161,26 +188,8 @@ pub fn ksampler_check(
     denoise: f64,
     discard_penultimate: bool,
 ) -> Result<(), ScheduleError> {
-    if denoise.is_nan() {
-        return Err(ScheduleError::InvalidDenoise(denoise));
-    }
-    let n = if denoise > 0.9999 {
-        steps
-    } else if denoise <= 0.0 {
+    let Some(n) = ksampler_len(steps, denoise)? else {
         return Ok(());
-    } else {
-        let scaled = steps as f64 / denoise;
-        if scaled.is_nan() || scaled > MAX_STEPS as f64 {
-            return Err(ScheduleError::TooManySteps {
-                steps: if scaled.is_finite() {
-                    scaled as u64
-                } else {
-                    u64::MAX
-                },
-                max: MAX_STEPS as u64,
-            });
-        }
-        scaled as usize
     };
     let computed = n + usize::from(discard_penultimate);
     if computed > MAX_STEPS {
@@ -212,9 +221,6 @@ pub fn ksampler_sigmas(
     denoise: f64,
     discard_penultimate: bool,
 ) -> Result<Vec<f32>, ScheduleError> {
-    if denoise.is_nan() {
-        return Err(ScheduleError::InvalidDenoise(denoise));
-    }
     let compute = |n: usize| -> Result<Vec<f32>, ScheduleError> {
         if discard_penultimate {
             let mut s = calculate_sigmas(scheduler, model, n + 1)?;
@@ -229,24 +235,13 @@ pub fn ksampler_sigmas(
             calculate_sigmas(scheduler, model, n)
         }
     };
-    if denoise > 0.9999 {
-        return compute(steps);
-    }
-    if denoise <= 0.0 {
+    let Some(n) = ksampler_len(steps, denoise)? else {
         return Ok(Vec::new());
+    };
+    if denoise > 0.9999 {
+        return compute(n);
     }
-    let scaled = steps as f64 / denoise;
-    if scaled.is_nan() || scaled > MAX_STEPS as f64 {
-        return Err(ScheduleError::TooManySteps {
-            steps: if scaled.is_finite() {
-                scaled as u64
-            } else {
-                u64::MAX
-            },
-            max: MAX_STEPS as u64,
-        });
-    }
-    let sigmas = compute(scaled as usize)?;
+    let sigmas = compute(n)?;
     let keep = (steps + 1).min(sigmas.len());
     Ok(sigmas[sigmas.len() - keep..].to_vec())
 }
