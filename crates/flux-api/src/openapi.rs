@@ -65,8 +65,8 @@ pub fn document() -> Value {
                         "image": { "type": "string", "description": "http(s) URL, data: URI or raw base64 (PNG, JPEG, WebP)" },
                         "steps": { "type": "integer", "minimum": 1, "maximum": crate::request::MAX_STEPS, "default": crate::request::DEFAULT_STEPS },
                         "seed": { "type": "integer", "minimum": 0, "default": crate::request::DEFAULT_SEED },
-                        "denoise": { "type": "number", "minimum": 0, "maximum": 1, "default": crate::request::DEFAULT_DENOISE },
-                        "scheduler": { "type": "string", "enum": flux_schedulers::Scheduler::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(), "default": "simple" },
+                        "denoise": { "type": "number", "minimum": 0, "maximum": 1, "default": crate::request::DEFAULT_DENOISE, "description": format!("0 returns the input; otherwise steps / denoise must be at most {} (the schedule is computed for that many steps)", flux_schedulers::MAX_STEPS) },
+                        "scheduler": { "type": "string", "enum": flux_schedulers::Scheduler::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(), "default": "simple", "description": "kl_optimal needs a schedule of at least 2 steps (steps / denoise >= 2, or a sampler that drops the penultimate sigma)" },
                         "sampler_name": { "type": "string", "enum": flux_samplers::Sampler::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(), "default": "euler" },
                         "base64": { "type": "boolean", "default": false },
                         "image_format": { "type": "string", "enum": ["png", "jpeg", "webp"], "default": "jpeg" }
