@@ -2,10 +2,10 @@
 //! a mutator that runs them without libFuzzer.
 //!
 //! `cargo fuzz` needs a nightly compiler and sanitizers; the same bodies are also run on stable,
-//! in the test suite (`tests/smoke.rs`: every seed and a few thousand mutations of them, from a
-//! fixed seed), so a panic on malformed input fails CI even where no fuzzer runs. Each body
-//! panics exactly when an input breaks a promise of the code under test: no panic on any bytes,
-//! errors that name what is wrong, and results that hold the documented invariants.
+//! in the test suite (`tests/smoke.rs`: every seed and 20,000 mutations of them per target,
+//! from a fixed seed), so a panic on malformed input fails CI even where no fuzzer runs. Each
+//! body panics exactly when an input breaks a promise of the code under test: no panic on any
+//! bytes, an error or a result, and results that hold the documented invariants.
 
 pub mod corpus;
 pub mod mutate;

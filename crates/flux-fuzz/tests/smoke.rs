@@ -113,6 +113,10 @@ fn tokenizer_survives_mutated_prompts_and_files() {
 /// every seed checkpoint parses (the tiny transformer loads), the seed tokenizer loads.
 #[test]
 fn the_seeds_are_valid_inputs_where_meant_to_be() {
+    for target in Target::ALL {
+        let n = corpus::seeds(target, Some(&testdata())).len();
+        assert!(n >= 4, "{}: only {n} seeds", target.name());
+    }
     let accepted = corpus::request_seeds()
         .iter()
         .filter(|b| flux_api::parse_request(b).is_ok())
