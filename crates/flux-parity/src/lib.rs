@@ -38,8 +38,11 @@ pub fn reference_folder(sub: &str) -> PathBuf {
 pub struct Folder {
     /// Its path.
     pub path: PathBuf,
-    /// Its kind (`manifest.json`'s `kind`, or `schedulers`).
+    /// Its kind (`manifest.json`'s `kind`, or `schedulers`; empty when `problem` is set).
     pub kind: String,
+    /// Why its `manifest.json` could not be read or classified (unreadable, invalid JSON,
+    /// neither `kind` nor `cases`): the folder is then one failed result, and the walk goes on.
+    pub problem: Option<String>,
 }
 
 /// Finds every reference folder under `root` (or `root` itself), sorted by path.
@@ -51,11 +54,18 @@ pub fn find_folders(root: &Path) -> Result<Vec<Folder>, data::DataError> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<Folder>) -> Result<(), data::DataError> {
-    if let Some(kind) = data::folder_kind(dir)? {
-        out.push(Folder {
+    match data::folder_kind(dir) {
+        Ok(Some(kind)) => out.push(Folder {
             path: dir.to_path_buf(),
             kind,
-        });
+            problem: None,
+        }),
+        Ok(None) => {}
+        Err(e) => out.push(Folder {
+            path: dir.to_path_buf(),
+            kind: String::new(),
+            problem: Some(e.to_string()),
+        }),
     }
     let entries = std::fs::read_dir(dir).map_err(|e| data::DataError::io(dir, &e))?;
     let mut subdirs: Vec<PathBuf> = entries
@@ -73,6 +83,12 @@ fn walk(dir: &Path, out: &mut Vec<Folder>) -> Result<(), data::DataError> {
 /// Runs every case of one folder on `be`. Kinds without a checker yield one skipped result;
 /// cases that need f64 on a backend without it are reported as skipped.
 pub fn run_folder<B: Backend>(be: &B, folder: &Folder) -> Vec<CaseResult> {
+    if let Some(problem) = &folder.problem {
+        return vec![CaseResult::failed(
+            &folder.path.display().to_string(),
+            problem,
+        )];
+    }
     let result = match folder.kind.as_str() {
         "rng" => rng::run(&folder.path),
         "flux-transformer" => transformer::run(be, &folder.path),

@@ -68,10 +68,10 @@ pub fn run<B: Backend>(be: &B, folder: &Path) -> Result<Vec<CaseResult>, DataErr
     let has_f64 = be.supports_dtype(DType::F64);
     let mut out = Vec::with_capacity(cases.len());
     for (i, case) in cases.iter().enumerate() {
-        let name = case
-            .get("name")
-            .and_then(Value::as_str)
-            .map_or_else(|| format!("samplers case {i}"), str::to_string);
+        let name = case.get("name").and_then(Value::as_str).map_or_else(
+            || format!("{} case {i}", manifest_path.display()),
+            str::to_string,
+        );
         let f64_case = case.get("dtype").and_then(Value::as_str).unwrap_or("f64") == "f64";
         if f64_case && !has_f64 {
             out.push(CaseResult::skipped(
