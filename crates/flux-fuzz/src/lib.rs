@@ -197,12 +197,18 @@ pub fn safetensors_header(data: &[u8]) {
         }
     }
     let _ = FluxTransformer::load(&Cpu, &w, DType::F32);
-    // With the heads and RoPE axes of the tiny test model, checkpoints shaped like it (the seed corpus
-    // has one) get past the configuration and load every tensor.
-    let tiny_axes = serde_json::json!({ "num_heads": 3, "axes_dim": [8, 12, 12] });
+    // With the heads and RoPE axes of the tiny test model, checkpoints shaped like it (the seed
+    // corpus has one) get past the configuration and load every tensor.
+    let tiny_axes = tiny_transformer_config();
     if let Ok(cfg) = FluxConfig::detect(&w, Some(&tiny_axes)) {
         let _ = FluxTransformer::load_with_config(&Cpu, &w, cfg, DType::F32);
     }
+}
+
+/// The `config.json` fields of the tiny test transformer (`testdata/flux-tiny`) that its
+/// tensors do not tell: its heads and RoPE axes.
+pub fn tiny_transformer_config() -> serde_json::Value {
+    serde_json::json!({ "num_heads": 3, "axes_dim": [8, 12, 12] })
 }
 
 /// The folder the tokenizer target writes its `tokenizer.json` inputs to (one per process).

@@ -143,7 +143,7 @@ fn the_seeds_are_valid_inputs_where_meant_to_be() {
     }
     let tiny = flux_model::weights::Weights::from_bytes(checkpoints[3].clone(), "tiny")
         .expect("the tiny transformer parses");
-    let axes = serde_json::json!({ "num_heads": 3, "axes_dim": [8, 12, 12] });
+    let axes = flux_fuzz::tiny_transformer_config();
     let cfg = flux_model::transformer::FluxConfig::detect(&tiny, Some(&axes))
         .expect("the tiny transformer's configuration");
     flux_model::transformer::FluxTransformer::load_with_config(

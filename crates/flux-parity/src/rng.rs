@@ -219,12 +219,6 @@ fn check_brownian_case(
         .collect::<Result<Vec<_>, _>>()?;
     let golden = GoldenFile::open(&folder.join(file))?;
     let sigmas = &golden.get("sigmas")?.data;
-    let sigma_min = sigmas
-        .iter()
-        .copied()
-        .filter(|&s| s > 0.0)
-        .fold(f64::INFINITY, f64::min);
-    let sigma_max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     // The tree itself is reproduced bit for bit; the divisor sqrt(|dt|) of the reference can be
     // one ulp lower (its sqrt is not correctly rounded: it rounds the other way when the exact
     // root lies within about 0.01 ulp of a rounding midpoint), which moves the quotient by up
@@ -235,7 +229,7 @@ fn check_brownian_case(
         2.0 * f64::EPSILON
     };
     let mut stats = ErrorStats::default();
-    let mut source = match BrownianTreeNoise::new(seed, sigma_min, sigma_max) {
+    let mut source = match BrownianTreeNoise::for_schedule(seed, sigmas) {
         Ok(s) => s,
         Err(e) => return Ok(CaseResult::failed(name, &e.to_string())),
     };

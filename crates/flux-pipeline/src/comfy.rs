@@ -182,10 +182,7 @@ pub fn run<B: Backend>(
         let mut default_noise;
         let mut brownian;
         let noise_source: &mut dyn NoiseSource<B> = if uses_brownian_noise(params.sampler) {
-            let positive = sigmas.iter().copied().filter(|&s| s > 0.0);
-            let smin = positive.clone().fold(f64::INFINITY, f64::min);
-            let smax = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            brownian = BrownianTreeNoise::new(params.seed, smin, smax)?;
+            brownian = BrownianTreeNoise::for_schedule(params.seed, &sigmas)?;
             &mut brownian
         } else {
             default_noise = DefaultNoise::new(params.seed);

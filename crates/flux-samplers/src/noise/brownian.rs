@@ -891,6 +891,19 @@ impl BrownianTreeNoise {
         })
     }
 
+    /// The source ComfyUI builds for a run over `sigmas`: the interval from the smallest
+    /// positive sigma to the largest (`sigmas[sigmas > 0].min()`, `sigmas.max()`); an error
+    /// when no sigma is positive, as in the reference.
+    pub fn for_schedule(seed: u64, sigmas: &[f64]) -> Result<Self> {
+        let sigma_min = sigmas
+            .iter()
+            .copied()
+            .filter(|&s| s > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let sigma_max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Self::new(seed, sigma_min, sigma_max)
+    }
+
     /// The unnormalised increment `W(t1) - W(t0)` (any order of `t0`, `t1`), with times
     /// quantised like torchsde's float32 queries.
     pub fn increment(

@@ -14,20 +14,14 @@ pub fn reference_noise<B: Backend>(
     sigmas: &[f64],
 ) -> Result<Box<dyn NoiseSource<B>>> {
     if sampler.uses_brownian_tree() {
-        let sigma_min = sigmas
-            .iter()
-            .copied()
-            .filter(|&s| s > 0.0)
-            .fold(f64::INFINITY, f64::min);
-        let sigma_max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        // A schedule with a single positive sigma has no interval to build a tree over; such
-        // a run draws no Brownian noise anyway, so any non-empty interval will do.
-        let (lo, hi) = if sigma_min < sigma_max {
-            (sigma_min, sigma_max)
+        // A schedule with no positive sigma draws no Brownian noise; any interval will do.
+        let tree = if let Ok(tree) = BrownianTreeNoise::for_schedule(seed, sigmas) {
+            tree
         } else {
-            (sigma_min.min(1.0) * 0.5, sigma_max.max(1.0))
+            let sigma_max = sigmas.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            BrownianTreeNoise::new(seed, 0.5, sigma_max.max(1.0))?
         };
-        Ok(Box::new(BrownianTreeNoise::new(seed, lo, hi)?))
+        Ok(Box::new(tree))
     } else {
         Ok(Box::new(DefaultNoise::new(seed)))
     }
