@@ -92,7 +92,18 @@ pub fn run_folder<B: Backend>(be: &B, folder: &Folder) -> Vec<CaseResult> {
     let result = match folder.kind.as_str() {
         "rng" => rng::run(&folder.path),
         "flux-transformer" => transformer::run(be, &folder.path),
-        "samplers" => samplers::run(be, &folder.path),
+        // The sampler cases replay their recorded noise; those whose noise came from the
+        // Brownian tree also check the tree's own draws (on the host, whatever the backend).
+        "samplers" => samplers::run(be, &folder.path).map(|mut out| {
+            match rng::run_brownian(&folder.path) {
+                Ok(tree) => out.extend(tree),
+                Err(e) => out.push(CaseResult::failed(
+                    &format!("{} (brownian tree)", folder.path.display()),
+                    &e.to_string(),
+                )),
+            }
+            out
+        }),
         "schedulers" => schedulers::run(&folder.path),
         "flux-vae" => vae::run(be, &folder.path),
         "t5-encoder" => t5::run(be, &folder.path),

@@ -4,7 +4,8 @@
 
 use crate::data::{DataError, GoldenFile, read_json};
 use crate::report::{CaseResult, ErrorStats};
-use flux_kernels::DType;
+use flux_kernels::{Cpu, DType};
+use flux_samplers::NoiseSource;
 use flux_samplers::noise::{BrownianTreeNoise, DefaultNoise, HostNoise, randn};
 use serde_json::Value;
 use std::path::Path;
@@ -144,7 +145,9 @@ pub fn run(folder: &Path) -> Result<Vec<CaseResult>, DataError> {
 /// reference folder) whose only noise source is `brownian_tree`: each recorded `noise.NNN`
 /// must be what [`BrownianTreeNoise`] draws for the recorded `noise_sigma.NNN`, with the tree
 /// over the schedule's smallest positive and largest sigma and entropy
-/// `noise_seed_used.brownian_tree`. Values must agree to two ulps of the case's dtype.
+/// `noise_seed_used.brownian_tree`. Values must agree to two ulps of the case's dtype. The
+/// draws are made twice: as recorded, and with the tightest promise before each one that the
+/// later draws keep ([`NoiseSource::promise_below`]), under which the tree keeps less.
 pub fn run_brownian(folder: &Path) -> Result<Vec<CaseResult>, DataError> {
     let manifest_path = folder.join("manifest.json");
     let manifest = read_json(&manifest_path)?;
@@ -193,7 +196,7 @@ fn check_brownian_case(
                 )
             })
     };
-    let name = text("name")?;
+    let name = &format!("{} (brownian tree)", text("name")?);
     let file = text("file")?;
     let dtype: DType = text("dtype")?
         .parse()
@@ -229,25 +232,51 @@ fn check_brownian_case(
         2.0 * f64::EPSILON
     };
     let mut stats = ErrorStats::default();
-    let mut source = match BrownianTreeNoise::for_schedule(seed, sigmas) {
-        Ok(s) => s,
-        Err(e) => return Ok(CaseResult::failed(name, &e.to_string())),
-    };
-    let mut n = 0;
-    while let Some(noise) = golden.try_get(&format!("noise.{n:03}")) {
+    let mut draws = Vec::new();
+    while let Some(noise) = golden.try_get(&format!("noise.{:03}", draws.len())) {
+        let n = draws.len();
         let pair = golden.get(&format!("noise_sigma.{n:03}"))?;
         let (Some(&s0), Some(&s1)) = (pair.data.first(), pair.data.get(1)) else {
             stats.violation(format!("noise_sigma.{n:03} has fewer than two values"));
             break;
         };
-        match source.draw(&shape, dtype, s0, s1) {
-            Ok(v) => stats.compare(&format!("noise.{n:03}"), &v, &noise.data, two_ulp, 0.0),
-            Err(e) => stats.violation(format!("noise.{n:03}: {e}")),
-        }
-        n += 1;
+        draws.push((noise, s0, s1));
     }
-    if n == 0 {
+    if draws.is_empty() {
         stats.violation("no recorded noise draws".into());
+    }
+    // Once as recorded, once with the tightest promise before each draw that the later draws
+    // keep (the highest sigma any of them reaches): the tree then keeps only what they need,
+    // and must still draw the same values.
+    let promises: Vec<Option<f64>> = (0..draws.len())
+        .map(|n| {
+            draws[n + 1..]
+                .iter()
+                .map(|&(_, s0, s1)| s0.max(s1))
+                .reduce(f64::max)
+        })
+        .collect();
+    for promised in [false, true] {
+        let mut source = match BrownianTreeNoise::for_schedule(seed, sigmas) {
+            Ok(s) => s,
+            Err(e) => return Ok(CaseResult::failed(name, &e.to_string())),
+        };
+        let label = if promised { " (promised)" } else { "" };
+        for (n, (&(noise, s0, s1), promise)) in draws.iter().zip(&promises).enumerate() {
+            if promised && let Some(p) = *promise {
+                NoiseSource::<Cpu>::promise_below(&mut source, p);
+            }
+            match source.draw(&shape, dtype, s0, s1) {
+                Ok(v) => stats.compare(
+                    &format!("noise.{n:03}{label}"),
+                    &v,
+                    &noise.data,
+                    two_ulp,
+                    0.0,
+                ),
+                Err(e) => stats.violation(format!("noise.{n:03}{label}: {e}")),
+            }
+        }
     }
     Ok(stats.finish(name))
 }

@@ -286,6 +286,10 @@ impl<B: Backend> NoiseSource<B> for RecordingNoise<'_, B> {
         self.inner
             .skip(backend, shape, DType::F32, sigma, sigma_next)
     }
+
+    fn promise_below(&mut self, sigma: f64) {
+        self.inner.promise_below(sigma);
+    }
 }
 
 /// `f(x)` elementwise, rounded to `dtype` (f32 maths for f32 runs).

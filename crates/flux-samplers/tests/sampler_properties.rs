@@ -309,3 +309,108 @@ fn every_sampler_takes_a_one_step_schedule() {
         }
     }
 }
+
+/// Passes draws through to a Brownian tree and checks the promises the sampler makes: every
+/// draw after the one following a promise lies within `[0, promise]`.
+struct PromiseChecker {
+    inner: flux_samplers::noise::BrownianTreeNoise,
+    /// The lowest promise in force (made before an earlier draw than the last one).
+    in_force: f64,
+    /// The lowest promise made since the last draw.
+    pending: Option<f64>,
+    promises: usize,
+    broken: Vec<String>,
+}
+
+impl NoiseSource<Cpu> for PromiseChecker {
+    fn sample(
+        &mut self,
+        backend: &Cpu,
+        shape: &[usize],
+        dtype: DType,
+        sigma: f64,
+        sigma_next: f64,
+    ) -> Result<Tensor<Cpu>> {
+        if sigma.max(sigma_next) > self.in_force {
+            self.broken.push(format!(
+                "draw {sigma} -> {sigma_next} after a promise below {}",
+                self.in_force
+            ));
+        }
+        if let Some(p) = self.pending.take() {
+            self.in_force = self.in_force.min(p);
+        }
+        self.inner.sample(backend, shape, dtype, sigma, sigma_next)
+    }
+
+    fn promise_below(&mut self, sigma: f64) {
+        self.promises += 1;
+        self.pending = Some(self.pending.map_or(sigma, |p| p.min(sigma)));
+        NoiseSource::<Cpu>::promise_below(&mut self.inner, sigma);
+    }
+}
+
+/// The Brownian-tree samplers promise, before their draws, that later draws stay below the
+/// step's lower sigma (so the tree keeps only what those need), and they keep the promise,
+/// for flow and eps models; the result equals a run whose source ignores promises.
+#[test]
+fn sde_samplers_keep_their_noise_promises() {
+    let x = [
+        0.3, -1.2, 0.8, 2.0, -0.1, 0.05, 1.1, -0.4, 0.6, 0.2, -0.9, 1.5, 0.0, 0.7, -0.3, 0.9,
+    ];
+    for (model, sigmas) in [
+        (ModelSampling::flux_dev(), flow_schedule(0.05, 12)),
+        (ModelSampling::sd15(), schedule(14.6, 0.03, 12)),
+    ] {
+        let lo = sigmas
+            .iter()
+            .copied()
+            .filter(|&s| s > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let tree =
+            || flux_samplers::noise::BrownianTreeNoise::new(11, lo, sigmas[0]).expect("tree");
+        for &sampler in Sampler::ALL.iter().filter(|s| s.uses_brownian_tree()) {
+            let mut checker = PromiseChecker {
+                inner: tree(),
+                in_force: f64::INFINITY,
+                pending: None,
+                promises: 0,
+                broken: Vec::new(),
+            };
+            let mut denoiser = gaussian_denoiser(0.2, 0.7, model.is_flow());
+            let out = run(sampler, &model, &mut denoiser, &mut checker, &x, &sigmas)
+                .unwrap_or_else(|e| panic!("{sampler}: {e}"));
+            assert!(checker.broken.is_empty(), "{sampler}: {:?}", checker.broken);
+            assert!(
+                checker.promises >= sigmas.len() - 3,
+                "{sampler} made {} promises",
+                checker.promises
+            );
+            // A source that ignores promises: the default method.
+            struct Plain(flux_samplers::noise::BrownianTreeNoise);
+            impl NoiseSource<Cpu> for Plain {
+                fn sample(
+                    &mut self,
+                    backend: &Cpu,
+                    shape: &[usize],
+                    dtype: DType,
+                    sigma: f64,
+                    sigma_next: f64,
+                ) -> Result<Tensor<Cpu>> {
+                    self.0.sample(backend, shape, dtype, sigma, sigma_next)
+                }
+            }
+            let mut denoiser = gaussian_denoiser(0.2, 0.7, model.is_flow());
+            let plain = run(
+                sampler,
+                &model,
+                &mut denoiser,
+                &mut Plain(tree()),
+                &x,
+                &sigmas,
+            )
+            .unwrap_or_else(|e| panic!("{sampler}: {e}"));
+            assert_eq!(out, plain, "{sampler}");
+        }
+    }
+}

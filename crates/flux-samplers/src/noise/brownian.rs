@@ -18,7 +18,8 @@ use flux_kernels::{Backend, DType, Tensor};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// torchsde's entropy pool size for the Brownian tree.
 const POOL_SIZE: usize = 24;
@@ -186,7 +187,7 @@ const BLOCK: usize = 16;
 const PAR_ELEMENTS: usize = 1 << 15;
 /// Elements per parallel task of a pass: small enough that the several operations a fused
 /// pass makes over one piece stay in the core's cache.
-const PIECE: usize = 1 << 13;
+const PIECE: usize = 1 << 12;
 
 /// `v[i] = f(v[i])`, on the rayon pool for large tensors (each element is computed on its own,
 /// so the split does not change any value).
@@ -297,18 +298,122 @@ fn source_piece<'s, T>(
     }
 }
 
-/// The first `n` elements of the spare capacity of each of `buffers`, cut into pieces of
-/// [`PIECE`] and gathered per piece: `result[piece][buffer]`.
-fn gather_pieces<T>(buffers: &mut [Vec<T>], n: usize) -> Vec<Vec<&mut [MaybeUninit<T>]>> {
-    let mut gathered: Vec<Vec<&mut [MaybeUninit<T>]>> = (0..n.div_ceil(PIECE))
+/// The first `n` elements of the spare capacity of each buffer of `buffers` that is there,
+/// cut into pieces of [`PIECE`] and gathered per piece: `result[piece][buffer]`, `None` where
+/// the buffer is not.
+fn gather_kept_pieces<T>(
+    buffers: &mut [Option<Vec<T>>],
+    n: usize,
+) -> Vec<Vec<Option<&mut [MaybeUninit<T>]>>> {
+    let count = n.div_ceil(PIECE);
+    let mut gathered: Vec<Vec<Option<&mut [MaybeUninit<T>]>>> = (0..count)
         .map(|_| Vec::with_capacity(buffers.len()))
         .collect();
     for b in buffers {
-        for (piece, chunk) in b.spare_capacity_mut()[..n].chunks_mut(PIECE).enumerate() {
-            gathered[piece].push(chunk);
+        match b {
+            Some(b) => {
+                for (piece, chunk) in b.spare_capacity_mut()[..n].chunks_mut(PIECE).enumerate() {
+                    gathered[piece].push(Some(chunk));
+                }
+            }
+            None => gathered.iter_mut().for_each(|g| g.push(None)),
         }
     }
     gathered
+}
+
+/// Sets its flag when dropped while its thread panics.
+struct FlagOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for FlagOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Locks a mutex whose data stays valid if a holder panicked (a list of free buffers).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where the fused pass puts a split's halves that it does not keep: their slots in a
+/// piece's scratch (`None`: the half is kept, in a whole buffer).
+struct HalfSlots {
+    left: Option<usize>,
+    right: Option<usize>,
+}
+
+/// One piece of a fused query with its uniforms drawn: the kept halves' slices of the piece
+/// (the left ones holding the uniforms), the output's, and the scratch with the uniforms of
+/// the halves that are not kept.
+struct Prepared<'a, T> {
+    at: usize,
+    zs: Vec<Option<&'a mut [T]>>,
+    rights: Vec<Option<&'a mut [MaybeUninit<T>]>>,
+    out: &'a mut [MaybeUninit<T>],
+    arena: Box<[MaybeUninit<T>]>,
+}
+
+/// What every piece of a fused query shares.
+struct FusedJob<'a, T> {
+    plans: &'a [SplitPlan<T>],
+    tiles: &'a [Source<T>],
+    layout: &'a [HalfSlots],
+    negate: bool,
+    scale: Option<T>,
+}
+
+impl<T: Real> FusedJob<'_, T> {
+    /// Runs one prepared piece ([`FusedPiece::run`]) and hands its scratch back.
+    fn run(&self, p: Prepared<'_, T>) -> Box<[MaybeUninit<T>]> {
+        let Prepared {
+            at,
+            zs,
+            rights,
+            out,
+            mut arena,
+        } = p;
+        let len = out.len();
+        {
+            let mut scratch: Vec<Option<&mut [MaybeUninit<T>]>> =
+                arena.chunks_mut(PIECE).map(Some).collect();
+            let mut take = |slot: Option<usize>| {
+                slot.and_then(|s| scratch.get_mut(s).and_then(Option::take))
+                    .map(|c| &mut c[..len])
+            };
+            let mut z_all: Vec<&mut [T]> = Vec::with_capacity(zs.len());
+            let mut r_all: Vec<&mut [MaybeUninit<T>]> = Vec::with_capacity(rights.len());
+            for ((z, r), h) in zs.into_iter().zip(rights).zip(self.layout) {
+                let z = match (z, take(h.left)) {
+                    (Some(z), _) => z,
+                    // SAFETY: `prepare` drew this piece's uniforms into the slot's first `len`
+                    // elements; `MaybeUninit<T>` has the layout of `T`.
+                    #[allow(unsafe_code)]
+                    (None, Some(c)) => unsafe {
+                        &mut *(std::ptr::from_mut::<[MaybeUninit<T>]>(c) as *mut [T])
+                    },
+                    // `layout` gives a slot to every half without a buffer.
+                    (None, None) => unreachable!("a left half with neither buffer nor slot"),
+                };
+                let Some(r) = r.or_else(|| take(h.right)) else {
+                    unreachable!("a right half with neither buffer nor slot")
+                };
+                z_all.push(z);
+                r_all.push(r);
+            }
+            let piece = FusedPiece {
+                at,
+                plans: self.plans,
+                tiles: self.tiles,
+                negate: self.negate,
+                scale: self.scale,
+            };
+            piece.run(z_all, r_all, out);
+        }
+        arena
+    }
 }
 
 impl<T: Real> FusedPiece<'_, T> {
@@ -392,6 +497,14 @@ struct Tree<T> {
     /// Whether queries take the fused path ([`Tree::fused_query`]) where it applies; the
     /// separate passes stay as its reference (and for sizes it does not cover).
     fused: bool,
+    /// The sampler's promise for the draws after the next one (see
+    /// [`NoiseSource::promise_below`]), as a quantised time, until the next query takes it.
+    promised: Option<f64>,
+    /// The promise the last queries were made under: no query reaches above this time, so
+    /// nodes above it are neither kept nor cached. Dropped when a query breaks it.
+    horizon: Option<f64>,
+    /// Scratch of the fused pass for the halves it does not keep, one per piece in flight.
+    arenas: Vec<Box<[MaybeUninit<T>]>>,
 }
 
 impl<T> std::fmt::Debug for Tree<T> {
@@ -430,6 +543,9 @@ impl<T: Real> Tree<T> {
             tick: 0,
             spare: Vec::new(),
             fused: true,
+            promised: None,
+            horizon: None,
+            arenas: Vec::new(),
         }
     }
 
@@ -706,6 +822,9 @@ impl<T: Real> Tree<T> {
 
     /// `(W(t1) - W(t0)) / scale` for times in either order (already quantised like float32
     /// queries): the increment over the ordered interval, negated when `t0 > t1`.
+    ///
+    /// Under a promise (see [`Tree::promise_below`]) the fused pass keeps only the halves no
+    /// later query can reach above the promised time, and the cache drops the nodes above it.
     fn signed_query(&mut self, t0: f64, t1: f64, scale: Option<T>) -> Result<Vec<T>> {
         let negate = t0 > t1;
         let ids = if negate {
@@ -713,11 +832,52 @@ impl<T: Real> Tree<T> {
         } else {
             self.tile_ids(t0, t1)?
         };
-        if self.fuses() {
-            return Ok(self.fused_query(&ids, negate, scale));
+        // The query a promise was made for may reach above it; later ones break it if they do.
+        let (start, end) = (self.nodes[0].start, self.nodes[0].end);
+        let top = quantise(t0.max(t1).clamp(start, end));
+        let horizon = match self.promised.take() {
+            Some(h) => Some(h),
+            None => self.horizon.filter(|&h| top <= h),
+        };
+        self.horizon = horizon;
+        let out = if self.fuses() {
+            self.fused_query(&ids, negate, scale, horizon)
+        } else {
+            let tiles = self.increments(&ids);
+            combine(&tiles, self.numel, negate, scale)
+        };
+        if let Some(h) = horizon {
+            self.forget_from(h);
         }
-        let tiles = self.increments(&ids);
-        Ok(combine(&tiles, self.numel, negate, scale))
+        Ok(out)
+    }
+
+    /// Records the promise that every query after the next one lies below `t` (a time already
+    /// rounded like a float32 query).
+    fn promise_below(&mut self, t: f64) {
+        let h = quantise(t);
+        self.promised = Some(self.promised.map_or(h, |p| p.min(h)));
+    }
+
+    /// Drops the cached increments of the nodes that start at or after `h`: no query below `h`
+    /// needs them, as a tile or as the parent of one. Their memory is kept for new halves.
+    fn forget_from(&mut self, h: f64) {
+        let above: Vec<usize> = self
+            .cache
+            .keys()
+            .copied()
+            .filter(|&id| self.nodes[id].start >= h)
+            .collect();
+        for id in above {
+            if let Some((w, _)) = self.cache.remove(&id)
+                && self.fuses()
+                && self.spare.len() < CACHE_CAPACITY
+                && let Ok(mut v) = Arc::try_unwrap(w)
+            {
+                v.clear();
+                self.spare.push(v);
+            }
+        }
     }
 
     /// [`Tree::increments`] and [`combine`] in one pass over pieces of the elements, for
@@ -728,13 +888,26 @@ impl<T: Real> Tree<T> {
     /// to add them up: about 100 MiB of memory traffic per query on a Flux latent, which
     /// costs as much as the draws' arithmetic. Here the elements are cut into pieces of
     /// [`PIECE`]: this thread draws a piece's uniforms from every split's generator in turn
-    /// (each engine is sequential), and a pool task converts them, runs the bridges parents
-    /// first and sums the tiles while the piece is in the core's cache. A `randn` of a
-    /// multiple of 16 elements is its uniforms in order converted in independent blocks of
-    /// 16, so drawing it piece by piece gives the same values; every other operation is
-    /// elementwise and the same as in the separate passes, so the result is bit for bit
-    /// theirs (`fused_and_separate_passes_agree` checks it).
-    fn fused_query(&mut self, ids: &[usize], negate: bool, scale: Option<T>) -> Vec<T> {
+    /// (each engine is sequential), and pool tasks convert them, run the bridges parents
+    /// first and sum the tiles while the piece is in the core's cache; the pieces go in
+    /// waves, the next wave's uniforms drawn while the pool works on the current one. A
+    /// `randn` of a multiple of 16 elements is its uniforms in order converted in independent
+    /// blocks of 16, so drawing it piece by piece gives the same values; every other
+    /// operation is elementwise and the same as in the separate passes, so the result is bit
+    /// for bit theirs (`fused_and_separate_passes_agree` checks it).
+    ///
+    /// Both halves of every split are kept for later queries, unless a promise `horizon`
+    /// says no later query reaches above it: then only the halves that end at or below it
+    /// are written out whole; the others (the nodes on the way down to the query's ends and
+    /// the tiles above the horizon, about two thirds of them when a sampler walks down its
+    /// schedule) live only in per-piece scratch that stays in the cache.
+    fn fused_query(
+        &mut self,
+        ids: &[usize],
+        negate: bool,
+        scale: Option<T>,
+        horizon: Option<f64>,
+    ) -> Vec<T> {
         let mut have: HashMap<usize, Arc<Vec<T>>> = HashMap::new();
         let mut todo: Vec<usize> = Vec::new();
         for &id in ids {
@@ -782,56 +955,141 @@ impl<T: Real> Tree<T> {
         }
         let tiles: Vec<Source<T>> = ids.iter().map(|&id| source(id)).collect();
 
-        let n = self.numel;
-        let mut buffer = || {
-            let mut v = self.spare.pop().unwrap_or_default();
-            v.reserve(n);
-            v
+        // Which halves are written out whole (and cached), and the scratch slot of the others.
+        let keeps = |id: usize| horizon.is_none_or(|h| self.nodes[id].end <= h);
+        let halves: Vec<(usize, usize)> = splits
+            .iter()
+            .map(|&p| self.nodes[p].split.map_or((0, 0), |s| (s.left, s.right)))
+            .collect();
+        let mut slots = 0;
+        let mut slot = |kept: bool| {
+            (!kept).then(|| {
+                slots += 1;
+                slots - 1
+            })
         };
-        let mut lefts: Vec<Vec<T>> = splits.iter().map(|_| buffer()).collect();
-        let mut rights: Vec<Vec<T>> = splits.iter().map(|_| buffer()).collect();
+        let layout: Vec<HalfSlots> = halves
+            .iter()
+            .map(|&(l, r)| HalfSlots {
+                left: slot(keeps(l)),
+                right: slot(keeps(r)),
+            })
+            .collect();
+
+        let n = self.numel;
+        let mut buffer = |slot: Option<usize>| {
+            slot.is_none().then(|| {
+                let mut v = self.spare.pop().unwrap_or_default();
+                v.reserve(n);
+                v
+            })
+        };
+        let mut lefts: Vec<Option<Vec<T>>> = layout.iter().map(|h| buffer(h.left)).collect();
+        let mut rights: Vec<Option<Vec<T>>> = layout.iter().map(|h| buffer(h.right)).collect();
         let mut out: Vec<T> = Vec::with_capacity(n);
+        // Scratch sizes go up in steps of 16 slots, so that queries of a few more or fewer
+        // splits reuse the same allocations.
+        let arena_len = slots.next_multiple_of(16) * PIECE;
+        let mut arenas = std::mem::take(&mut self.arenas);
+        arenas.retain(|a| a.len() >= arena_len);
         {
-            let left_pieces = gather_pieces(&mut lefts, n);
-            let right_pieces = gather_pieces(&mut rights, n);
+            let left_pieces = gather_kept_pieces(&mut lefts, n);
+            let right_pieces = gather_kept_pieces(&mut rights, n);
             let out_pieces = out.spare_capacity_mut()[..n].chunks_mut(PIECE);
-            let (plans, tiles) = (&plans, &tiles);
+            let pieces = left_pieces
+                .into_iter()
+                .zip(right_pieces)
+                .zip(out_pieces)
+                .enumerate();
+            let job = FusedJob {
+                plans: &plans,
+                tiles: &tiles,
+                layout: &layout,
+                negate,
+                scale,
+            };
+            // Pieces in flight at once, each with its scratch: enough to keep every worker
+            // busy while this thread draws the next piece's uniforms (without scratch, as
+            // many as there are).
+            let in_flight = if arena_len == 0 {
+                usize::MAX
+            } else {
+                2 * rayon::current_num_threads().max(1) + 1
+            };
+            let mut made = arenas.len();
+            let free = Mutex::new(arenas);
+            let job = &job;
+            let free_ref = &free;
+            let failed = AtomicBool::new(false);
+            let failed_ref = &failed;
             rayon::scope(|scope| {
-                for (k, ((ls, rs), o)) in left_pieces
-                    .into_iter()
-                    .zip(right_pieces)
-                    .zip(out_pieces)
-                    .enumerate()
-                {
-                    let zs: Vec<&mut [T]> = ls
+                'pieces: for (k, ((ls, rs), o)) in pieces {
+                    // A free scratch, a new one while fewer than `in_flight` exist, or else run
+                    // a pending piece on this thread until one comes back (none will after a
+                    // piece panicked: the scope then passes the panic on).
+                    let mut arena = loop {
+                        if let Some(a) = lock(free_ref).pop() {
+                            break a;
+                        }
+                        if failed_ref.load(Ordering::Relaxed) {
+                            break 'pieces;
+                        }
+                        if made < in_flight {
+                            made += 1;
+                            break Box::new_uninit_slice(arena_len);
+                        }
+                        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                            std::thread::yield_now();
+                        }
+                    };
+                    // This thread draws the uniforms (each generator is sequential), into the
+                    // kept left halves or the piece's scratch.
+                    let len = o.len();
+                    let zs = ls
                         .into_iter()
                         .zip(generators.iter_mut())
-                        .map(|(l, g)| T::uniforms(g, l))
+                        .zip(&layout)
+                        .map(|((l, g), h)| match (l, h.left) {
+                            (Some(l), _) => Some(T::uniforms(g, l)),
+                            (None, Some(slot)) => {
+                                T::uniforms(g, &mut arena[slot * PIECE..][..len]);
+                                None
+                            }
+                            (None, None) => None,
+                        })
                         .collect();
-                    let piece = FusedPiece {
+                    let prepared = Prepared {
                         at: k * PIECE,
-                        plans,
-                        tiles,
-                        negate,
-                        scale,
+                        zs,
+                        rights: rs,
+                        out: o,
+                        arena,
                     };
-                    scope.spawn(move |_| piece.run(zs, rs, o));
+                    scope.spawn(move |_| {
+                        let flag = FlagOnPanic(failed_ref);
+                        let arena = job.run(prepared);
+                        lock(free_ref).push(arena);
+                        drop(flag);
+                    });
                 }
             });
+            arenas = free.into_inner().unwrap_or_else(PoisonError::into_inner);
         }
-        // SAFETY: every buffer has capacity `n`, and each of its pieces was written in full by
-        // `FusedPiece::run` (the pieces cover `0..n`).
+        self.arenas = arenas;
+        // SAFETY: every kept buffer has capacity `n`, and each of its pieces was written in
+        // full by `FusedPiece::run` (the pieces cover `0..n`).
         #[allow(unsafe_code)]
         unsafe {
-            for v in lefts.iter_mut().chain(rights.iter_mut()) {
+            for v in lefts.iter_mut().chain(rights.iter_mut()).flatten() {
                 v.set_len(n);
             }
             out.set_len(n);
         }
-        for ((&p, left), right) in splits.iter().zip(lefts).zip(rights) {
-            if let Some(split) = self.nodes[p].split {
-                self.remember(split.left, Arc::new(left));
-                self.remember(split.right, Arc::new(right));
+        for ((&(l, r), left), right) in halves.iter().zip(lefts).zip(rights) {
+            for (id, w) in [(l, left), (r, right)] {
+                if let Some(w) = w {
+                    self.remember(id, Arc::new(w));
+                }
             }
         }
         out
@@ -853,6 +1111,15 @@ enum AnyTree {
 }
 
 impl AnyTree {
+    /// [`Tree::promise_below`] for a sigma (rounded to float32 like the query times).
+    fn promise_below(&mut self, sigma: f64) {
+        let t = f64::from(sigma as f32);
+        match self {
+            AnyTree::F64(tree) => tree.promise_below(t),
+            AnyTree::F32(tree) => tree.promise_below(t),
+        }
+    }
+
     fn dtype(&self) -> DType {
         match self {
             AnyTree::F64(_) => DType::F64,
@@ -870,6 +1137,8 @@ pub struct BrownianTreeNoise {
     sigma_min: f64,
     sigma_max: f64,
     tree: Option<(Vec<usize>, AnyTree)>,
+    /// A promise for the tree not built yet (see [`NoiseSource::promise_below`]).
+    promised: Option<f64>,
 }
 
 impl BrownianTreeNoise {
@@ -888,6 +1157,7 @@ impl BrownianTreeNoise {
             sigma_min,
             sigma_max,
             tree: None,
+            promised: None,
         })
     }
 
@@ -983,6 +1253,9 @@ impl BrownianTreeNoise {
             };
             (shape.to_vec(), tree)
         });
+        if let Some(t) = self.promised.take() {
+            tree.promise_below(t);
+        }
         Ok(tree)
     }
 }
@@ -1012,6 +1285,17 @@ impl<B: Backend> NoiseSource<B> for BrownianTreeNoise {
         _sigma_next: f64,
     ) -> Result<()> {
         Ok(())
+    }
+
+    /// Under the promise the tree keeps only the nodes that later draws can need: the next
+    /// draw writes out whole only the halves below `sigma`, and the cache then drops the nodes
+    /// above it. A later draw above it is still answered exactly (the tree is the same), by
+    /// drawing again the nodes it needs.
+    fn promise_below(&mut self, sigma: f64) {
+        if sigma.is_nan() {
+            return;
+        }
+        self.promised = Some(self.promised.map_or(sigma, |p| p.min(sigma)));
     }
 }
 
@@ -1206,6 +1490,111 @@ mod tests {
             query_bits::<f32>(true, 42, numel, &times),
             query_bits::<f32>(false, 42, numel, &times)
         );
+    }
+
+    /// The draws of `steps` (each `(sigma, sigma_next, promise)`: the promise, if any, made
+    /// just before the draw) on a fresh source, as f64 bit patterns, and the source after them.
+    fn promised_bits(
+        seed: u64,
+        shape: &[usize],
+        dtype: DType,
+        steps: &[(f64, f64, Option<f64>)],
+    ) -> (Vec<Vec<u64>>, BrownianTreeNoise) {
+        let cpu = Cpu::new();
+        let mut src = BrownianTreeNoise::new(seed, 0.03, 1.0).unwrap();
+        let bits = steps
+            .iter()
+            .map(|&(s0, s1, promise)| {
+                if let Some(p) = promise {
+                    NoiseSource::<Cpu>::promise_below(&mut src, p);
+                }
+                let v = src.draw(shape, dtype, s0, s1).unwrap();
+                v.iter().map(|x| x.to_bits()).collect()
+            })
+            .collect();
+        // The source is also a NoiseSource for the backend; keep the type checked.
+        let _ = &cpu;
+        (bits, src)
+    }
+
+    /// Whether any node the tree caches starts at or above `h`, and how many it caches.
+    fn cached_above(src: &BrownianTreeNoise, h: f64) -> (bool, usize) {
+        match &src.tree {
+            Some((_, AnyTree::F32(t))) => (
+                t.cache.keys().any(|&id| t.nodes[id].start >= h),
+                t.cache.len(),
+            ),
+            Some((_, AnyTree::F64(t))) => (
+                t.cache.keys().any(|&id| t.nodes[id].start >= h),
+                t.cache.len(),
+            ),
+            None => (false, 0),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Promises change no value, kept or broken: draws made under any promises equal the
+        /// draws of a tree that got none, over sizes of one to several pieces.
+        #[test]
+        fn promises_change_no_draw(
+            seed in 0u64..10_000,
+            blocks in 1usize..1300,
+            steps in proptest::collection::vec(
+                (0.01f64..1.2, 0.01f64..1.2, proptest::option::of(0.0f64..1.2)),
+                1..6,
+            ),
+            single in proptest::bool::ANY,
+        ) {
+            let steps: Vec<_> =
+                steps.into_iter().filter(|(a, b, _)| (a - b).abs() > 1e-4).collect();
+            let plain: Vec<_> = steps.iter().map(|&(a, b, _)| (a, b, None)).collect();
+            let shape = [BLOCK * blocks];
+            let dtype = if single { DType::F32 } else { DType::F64 };
+            proptest::prop_assert_eq!(
+                promised_bits(seed, &shape, dtype, &steps).0,
+                promised_bits(seed, &shape, dtype, &plain).0
+            );
+        }
+    }
+
+    /// The draws of 20-step flux-dev schedules on a Flux latent (32 pieces, several waves),
+    /// queried as dpmpp_2m_sde and as dpmpp_sde query them with their promises, equal the
+    /// draws without promises; the promised trees cache nothing above the promise.
+    #[test]
+    fn promised_sampler_queries_agree_on_a_flux_latent() {
+        let sigmas = [
+            1.0, 0.9837, 0.9658, 0.946, 0.9239, 0.8992, 0.8713, 0.8397, 0.8035, 0.7617, 0.7129,
+        ];
+        let shape = [1, 16, 128, 128];
+        // dpmpp_2m_sde: one draw per step, promised below its lower sigma.
+        let multistep: Vec<_> = sigmas
+            .windows(2)
+            .map(|w| (w[0], w[1], Some(w[1])))
+            .collect();
+        // dpmpp_sde: a draw to the step's midpoint, then one over the whole step, promised.
+        let two_stage: Vec<_> = sigmas
+            .windows(2)
+            .flat_map(|w| {
+                let mid = 0.5 * (w[0] + w[1]);
+                [(w[0], mid, None), (w[0], w[1], Some(w[1]))]
+            })
+            .collect();
+        for steps in [multistep, two_stage] {
+            let plain: Vec<_> = steps.iter().map(|&(a, b, _)| (a, b, None)).collect();
+            let (promised, src) = promised_bits(42, &shape, DType::F32, &steps);
+            let (expected, unpromised) = promised_bits(42, &shape, DType::F32, &plain);
+            assert_eq!(promised, expected);
+            let last = sigmas[sigmas.len() - 1];
+            let h = quantise(f64::from(last as f32));
+            let (above, kept) = cached_above(&src, h);
+            let (_, kept_without) = cached_above(&unpromised, h);
+            assert!(!above, "a node above the promise {h} is still cached");
+            assert!(
+                kept < kept_without,
+                "the promise kept {kept} nodes, as many as without it ({kept_without})"
+            );
+        }
     }
 
     #[test]

@@ -50,4 +50,14 @@ pub trait NoiseSource<B: Backend> {
         self.sample(backend, shape, dtype, sigma, sigma_next)
             .map(drop)
     }
+
+    /// A promise from the sampler about the rest of its schedule: every draw after the next
+    /// one is for an interval within `[0, sigma]`. Samplers that walk the schedule downwards
+    /// make it before a step's draw, with the step's lower sigma. A source whose draws share
+    /// state (the Brownian tree) may then keep only what such draws can need; the values a
+    /// source returns never depend on it, so a broken promise costs time, never correctness.
+    /// The default ignores it.
+    fn promise_below(&mut self, sigma: f64) {
+        let _ = sigma;
+    }
 }

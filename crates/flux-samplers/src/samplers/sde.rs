@@ -75,6 +75,9 @@ pub(crate) fn dpmpp_sde<B: Backend>(
         let c_x = alpha_t / alpha_s * (-h_).exp();
         let c_d = -alpha_t * (-h_).exp_m1();
         x = if inject {
+            // The next step's draws lie below s_next (this step's first draw, within
+            // [sigma_s_1, s], is the one that shares nodes with this one).
+            ctx.noise.promise_below(s_next);
             let n = common::noise(ctx, &x, s, s_next)?;
             ctx.backend.lincomb(&[
                 (c_x, &x),
@@ -215,6 +218,8 @@ fn multistep_sde<B: Backend>(
                 _ => {}
             }
             let noise = if eta > 0.0 && s_noise > 0.0 {
+                // Every later step draws below s_next.
+                ctx.noise.promise_below(s_next);
                 let n = common::noise(ctx, &x, s, s_next)?;
                 Some((s_next * (-(-2.0 * hh * eta).exp_m1()).sqrt() * s_noise, n))
             } else {
