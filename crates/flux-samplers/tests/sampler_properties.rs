@@ -164,11 +164,12 @@ proptest! {
     }
 }
 
-/// A torch-compatible source that draws even where the sampler only needs the generator to
-/// move on (it keeps the trait's default `skip`, which samples and drops the tensor).
-struct DrawEverything(DefaultNoise);
+/// A source that passes draws to the one it wraps and keeps the trait's defaults for the rest:
+/// `skip` samples and drops the tensor (a torch-compatible source then draws even where the
+/// sampler only needs the generator to move on), `promise_below` is ignored.
+struct Defaults<S>(S);
 
-impl NoiseSource<Cpu> for DrawEverything {
+impl<S: NoiseSource<Cpu>> NoiseSource<Cpu> for Defaults<S> {
     fn sample(
         &mut self,
         backend: &Cpu,
@@ -196,7 +197,7 @@ fn skipped_draws_change_nothing() {
         Sampler::DpmAdaptive,
     ] {
         let mut skipping = DefaultNoise::new(3);
-        let mut drawing = DrawEverything(DefaultNoise::new(3));
+        let mut drawing = Defaults(DefaultNoise::new(3));
         let mut den = MixtureDenoiser::reference(2.0, true);
         let a = run(sampler, &model, &mut den, &mut skipping, &x, &sig).unwrap();
         let mut den = MixtureDenoiser::reference(2.0, true);
@@ -386,26 +387,13 @@ fn sde_samplers_keep_their_noise_promises() {
                 "{sampler} made {} promises",
                 checker.promises
             );
-            // A source that ignores promises: the default method.
-            struct Plain(flux_samplers::noise::BrownianTreeNoise);
-            impl NoiseSource<Cpu> for Plain {
-                fn sample(
-                    &mut self,
-                    backend: &Cpu,
-                    shape: &[usize],
-                    dtype: DType,
-                    sigma: f64,
-                    sigma_next: f64,
-                ) -> Result<Tensor<Cpu>> {
-                    self.0.sample(backend, shape, dtype, sigma, sigma_next)
-                }
-            }
+            // A source that ignores promises (the trait's default).
             let mut denoiser = gaussian_denoiser(0.2, 0.7, model.is_flow());
             let plain = run(
                 sampler,
                 &model,
                 &mut denoiser,
-                &mut Plain(tree()),
+                &mut Defaults(tree()),
                 &x,
                 &sigmas,
             )
