@@ -888,9 +888,10 @@ impl<T: Real> Tree<T> {
     /// to add them up: about 100 MiB of memory traffic per query on a Flux latent, which
     /// costs as much as the draws' arithmetic. Here the elements are cut into pieces of
     /// [`PIECE`]: this thread draws a piece's uniforms from every split's generator in turn
-    /// (each engine is sequential), and pool tasks convert them, run the bridges parents
-    /// first and sum the tiles while the piece is in the core's cache; the pieces go in
-    /// waves, the next wave's uniforms drawn while the pool works on the current one. A
+    /// (each engine is sequential), and a pool task converts them, runs the bridges parents
+    /// first and sums the tiles while the piece is in the core's cache; a few pieces are in
+    /// flight at a time, each with its scratch, and while none is free this thread runs a
+    /// pending piece itself. A
     /// `randn` of a multiple of 16 elements is its uniforms in order converted in independent
     /// blocks of 16, so drawing it piece by piece gives the same values; every other
     /// operation is elementwise and the same as in the separate passes, so the result is bit
