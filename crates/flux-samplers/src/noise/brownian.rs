@@ -794,7 +794,16 @@ impl<T: Real> Tree<T> {
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
                 .map(|(k, _)| *k)
-            && let Some((w, _)) = self.cache.remove(&oldest)
+        {
+            self.evict(oldest);
+        }
+        self.cache.insert(id, (w, self.tick));
+    }
+
+    /// Drops `id`'s cached increment, keeping its allocation for the halves of new splits
+    /// when nothing else holds it.
+    fn evict(&mut self, id: usize) {
+        if let Some((w, _)) = self.cache.remove(&id)
             && self.fuses()
             && self.spare.len() < CACHE_CAPACITY
             && let Ok(mut v) = Arc::try_unwrap(w)
@@ -802,7 +811,6 @@ impl<T: Real> Tree<T> {
             v.clear();
             self.spare.push(v);
         }
-        self.cache.insert(id, (w, self.tick));
     }
 
     /// The tree nodes tiling `[ta, tb]` for `ta < tb` (clamped to the tree's interval, as
@@ -869,14 +877,7 @@ impl<T: Real> Tree<T> {
             .filter(|&id| self.nodes[id].start >= h)
             .collect();
         for id in above {
-            if let Some((w, _)) = self.cache.remove(&id)
-                && self.fuses()
-                && self.spare.len() < CACHE_CAPACITY
-                && let Ok(mut v) = Arc::try_unwrap(w)
-            {
-                v.clear();
-                self.spare.push(v);
-            }
+            self.evict(id);
         }
     }
 
